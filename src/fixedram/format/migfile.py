@@ -1,0 +1,362 @@
+"""The file-level object: a QEMU migration file opened for random access.
+
+``MigrationFile`` parses the stream once and keeps an index: for a mapped-ram
+file that is each block's header (bitmaps load lazily); for a sequential
+stream it is, per page, the file offset of the *last* copy sent, because a
+live migration re-sends pages and the last copy wins. Page data is never
+held in memory: readers get coalesced runs and copy them with positional I/O.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from types import TracebackType
+
+import numpy as np
+
+from ..errors import BadMagic, CorruptFile, TruncatedFile, UnsupportedFeature
+from .constants import STREAM_MAGIC_BYTES
+from .primitives import ByteReader
+from .ram import RAMBlockRecord, RamStreamState
+from .walker import DeviceSection, StreamEvents, StreamSummary, read_vmdesc_at_end, walk_stream
+
+__all__ = ["MigrationFile", "RAMBlock", "Run", "find_stream_start"]
+
+# How far into a file the stream magic is looked for when no offset is given
+# (file: URIs with offset=, libvirt save images with their XML and padding).
+MAX_START_SEARCH = 64 << 20
+_LE_MACHINE_PREFIXES = ("pc", "q35", "microvm", "isapc", "virt", "x-remote", "xenfv", "xenpv")
+
+# Location codes in the stream index (file offsets of data are > 0).
+LOC_NONE = 0
+LOC_ZERO = -1
+
+
+@dataclass(frozen=True)
+class Run:
+    """``count`` guest pages starting at page ``first`` whose data sit at
+    ``file_offset + k * stride`` in the file (stride = page size for
+    mapped-ram, page size + 8 for a stream of CONTINUE page records)."""
+
+    first: int
+    count: int
+    file_offset: int
+    stride: int
+
+
+def find_stream_start(fd: int, size: int, path: str, limit: int = MAX_START_SEARCH) -> int:
+    """Offset of the QEVM magic: 0, or after a prefix (file offset, libvirt header)."""
+    head = os.pread(fd, 9, 0)
+    if head[:8] == STREAM_MAGIC_BYTES:
+        return 0
+    step = 1 << 20
+    pos = 0
+    while pos < min(size, limit):
+        buf = os.pread(fd, step + 8, pos)
+        i = buf.find(STREAM_MAGIC_BYTES)
+        if i >= 0:
+            return pos + i
+        pos += step
+    if head[:4] == b"QEVM":
+        return 0  # let the header parser report the version
+    raise BadMagic("not a QEMU migration file: no QEVM stream magic found "
+                   f"in the first {min(size, limit)} bytes", path=path, offset=0)
+
+
+class _StreamIndex(StreamEvents):
+    """RAM sink for files: remembers where the last copy of each page is."""
+
+    def __init__(self) -> None:
+        self.loc: list[np.ndarray] = []
+        self.sends: list[np.ndarray] = []
+        self.page_records = 0
+        self.zero_records = 0
+        self.mapped = False
+
+    def ram_blocks(self, state: RamStreamState) -> None:
+        self.mapped = state.mapped_ram
+        if not self.mapped:  # mapped-ram files need no index: the bitmap is one
+            for b in state.blocks:
+                self.loc.append(np.zeros(b.npages, dtype=np.int64))
+                self.sends.append(np.zeros(b.npages, dtype=np.uint16))
+
+    def page(self, block: int, page_index: int, r: ByteReader) -> None:
+        self.loc[block][page_index] = r.tell()
+        s = self.sends[block]
+        if s[page_index] < 65535:
+            s[page_index] += 1
+        self.page_records += 1
+        r.skip(4096, "page data")
+
+    def zero(self, block: int, page_index: int) -> None:
+        self.loc[block][page_index] = LOC_ZERO
+        s = self.sends[block]
+        if s[page_index] < 65535:
+            s[page_index] += 1
+        self.zero_records += 1
+
+
+class RAMBlock:
+    """One guest RAMBlock in a migration file, with lazy access to its pages."""
+
+    def __init__(self, mf: MigrationFile, index: int, rec: RAMBlockRecord) -> None:
+        self._mf = mf
+        self.index = index
+        self.record = rec
+        self.idstr = rec.idstr
+        self.used_length = rec.used_length
+        self.page_size = rec.page_size
+        self.npages = rec.npages
+
+    def __repr__(self) -> str:
+        return f"<RAMBlock {self.idstr!r} 0x{self.used_length:x}>"
+
+    # -- page validity -------------------------------------------------------
+
+    @cached_property
+    def bitmap(self) -> np.ndarray:
+        """Mapped-ram only: the file's bitmap as one bool per page."""
+        m = self.record.mapped
+        if m is None:
+            raise TypeError("bitmap exists only in mapped-ram files")
+        n = self.record.bitmap_bytes
+        mf = self._mf
+        if m.bitmap_offset + n > mf.size:
+            raise CorruptFile(f"bitmap of RAMBlock {self.idstr!r} ({n} bytes) runs past the "
+                              "end of the file", path=mf.path, offset=m.bitmap_offset)
+        raw = os.pread(mf.fd, n, m.bitmap_offset)
+        if len(raw) != n:
+            raise CorruptFile(f"short read of the bitmap of RAMBlock {self.idstr!r}",
+                              path=mf.path, offset=m.bitmap_offset)
+        # 64-bit little-endian unsigned longs: byte i/8, bit i%8, LSB first.
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+        return bits[: self.npages].astype(bool)
+
+    @property
+    def bitmap_tail_clean(self) -> bool:
+        """True when no bit past the last page is set (a sanity check)."""
+        m = self.record.mapped
+        assert m is not None
+        raw = os.pread(self._mf.fd, self.record.bitmap_bytes, m.bitmap_offset)
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+        return not bits[self.npages:].any()
+
+    @property
+    def _loc(self) -> np.ndarray:
+        assert self._mf._index is not None
+        return self._mf._index.loc[self.index]
+
+    def present(self) -> np.ndarray:
+        """One bool per page: the file holds data for it (else it reads as zero)."""
+        if self.record.mapped is not None:
+            return self.bitmap
+        return self._loc > 0
+
+    def data_offsets(self) -> np.ndarray:
+        """File offset of each page's data, 0 where the page reads as zero."""
+        if self.record.mapped is not None:
+            m = self.record.mapped
+            off = m.pages_offset + np.arange(self.npages, dtype=np.int64) * self.page_size
+            return np.where(self.bitmap, off, 0)
+        loc = self._loc
+        return np.where(loc > 0, loc, 0)
+
+    @property
+    def pages_present(self) -> int:
+        return int(np.count_nonzero(self.present()))
+
+    @property
+    def zero_pages(self) -> int | None:
+        """Pages last sent as zero (streams); None for mapped-ram, which does
+        not tell a zero page from one never sent."""
+        if self.record.mapped is not None:
+            return None
+        return int(np.count_nonzero(self._loc == LOC_ZERO))
+
+    @property
+    def max_sends(self) -> int:
+        if self.record.mapped is not None:
+            return 1 if self.pages_present else 0
+        assert self._mf._index is not None
+        s = self._mf._index.sends[self.index]
+        return int(s.max()) if s.size else 0
+
+    # -- runs ----------------------------------------------------------------
+
+    def runs(self, max_pages: int = 256) -> Iterator[Run]:
+        """Coalesced runs of present pages, each at most ``max_pages`` long."""
+        ps = self.page_size
+        if self.record.mapped is not None:
+            stride = ps
+            base = self.record.mapped.pages_offset
+            present = self.bitmap
+            # Edges of runs of set bits.
+            d = np.diff(np.concatenate(([False], present, [False])).astype(np.int8))
+            starts = np.flatnonzero(d == 1)
+            ends = np.flatnonzero(d == -1)
+            for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+                for f in range(s, e, max_pages):
+                    n = min(max_pages, e - f)
+                    yield Run(f, n, base + f * ps, stride)
+            return
+        loc = self._loc
+        idx = np.flatnonzero(loc > 0)
+        if idx.size == 0:
+            return
+        offs = loc[idx]
+        stride = ps + 8  # a CONTINUE page record: be64 header + data
+        brk = np.flatnonzero((np.diff(idx) != 1) | (np.diff(offs) != stride)) + 1
+        bounds = np.concatenate(([0], brk, [idx.size])).tolist()
+        idx_l = idx.tolist()
+        offs_l = offs.tolist()
+        for a, b in itertools.pairwise(bounds):
+            for f in range(a, b, max_pages):
+                n = min(max_pages, b - f)
+                yield Run(idx_l[f], n, offs_l[f], stride if n > 1 else ps)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Guest bytes ``[offset, offset+length)`` of this block (zeros where absent)."""
+        if offset < 0 or length < 0 or offset + length > self.used_length:
+            raise ValueError(f"range 0x{offset:x}+0x{length:x} outside RAMBlock {self.idstr!r}")
+        ps = self.page_size
+        out = bytearray(length)
+        if length == 0:
+            return bytes(out)
+        first, last = offset // ps, (offset + length - 1) // ps
+        offs = self.data_offsets()[first:last + 1].tolist()
+        for k, fo in enumerate(offs):
+            if not fo:
+                continue
+            pg = first + k
+            a = max(offset, pg * ps)
+            b = min(offset + length, (pg + 1) * ps)
+            data = os.pread(self._mf.fd, b - a, fo + (a - pg * ps))
+            out[a - offset:a - offset + len(data)] = data
+        return bytes(out)
+
+
+class MigrationFile:
+    """A QEMU migration file: a sequential stream or a mapped-ram file.
+
+    Opening parses the whole stream structure once (seeking past page data)
+    and raises a :class:`~fixedram.errors.FormatError` subclass for anything
+    malformed. A file that ends before the EOF marker opens with
+    ``strict=False`` and reports ``complete = False``.
+
+    :param path: the file.
+    :param offset: where the stream starts; default: find the QEVM magic.
+    :param strict: raise on an incomplete (truncated) stream.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, offset: int | None = None,
+                 strict: bool = True) -> None:
+        self.path = os.fspath(path)
+        self.fd = os.open(self.path, os.O_RDONLY)
+        try:
+            self.size = os.fstat(self.fd).st_size
+            self._open(offset, strict)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _open(self, offset: int | None, strict: bool) -> None:
+        from .libvirt import LibvirtHeader, probe_libvirt
+
+        self.libvirt: LibvirtHeader | None = probe_libvirt(self.fd, self.size, self.path)
+        if offset is None:
+            offset = (self.libvirt.data_offset if self.libvirt is not None
+                      else find_stream_start(self.fd, self.size, self.path))
+        if offset < 0 or offset >= self.size:
+            raise CorruptFile(f"stream offset {offset} is outside the file (size {self.size})",
+                              path=self.path, offset=0)
+        self.start = offset
+        self.vmdesc = read_vmdesc_at_end(self.fd, self.size, offset, self.path)
+        self.error: TruncatedFile | None = None
+        index = _StreamIndex()
+        with os.fdopen(os.dup(self.fd), "rb", buffering=0) as f:
+            f.seek(offset)
+            r = ByteReader(f, self.path, start=offset)
+            try:
+                self.summary: StreamSummary = walk_stream(r, index, index, vmdesc=self.vmdesc)
+            except TruncatedFile as e:
+                # An unfinished save still has readable RAM: keep what was found.
+                if strict or index.summary is None or not index.summary.ram.blocks:
+                    raise
+                self.error = e
+                self.summary = index.summary
+        self._index = None if index.mapped else index
+        if index.mapped:
+            self._check_bitmap_layout(self.summary.header.machine)
+        self.header = self.summary.header
+        self.blocks = [RAMBlock(self, i, rec) for i, rec in enumerate(self.summary.ram.blocks)]
+
+    def _check_bitmap_layout(self, machine: str | None) -> None:
+        if machine is not None and not machine.startswith(_LE_MACHINE_PREFIXES):
+            raise UnsupportedFeature(
+                f"mapped-ram bitmap layout of machine type {machine!r} is not known: only files "
+                "from 64-bit little-endian hosts (x86-64, aarch64) are read", path=self.path,
+                offset=self.start)
+
+    # -- context manager -------------------------------------------------------
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> MigrationFile:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- facts ---------------------------------------------------------------
+
+    @property
+    def format(self) -> str:
+        return "mapped-ram" if "mapped-ram" in self.header.capabilities else "stream"
+
+    @property
+    def machine(self) -> str | None:
+        return self.header.machine
+
+    @property
+    def capabilities(self) -> list[str]:
+        return list(self.header.capabilities)
+
+    @property
+    def complete(self) -> bool:
+        if self.libvirt is not None and not self.libvirt.complete:
+            return False
+        return self.error is None and self.summary.complete
+
+    @property
+    def devices(self) -> list[DeviceSection]:
+        return self.summary.devices
+
+    def block(self, idstr: str) -> RAMBlock:
+        for b in self.blocks:
+            if b.idstr == idstr:
+                return b
+        raise KeyError(idstr)
+
+    @property
+    def passes(self) -> int:
+        """Most times any page was sent (1 for a paused save, more for live)."""
+        return max((b.max_sends for b in self.blocks), default=0)
+
+    @property
+    def resent_bytes(self) -> int:
+        """Page data bytes in the file that a later copy of the page superseded."""
+        if self._index is None:
+            return 0
+        latest = sum(int(np.count_nonzero(loc > 0)) for loc in self._index.loc)
+        return (self._index.page_records - latest) * 4096
+
+    def allocated_bytes(self) -> int:
+        return os.fstat(self.fd).st_blocks * 512

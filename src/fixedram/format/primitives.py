@@ -1,0 +1,216 @@
+"""Byte primitives: a positional, buffered reader with bounds checks.
+
+Every structure in the migration stream is read through :class:`ByteReader`,
+the one choke point where a short read becomes a :class:`TruncatedFile` that
+names the file and offset. It works on seekable files and on pipes alike:
+a stream must be readable from ``stdin``, so nothing here requires seek
+unless a caller asks for it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from typing import BinaryIO
+
+from ..errors import CorruptFile, TruncatedFile
+
+__all__ = ["BE16", "BE32", "BE64", "ByteReader"]
+
+BE16 = struct.Struct(">H")
+BE32 = struct.Struct(">I")
+BE64 = struct.Struct(">Q")
+
+_unpack16 = BE16.unpack_from
+_unpack32 = BE32.unpack_from
+_unpack64 = BE64.unpack_from
+
+
+class ByteReader:
+    """Sequential reader with an absolute position, over a file or a pipe.
+
+    :param f: binary file object; only ``readinto`` (and, if seekable,
+        ``seek``) is used.
+    :param name: name used in error messages.
+    :param start: absolute offset (in the file being described) of the file
+        object's current position; lets an in-memory tail keep real offsets.
+    :param bufsize: read-ahead size; pages are 4 KiB so a large buffer keeps
+        the per-record cost low.
+    """
+
+    def __init__(
+        self, f: BinaryIO, name: str, *, start: int = 0, bufsize: int = 1 << 20
+    ) -> None:
+        self.f = f
+        self.name = name
+        self._bufsize = bufsize
+        self._buf = b""
+        self._i = 0
+        self._base = start  # absolute offset of _buf[0]
+        try:
+            self.seekable = f.seekable()
+        except (AttributeError, OSError, ValueError):
+            self.seekable = False
+        self.size: int | None = None
+        self._delta = 0  # absolute offset = file object position + _delta
+        if self.seekable:
+            cur = f.tell()
+            self._delta = start - cur
+            try:
+                end = os.fstat(f.fileno()).st_size
+            except (OSError, AttributeError, io.UnsupportedOperation):
+                end = f.seek(0, os.SEEK_END)
+                f.seek(cur)
+            self.size = end + self._delta
+
+    # -- position ---------------------------------------------------------
+
+    def tell(self) -> int:
+        return self._base + self._i
+
+    def seek(self, pos: int) -> None:
+        """Jump to absolute ``pos`` (seekable inputs only)."""
+        if not self.seekable:
+            raise CorruptFile("stream needs a seek but the input is a pipe", path=self.name,
+                              offset=self.tell())
+        if self._base <= pos <= self._base + len(self._buf):
+            self._i = pos - self._base
+            return
+        self.f.seek(pos - self._delta)
+        self._buf = b""
+        self._i = 0
+        self._base = pos
+
+    def remaining(self) -> int | None:
+        """Bytes left in the file, when the size is known."""
+        return None if self.size is None else self.size - self.tell()
+
+    # -- buffer management -------------------------------------------------
+
+    def _fill(self, need: int) -> bool:
+        """Make at least ``need`` bytes available; False at end of input."""
+        avail = len(self._buf) - self._i
+        if avail >= need:
+            return True
+        chunks = [self._buf[self._i:]] if avail else []
+        self._base += self._i
+        got = avail
+        want = max(need, self._bufsize)
+        while got < need:
+            b = self.f.read(want - got)
+            if not b:
+                break
+            chunks.append(b)
+            got += len(b)
+        self._buf = b"".join(chunks) if len(chunks) != 1 else chunks[0]
+        self._i = 0
+        return got >= need
+
+    def _short(self, n: int, what: str) -> TruncatedFile:
+        have = len(self._buf) - self._i
+        return TruncatedFile(
+            f"file ends inside {what}: needed {n} bytes, {have} left", path=self.name,
+            offset=self.tell(),
+        )
+
+    # -- typed reads ---------------------------------------------------------
+
+    def u8(self, what: str = "a byte") -> int:
+        i = self._i
+        if i < len(self._buf):
+            self._i = i + 1
+            return self._buf[i]
+        if not self._fill(1):
+            raise self._short(1, what)
+        self._i = 1
+        return self._buf[0]
+
+    def peek_u8(self) -> int | None:
+        """The next byte without consuming it, or None at end of input."""
+        if self._i < len(self._buf) or self._fill(1):
+            return self._buf[self._i]
+        return None
+
+    def be16(self, what: str = "a be16") -> int:
+        if len(self._buf) - self._i < 2 and not self._fill(2):
+            raise self._short(2, what)
+        v = _unpack16(self._buf, self._i)[0]
+        self._i += 2
+        return v
+
+    def be32(self, what: str = "a be32") -> int:
+        if len(self._buf) - self._i < 4 and not self._fill(4):
+            raise self._short(4, what)
+        v = _unpack32(self._buf, self._i)[0]
+        self._i += 4
+        return v
+
+    def be64(self, what: str = "a be64") -> int:
+        if len(self._buf) - self._i < 8 and not self._fill(8):
+            raise self._short(8, what)
+        v = _unpack64(self._buf, self._i)[0]
+        self._i += 8
+        return v
+
+    def read(self, n: int, what: str = "data") -> bytes:
+        """Exactly ``n`` bytes. ``n`` must already be bounded by the caller."""
+        if n < 0:
+            raise CorruptFile(f"negative length for {what}", path=self.name, offset=self.tell())
+        rem = self.remaining()
+        if rem is not None and n > rem:
+            raise TruncatedFile(f"file ends inside {what}: needed {n} bytes, {rem} left",
+                                path=self.name, offset=self.tell())
+        if len(self._buf) - self._i < n and not self._fill(n):
+            raise self._short(n, what)
+        b = self._buf[self._i:self._i + n]
+        self._i += n
+        return b
+
+    def view(self, n: int, what: str = "data") -> memoryview:
+        """Like :meth:`read` but without a copy; valid until the next read."""
+        if len(self._buf) - self._i < n and not self._fill(n):
+            raise self._short(n, what)
+        i = self._i
+        self._i = i + n
+        return memoryview(self._buf)[i:i + n]
+
+    def skip(self, n: int, what: str = "data") -> None:
+        """Advance ``n`` bytes; seeks when it can, reads through pipes."""
+        avail = len(self._buf) - self._i
+        if n <= avail:
+            self._i += n
+            return
+        if self.seekable:
+            rem = self.remaining()
+            if rem is not None and n > rem:
+                raise TruncatedFile(f"file ends inside {what}: needed {n} bytes, {rem} left",
+                                    path=self.name, offset=self.tell())
+            self.seek(self.tell() + n)
+            return
+        left = n
+        while left:
+            step = min(left, self._bufsize)
+            if not self._fill(step):
+                raise self._short(left, what)
+            self._i += step
+            left -= step
+
+    def read_rest(self, limit: int, what: str) -> bytes:
+        """Everything up to end of input, refusing more than ``limit`` bytes."""
+        chunks = [self._buf[self._i:]]
+        total = len(chunks[0])
+        self._base += len(self._buf)
+        self._buf, self._i = b"", 0
+        while True:
+            b = self.f.read(1 << 20)
+            if not b:
+                break
+            total += len(b)
+            if total > limit:
+                raise CorruptFile(f"{what} is larger than {limit} bytes", path=self.name,
+                                  offset=self._base)
+            chunks.append(b)
+        data = b"".join(chunks)
+        self._base += total - len(chunks[0])
+        return data

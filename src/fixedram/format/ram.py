@@ -1,0 +1,282 @@
+"""The RAM section ("ram", version 4): block list, page records, mapped-ram header.
+
+Every record starts with a be64 holding ``offset_in_block | flags``; the flags
+live in the low TARGET_PAGE_BITS bits. See docs/formats.md for the layout and
+``migration/ram.c`` in QEMU for the source of these facts.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..errors import CorruptFile, UnsupportedFeature, UnsupportedVersion
+from .constants import (
+    MAPPED_RAM_FILE_OFFSET_ALIGNMENT,
+    MAPPED_RAM_HDR_SIZE,
+    MAPPED_RAM_HDR_VERSION,
+    MAX_PAGE_SIZE,
+    RAM_FLAG_COMPRESS_PAGE,
+    RAM_FLAG_CONTINUE,
+    RAM_FLAG_EOS,
+    RAM_FLAG_HOOK,
+    RAM_FLAG_MEM_SIZE,
+    RAM_FLAG_MULTIFD_FLUSH,
+    RAM_FLAG_PAGE,
+    RAM_FLAG_XBZRLE,
+    RAM_FLAG_ZERO,
+)
+from .primitives import BE64, ByteReader
+
+__all__ = [
+    "MappedRamHeader",
+    "RAMBlockRecord",
+    "RamRecordSink",
+    "RamStreamState",
+    "encode_block_record",
+    "encode_mapped_ram_header",
+    "mapped_ram_layout",
+]
+
+_MRH = struct.Struct(">IQQQ")
+
+
+@dataclass(frozen=True)
+class MappedRamHeader:
+    """The 28-byte per-RAMBlock header of a mapped-ram file (all big-endian)."""
+
+    version: int
+    page_size: int
+    bitmap_offset: int  # absolute file offset of the bitmap
+    pages_offset: int  # absolute file offset of page 0
+    offset: int = 0  # where the header itself sits
+
+    def encode(self) -> bytes:
+        return _MRH.pack(self.version, self.page_size, self.bitmap_offset, self.pages_offset)
+
+
+def encode_mapped_ram_header(page_size: int, bitmap_offset: int, pages_offset: int) -> bytes:
+    return _MRH.pack(MAPPED_RAM_HDR_VERSION, page_size, bitmap_offset, pages_offset)
+
+
+@dataclass
+class RAMBlockRecord:
+    """One RAMBlock as announced in the MEM_SIZE list of the START section."""
+
+    idstr: str
+    used_length: int
+    record_offset: int  # absolute offset of the idlen byte
+    page_size: int
+    postcopy_page_size: int | None = None
+    gpa: int | None = None  # x-ignore-shared only
+    mapped: MappedRamHeader | None = None
+
+    @property
+    def npages(self) -> int:
+        return self.used_length // self.page_size
+
+    @property
+    def bitmap_bytes(self) -> int:
+        """Size QEMU gives the bitmap on a 64-bit host: whole unsigned longs."""
+        return (self.npages + 63) // 64 * 8
+
+
+def mapped_ram_layout(record_offset: int, idstr: str, used_length: int, page_size: int,
+                      ignore_shared: bool = False) -> tuple[int, int, int, int]:
+    """Where QEMU puts a block's header, bitmap and pages in a mapped-ram file.
+
+    :return: (header_offset, bitmap_offset, pages_offset, next_record_offset),
+        all absolute, following QEMU's rules: the bitmap right after the header,
+        pages rounded up to 1 MiB of absolute offset, the next record right
+        after the pages region (unaligned).
+    """
+    h = record_offset + 1 + len(idstr.encode()) + 8 + (8 if ignore_shared else 0)
+    b = h + MAPPED_RAM_HDR_SIZE
+    npages = used_length // page_size
+    s = (npages + 63) // 64 * 8
+    a = MAPPED_RAM_FILE_OFFSET_ALIGNMENT
+    p = (b + s + a - 1) // a * a
+    return h, b, p, p + used_length
+
+
+def encode_block_record(idstr: str, used_length: int, *, gpa: int | None = None,
+                        mapped: bytes = b"") -> bytes:
+    name = idstr.encode()
+    out = bytes([len(name)]) + name + BE64.pack(used_length)
+    if gpa is not None:
+        out += BE64.pack(gpa)
+    return out + mapped
+
+
+class RamRecordSink(Protocol):
+    """Receives what the RAM record parser finds; one instance per reader.
+
+    ``page`` must consume exactly ``page_size`` bytes from ``r`` (read or skip),
+    which lets an index builder skip data while a receiver copies it.
+    """
+
+    def page(self, block: int, page_index: int, r: ByteReader) -> None: ...
+
+    def zero(self, block: int, page_index: int) -> None: ...
+
+
+class RamStreamState:
+    """Per-stream state of the RAM section parser: blocks and the last block.
+
+    :param mapped_ram: the configuration says ``mapped-ram``; page records
+        are then illegal and each block has a mapped-ram header.
+    :param ignore_shared: ``x-ignore-shared`` is on; each block carries its GPA.
+    """
+
+    def __init__(self, *, mapped_ram: bool, ignore_shared: bool, page_size: int = 4096,
+                 seek_past_pages: bool = True) -> None:
+        self.mapped_ram = mapped_ram
+        self.ignore_shared = ignore_shared
+        self.page_size = page_size
+        self.page_mask = page_size - 1
+        self.blocks: list[RAMBlockRecord] = []
+        self.by_name: dict[str, int] = {}
+        self.last: int | None = None
+        self.seek_past_pages = seek_past_pages
+        self.total_ram: int | None = None
+        # Called once the block list is read, before any page record.
+        self.on_blocks: Callable[[], None] | None = None
+
+    # -- block list --------------------------------------------------------
+
+    def _read_mem_size(self, r: ByteReader, total: int, at: int) -> None:
+        if self.blocks:
+            raise CorruptFile("second RAMBlock list (MEM_SIZE) in one stream", path=r.name,
+                              offset=at)
+        self.total_ram = total
+        left = total
+        while left > 0:
+            rec_at = r.tell()
+            n = r.u8("a RAMBlock name length")
+            raw = r.read(n, "a RAMBlock name")
+            try:
+                idstr = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise CorruptFile(f"RAMBlock name is not text: {raw!r}", path=r.name,
+                                  offset=rec_at + 1) from None
+            if idstr in self.by_name:
+                raise CorruptFile(f"RAMBlock {idstr!r} announced twice", path=r.name,
+                                  offset=rec_at)
+            len_at = r.tell()
+            used = r.be64("a RAMBlock length")
+            if used == 0 or used > left or used % self.page_size:
+                raise CorruptFile(
+                    f"RAMBlock {idstr!r} length 0x{used:x} is not a page multiple within the "
+                    f"announced total (0x{left:x} left)", path=r.name, offset=len_at)
+            left -= used
+            blk = RAMBlockRecord(idstr, used, rec_at, self.page_size)
+            if self.ignore_shared:
+                blk.gpa = r.be64("a RAMBlock guest address")
+            if self.mapped_ram:
+                blk.mapped = self._read_mapped_header(r, blk)
+            self.by_name[idstr] = len(self.blocks)
+            self.blocks.append(blk)
+        if self.on_blocks is not None:
+            self.on_blocks()
+
+    def _read_mapped_header(self, r: ByteReader, blk: RAMBlockRecord) -> MappedRamHeader:
+        at = r.tell()
+        raw = r.read(MAPPED_RAM_HDR_SIZE, "a mapped-ram header")
+        ver, ps, bmo, pgo = _MRH.unpack(raw)
+        if ver > MAPPED_RAM_HDR_VERSION or ver == 0:
+            raise UnsupportedVersion(f"mapped-ram header version {ver} of RAMBlock "
+                                     f"{blk.idstr!r} is not supported (expected 1)",
+                                     path=r.name, offset=at)
+        if ps != self.page_size or ps > MAX_PAGE_SIZE:
+            raise UnsupportedFeature(f"RAMBlock {blk.idstr!r} has page size {ps}; only "
+                                     f"{self.page_size}-byte target pages are read",
+                                     path=r.name, offset=at + 4)
+        if pgo % ps:
+            raise CorruptFile(f"RAMBlock {blk.idstr!r} pages region at 0x{pgo:x} has bad "
+                              "alignment", path=r.name, offset=at + 20)
+        end = pgo + blk.used_length
+        if r.size is not None and (bmo + blk.bitmap_bytes > r.size or pgo > r.size):
+            raise CorruptFile(f"RAMBlock {blk.idstr!r} bitmap 0x{bmo:x} or pages 0x{pgo:x} "
+                              f"lie past the end of the file (0x{r.size:x})", path=r.name,
+                              offset=at + 12)
+        hdr = MappedRamHeader(ver, ps, bmo, pgo, at)
+        if self.seek_past_pages:
+            if r.size is not None and end > r.size:
+                raise CorruptFile(f"RAMBlock {blk.idstr!r} pages region ends at 0x{end:x}, past "
+                                  f"the end of the file (0x{r.size:x})", path=r.name,
+                                  offset=at + 20)
+            r.seek(end)
+        return hdr
+
+    # -- records -----------------------------------------------------------
+
+    def read_records(self, r: ByteReader, sink: RamRecordSink, *, in_start: bool) -> None:
+        """Parse records up to and including EOS."""
+        mask = self.page_mask
+        blocks = self.blocks
+        while True:
+            at = r.tell()
+            word = r.be64("a RAM record header")
+            flags = word & mask
+            addr = word ^ flags
+            f = flags & ~RAM_FLAG_CONTINUE
+            if f in (RAM_FLAG_PAGE, RAM_FLAG_ZERO):
+                if self.mapped_ram:
+                    raise CorruptFile(f"unexpected RAM flags 0x{flags:x} in a mapped-ram "
+                                      "stream", path=r.name, offset=at)
+                if flags & RAM_FLAG_CONTINUE:
+                    bi = self.last
+                    if bi is None:
+                        raise CorruptFile("page record continues a block but none was named",
+                                          path=r.name, offset=at)
+                else:
+                    bi = self._read_block_name(r)
+                    self.last = bi
+                blk = blocks[bi]
+                if addr >= blk.used_length:
+                    raise CorruptFile(f"page offset 0x{addr:x} outside RAMBlock "
+                                      f"{blk.idstr!r} (length 0x{blk.used_length:x})",
+                                      path=r.name, offset=at)
+                if f == RAM_FLAG_PAGE:
+                    sink.page(bi, addr >> 12 if mask == 0xFFF else addr // (mask + 1), r)
+                else:
+                    v = r.u8("a zero page value")
+                    if v:
+                        raise CorruptFile(f"zero page record with fill value {v}",
+                                          path=r.name, offset=at)
+                    sink.zero(bi, addr // (mask + 1))
+            elif f == RAM_FLAG_EOS:
+                return
+            elif f == RAM_FLAG_MEM_SIZE and not flags & RAM_FLAG_CONTINUE:
+                if not in_start:
+                    raise CorruptFile("RAMBlock list outside the RAM START section",
+                                      path=r.name, offset=at)
+                self._read_mem_size(r, addr, at)
+            elif f == RAM_FLAG_MULTIFD_FLUSH:
+                if self.mapped_ram:
+                    raise CorruptFile("unexpected MULTIFD_FLUSH in a mapped-ram stream",
+                                      path=r.name, offset=at)
+            elif f == RAM_FLAG_XBZRLE:
+                raise UnsupportedFeature("XBZRLE-encoded pages are not supported (the source "
+                                         "had the xbzrle capability on)", path=r.name, offset=at)
+            elif f == RAM_FLAG_COMPRESS_PAGE:
+                raise UnsupportedFeature("compressed pages (QEMU 9.0 and older 'compress' "
+                                         "capability) are not supported", path=r.name, offset=at)
+            elif f == RAM_FLAG_HOOK:
+                raise UnsupportedFeature("RDMA hook records are not supported", path=r.name,
+                                         offset=at)
+            else:
+                raise CorruptFile(f"unknown combination of RAM flags 0x{flags:x}", path=r.name,
+                                  offset=at)
+
+    def _read_block_name(self, r: ByteReader) -> int:
+        at = r.tell()
+        n = r.u8("a RAMBlock name length")
+        raw = r.read(n, "a RAMBlock name")
+        bi = self.by_name.get(raw.decode("utf-8", "replace"))
+        if bi is None:
+            raise CorruptFile(f"page record names unknown RAMBlock {raw!r}", path=r.name,
+                              offset=at)
+        return bi

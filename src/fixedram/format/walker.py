@@ -1,0 +1,265 @@
+"""Walk a whole migration stream, section by section, with one set of rules.
+
+The walker is the only place that knows the order of things in a stream. It
+serves the file reader (which indexes pages and skips data), the converter
+and the bridge (which copy pages as they arrive from a pipe or socket).
+RAM records go to a :class:`~fixedram.format.ram.RamRecordSink`; everything
+else goes to a :class:`StreamEvents` object.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+
+from ..errors import CorruptFile, TruncatedFile, UnsupportedFeature, UnsupportedVersion
+from .constants import (
+    MAX_VMDESC_JSON,
+    RAM_SECTION_NAME,
+    RAM_SECTION_VERSION,
+    Command,
+    SectionType,
+)
+from .primitives import BE32, ByteReader
+from .ram import RamRecordSink, RamStreamState
+from .stream import SectionHeader, StreamHeader, read_footer, read_header, read_section_header
+from .vmdesc import VMDesc, find_trailer, parse_trailer
+
+__all__ = ["DeviceSection", "StreamEvents", "StreamSummary", "read_vmdesc_at_end", "walk_stream"]
+
+# Device state after the RAM is small (KiB to a few MiB); a pipe's tail is
+# buffered to find the vmdesc trailer, within this bound.
+MAX_DEVICE_TAIL = 512 << 20
+_REFUSED_COMMANDS = {
+    Command.POSTCOPY_ADVISE: "postcopy",
+    Command.POSTCOPY_LISTEN: "postcopy",
+    Command.POSTCOPY_RUN: "postcopy",
+    Command.POSTCOPY_RAM_DISCARD: "postcopy",
+    Command.POSTCOPY_RESUME: "postcopy",
+    Command.PACKAGED: "packaged (postcopy) device state",
+    Command.ENABLE_COLO: "COLO",
+    Command.RECV_BITMAP: "postcopy recovery",
+}
+
+
+@dataclass
+class DeviceSection:
+    """A non-RAM FULL section: located, its bytes left opaque."""
+
+    idstr: str
+    instance_id: int
+    version_id: int
+    section_id: int
+    offset: int  # the type byte
+    data_offset: int
+    data_length: int
+    sized_by: str  # "vmdesc" or "footer-scan"
+
+    @property
+    def end(self) -> int:
+        """Offset just after the footer."""
+        return self.data_offset + self.data_length + 5
+
+
+@dataclass
+class StreamSummary:
+    """What a walk found besides RAM pages."""
+
+    header: StreamHeader
+    ram: RamStreamState
+    devices: list[DeviceSection] = field(default_factory=list)
+    commands: list[tuple[int, int, bytes]] = field(default_factory=list)  # (offset, cmd, data)
+    ram_sections: list[SectionHeader] = field(default_factory=list)
+    boundaries: list[int] = field(default_factory=list)  # offset of every top-level item
+    eof_offset: int | None = None
+    vmdesc: VMDesc | None = None
+    end_offset: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.eof_offset is not None
+
+
+class StreamEvents:
+    """Hooks for non-RAM items; the defaults skip device data.
+
+    ``summary`` is filled in as the walk goes, so a caller still has what was
+    found when the walk raises (a truncated file, for example).
+    """
+
+    summary: StreamSummary | None = None
+
+    def device(self, dev: DeviceSection, r: ByteReader) -> None:
+        r.skip(dev.data_length, f"device section {dev.idstr!r}")
+
+    def ram_blocks(self, state: RamStreamState) -> None:
+        """Called once the RAMBlock list is known (before any page record)."""
+
+    def section(self, sh: SectionHeader) -> None:
+        """Called at each RAM section header."""
+
+
+def read_vmdesc_at_end(fd: int, size: int, start: int, path: str) -> VMDesc | None:
+    """Find the vmdesc trailer by reading the end of a seekable file."""
+    for span in (1 << 20, 16 << 20, MAX_VMDESC_JSON + 5):
+        n = min(span, size - start)
+        if n <= 0:
+            return None
+        tail = os.pread(fd, n, size - n)
+        found = find_trailer(tail, size - n, path)
+        if found is not None or n == size - start:
+            return found
+    return None
+
+
+def _scan_for_footer(r: ByteReader, sh: SectionHeader) -> int:
+    """Length of a device section's data, found by looking for its footer.
+
+    Used only when no vmdesc trailer describes the device. A candidate
+    footer counts only if what follows it is a plausible next item.
+    """
+    assert r.seekable and r.size is not None  # callers check
+    pat = bytes([SectionType.FOOTER]) + BE32.pack(sh.section_id)
+    pos = sh.data_offset
+    fd = r.f.fileno()
+    chunk = 1 << 20
+    while pos < r.size:
+        buf = os.pread(fd, chunk + 64, pos - r._delta)
+        i = buf.find(pat)
+        while i >= 0:
+            nxt = buf[i + 5:i + 6]
+            if nxt in (b"\x00", b"\x04", b"\x08", b"") or (nxt == b"\x06" and i + 5 < len(buf)):
+                return pos + i - sh.data_offset
+            i = buf.find(pat, i + 1)
+        if len(buf) <= chunk:
+            break
+        pos += chunk
+    raise TruncatedFile(f"end of device section {sh.idstr!r} not found (no vmdesc trailer and "
+                        "no footer)", path=r.name, offset=sh.data_offset)
+
+
+def walk_stream(r: ByteReader, sink: RamRecordSink, events: StreamEvents | None = None,
+                *, vmdesc: VMDesc | None = None, stop_at_eof: bool = True) -> StreamSummary:
+    """Walk one stream from its magic to EOF (and the vmdesc trailer).
+
+    :param r: reader positioned at the magic.
+    :param sink: receives RAM page and zero records.
+    :param events: receives device sections and the RAMBlock list.
+    :param vmdesc: the trailer if already known (seekable files read it first,
+        because device sections can only be sized with it).
+    :raise FormatError: for anything that does not follow the format; a
+        stream that ends early raises :class:`TruncatedFile`.
+    """
+    ev = events or StreamEvents()
+    hdr = read_header(r)
+    caps = set(hdr.capabilities)
+    page_bits = hdr.target_page_bits or 12
+    if page_bits != 12:
+        raise UnsupportedFeature(f"target page size {1 << page_bits} is not supported (only "
+                                 "4 KiB target pages)", path=r.name, offset=hdr.offset)
+    state = RamStreamState(mapped_ram="mapped-ram" in caps,
+                           ignore_shared="x-ignore-shared" in caps, page_size=1 << page_bits)
+    state.on_blocks = lambda: ev.ram_blocks(state)
+    summary = StreamSummary(header=hdr, ram=state, vmdesc=vmdesc)
+    ev.summary = summary
+    sizes = vmdesc.device_sizes() if vmdesc else {}
+    ram_sid: int | None = None
+    blocks_announced = False
+    while True:
+        at = r.tell()
+        summary.boundaries.append(at)
+        t = r.u8("a section type (the stream ends before its EOF marker)")
+        if t in (SectionType.START, SectionType.FULL):
+            sh = read_section_header(r, t, at)
+            if sh.idstr == RAM_SECTION_NAME:
+                if sh.version_id != RAM_SECTION_VERSION:
+                    raise UnsupportedVersion(f"RAM section version {sh.version_id} (only 4)",
+                                             path=r.name, offset=at)
+                if t != SectionType.START or ram_sid is not None:
+                    raise CorruptFile("RAM section must appear once, as a START section",
+                                      path=r.name, offset=at)
+                ram_sid = sh.section_id
+                summary.ram_sections.append(sh)
+                ev.section(sh)
+                state.read_records(r, sink, in_start=True)
+                if not state.blocks:
+                    raise CorruptFile("RAM START section has no RAMBlock list", path=r.name,
+                                      offset=at)
+                blocks_announced = True
+            elif t == SectionType.START:
+                raise UnsupportedFeature(f"iterative section {sh.idstr!r} is not supported "
+                                         "(only RAM)", path=r.name, offset=at)
+            else:
+                assert sh.idstr is not None and sh.instance_id is not None
+                key = (sh.idstr, sh.instance_id)
+                if key not in sizes and not r.seekable and summary.vmdesc is None:
+                    r = _buffer_tail(r, summary)
+                    sizes = summary.vmdesc.device_sizes() if summary.vmdesc else {}
+                if key in sizes:
+                    length, how = sizes[key], "vmdesc"
+                elif r.seekable:
+                    length, how = _scan_for_footer(r, sh), "footer-scan"
+                else:
+                    raise UnsupportedFeature(f"device section {sh.idstr!r} cannot be sized: the "
+                                             "stream has no vmdesc trailer", path=r.name,
+                                             offset=at)
+                rem = r.remaining()
+                if rem is not None and length > rem:
+                    raise TruncatedFile(f"file ends inside device section {sh.idstr!r}",
+                                        path=r.name, offset=sh.data_offset)
+                dev = DeviceSection(sh.idstr, sh.instance_id, sh.version_id or 0,
+                                    sh.section_id, at, sh.data_offset, length, how)
+                ev.device(dev, r)
+                summary.devices.append(dev)
+            read_footer(r, sh)
+        elif t in (SectionType.PART, SectionType.END):
+            sh = read_section_header(r, t, at)
+            if sh.section_id != ram_sid or not blocks_announced:
+                raise CorruptFile(f"{SectionType(t).name} section for unknown section id "
+                                  f"0x{sh.section_id:x}", path=r.name, offset=at)
+            sh.idstr = RAM_SECTION_NAME
+            summary.ram_sections.append(sh)
+            ev.section(sh)
+            state.read_records(r, sink, in_start=False)
+            read_footer(r, sh)
+        elif t == SectionType.COMMAND:
+            cmd = r.be16("a command number")
+            ln = r.be16("a command length")
+            data = r.read(ln, "command data")
+            if cmd in _REFUSED_COMMANDS:
+                raise UnsupportedFeature(f"{_REFUSED_COMMANDS[Command(cmd)]} command {cmd} is "
+                                         "not supported", path=r.name, offset=at)
+            if cmd == Command.SWITCHOVER_START and ln != 0:
+                raise CorruptFile(f"SWITCHOVER_START with {ln} data bytes", path=r.name,
+                                  offset=at)
+            summary.commands.append((at, cmd, data))
+        elif t == SectionType.EOF:
+            summary.eof_offset = at
+            break
+        else:
+            raise CorruptFile(f"unknown section type 0x{t:02x}", path=r.name, offset=at)
+    if ram_sid is None:
+        raise CorruptFile("stream has no RAM section", path=r.name, offset=hdr.end)
+    # Trailer: optional. QEMU itself only warns when it is missing.
+    nxt = r.peek_u8()
+    if nxt == SectionType.VMDESCRIPTION:
+        at = r.tell()
+        r.u8()
+        ln = r.be32("the vmdesc length")
+        if ln > MAX_VMDESC_JSON:
+            raise CorruptFile(f"vmdesc trailer length {ln} out of range", path=r.name, offset=at)
+        raw = r.read(ln, "the vmdesc JSON")
+        if summary.vmdesc is None:
+            summary.vmdesc = parse_trailer(raw, at, r.name)
+    summary.end_offset = r.tell()
+    return summary
+
+
+def _buffer_tail(r: ByteReader, summary: StreamSummary) -> ByteReader:
+    """On a pipe, read the rest of the stream so the vmdesc trailer can be used."""
+    start = r.tell()
+    data = r.read_rest(MAX_DEVICE_TAIL, "device state after RAM")
+    summary.vmdesc = find_trailer(data, start, r.name)
+    nr = ByteReader(io.BytesIO(data), r.name, start=start)
+    return nr
