@@ -1,0 +1,135 @@
+"""``fixedram`` command line: thin wrappers over the library.
+
+Every failure the user can cause prints one line on stderr and exits
+non-zero; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from ..errors import FixedramError
+
+__all__ = ["main"]
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _size(text: str) -> int:
+    """``4096``, ``64k``, ``1M``, ``2G`` (as QEMU's size suffixes)."""
+    t = text.strip().lower()
+    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    try:
+        if t and t[-1] in mult:
+            return int(float(t[:-1]) * mult[t[-1]])
+        if t.endswith(("kib", "mib", "gib")):
+            return int(float(t[:-3]) * mult[t[-3]])
+        return int(t, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}") from None
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from ..describe import describe
+    from ..format.migfile import MigrationFile
+
+    with MigrationFile(a.file, offset=a.offset, strict=False) as mf:
+        d = describe(mf)
+    if a.json:
+        json.dump(d, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    from .render import render_inspect
+
+    render_inspect(d)
+    return 0
+
+
+def cmd_extract(a: argparse.Namespace) -> int:
+    from ..format.migfile import MigrationFile
+    from ..memory import extract
+    from .progress import progress_bar
+
+    with MigrationFile(a.file, offset=a.offset, strict=False) as mf:
+        if not mf.complete and not a.allow_incomplete:
+            raise FixedramError(f"{a.file}: the save is incomplete ({mf.error or 'unfinished'}); "
+                                "use --allow-incomplete to extract what it holds")
+        with progress_bar("extracting", extract.total_bytes(mf)) as prog:
+            if a.format == "raw":
+                extract.extract_raw(mf, a.output, force=a.force, progress=prog)
+            elif a.format == "physical":
+                extract.extract_physical(mf, a.output, force=a.force, progress=prog)
+            else:
+                extract.extract_elf(mf, a.output, force=a.force, progress=prog)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fixedram", description="QEMU fixed-ram (mapped-ram) "
+                                "migration files: inspect, extract, convert, verify, migrate.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("inspect", help="describe a migration or save file")
+    s.add_argument("file")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--offset", type=_size, default=None,
+                   help="stream start in the file (default: found automatically)")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("extract", help="write guest RAM out of a migration file")
+    s.add_argument("file")
+    s.add_argument("-o", "--output", required=True,
+                   help="directory (raw) or file (physical, elf)")
+    s.add_argument("--format", choices=("raw", "physical", "elf"), default="raw")
+    s.add_argument("--offset", type=_size, default=None)
+    s.add_argument("--force", action="store_true", help="replace existing outputs")
+    s.add_argument("--allow-incomplete", action="store_true",
+                   help="extract a save that has no EOF marker (unfinished)")
+    s.set_defaults(func=cmd_extract)
+
+    for register in _EXTRA:
+        register(sub)
+    return p
+
+
+# Other modules add their subcommands here (convert, verify, engine, bridge).
+_EXTRA: list[Callable[[argparse._SubParsersAction], None]] = []  # type: ignore[type-arg]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _load_extras()
+    p = build_parser()
+    a = p.parse_args(argv)
+    try:
+        rc: int = a.func(a)
+        return rc
+    except FixedramError as e:
+        print(f"fixedram: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fixedram: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    except OSError as e:
+        name = f"{e.filename}: " if e.filename else ""
+        print(f"fixedram: error: {name}{e.strerror or e}", file=sys.stderr)
+        return 1
+
+
+def _load_extras() -> None:
+    import importlib
+
+    for mod in ("fixedram.cli.tools", "fixedram.cli.engine", "fixedram.cli.bridge"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

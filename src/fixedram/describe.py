@@ -1,0 +1,66 @@
+"""Turning a MigrationFile into facts for people and scripts (inspect)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .format.migfile import MigrationFile
+
+__all__ = ["describe"]
+
+
+def describe(mf: MigrationFile) -> dict[str, Any]:
+    """The ``fixedram inspect --json`` object."""
+    st = os.fstat(mf.fd)
+    blocks = []
+    for b in mf.blocks:
+        e: dict[str, Any] = {
+            "idstr": b.idstr,
+            "used_length": b.used_length,
+            "page_size": b.page_size,
+            "pages": b.npages,
+            "pages_present": b.pages_present,
+            "zero_pages": b.zero_pages,
+        }
+        m = b.record.mapped
+        if m is not None:
+            e.update(header_offset=m.offset, bitmap_offset=m.bitmap_offset,
+                     bitmap_bytes=b.record.bitmap_bytes, pages_offset=m.pages_offset)
+        else:
+            e["record_offset"] = b.record.record_offset
+            e["max_sends"] = b.max_sends
+        if b.record.gpa is not None:
+            e["gpa"] = b.record.gpa
+        blocks.append(e)
+    out: dict[str, Any] = {
+        "file": mf.path,
+        "format": mf.format,
+        "stream_offset": mf.start,
+        "machine": mf.machine,
+        "capabilities": mf.capabilities,
+        "complete": mf.complete,
+        "blocks": blocks,
+        "ram_bytes": sum(b.used_length for b in mf.blocks),
+        "passes": mf.passes,
+        "ram_sections": len(mf.summary.ram_sections),
+        "resent_bytes": mf.resent_bytes,
+        "devices": [
+            {"idstr": d.idstr, "instance_id": d.instance_id, "version_id": d.version_id,
+             "offset": d.offset, "length": d.data_length}
+            for d in mf.devices
+        ],
+        "commands": [{"offset": o, "cmd": c} for o, c, _ in mf.summary.commands],
+        "eof_offset": mf.summary.eof_offset,
+        "vmdesc": mf.summary.vmdesc is not None,
+        "apparent_bytes": st.st_size,
+        "allocated_bytes": st.st_blocks * 512,
+    }
+    if mf.error is not None:
+        out["error"] = str(mf.error)
+    if mf.libvirt is not None:
+        lv = mf.libvirt
+        out["libvirt"] = {"complete": lv.complete, "version": lv.version,
+                          "image_format": lv.format, "was_running": lv.was_running,
+                          "data_offset": lv.data_offset, "xml_bytes": len(lv.xml)}
+    return out

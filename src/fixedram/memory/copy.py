@@ -1,0 +1,116 @@
+"""Moving page runs between files with few, large system calls.
+
+Runs come from :meth:`fixedram.format.migfile.RAMBlock.runs`. A run whose
+pages are contiguous in the source (mapped-ram) is copied in the kernel with
+``copy_file_range``; a run of stream page records (data every 4104 bytes) is
+read in one ``preadv`` and its pages gathered with a strided numpy view.
+Pages never written stay holes, so outputs are sparse.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from ..errors import CorruptFile
+from ..format.migfile import Run
+
+__all__ = ["RunCopier"]
+
+_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+
+
+class RunCopier:
+    """Copies runs from one file descriptor to another; reuses its buffers.
+
+    :param src_fd: source file (read with positional I/O only).
+    :param page_size: guest page size.
+    :param max_pages: longest run it will be given.
+    :param src_name: file name for error messages.
+    """
+
+    def __init__(self, src_fd: int, page_size: int, max_pages: int = 256,
+                 src_name: str = "input") -> None:
+        self.src_fd = src_fd
+        self.ps = page_size
+        self.src_name = src_name
+        self._gather = bytearray(max_pages * (page_size + 64))
+        self._out = np.empty((max_pages, page_size), dtype=np.uint8)
+        self._kernel_copy = hasattr(os, "copy_file_range")
+
+    def copy(self, runs: Iterable[Run], dst_fd: int, dst_base: int,
+             progress: Callable[[int], None] | None = None) -> int:
+        """Write each run's pages at ``dst_base + first * page_size``; return bytes."""
+        total = 0
+        ps = self.ps
+        for run in runs:
+            n = run.count * ps
+            dst = dst_base + run.first * ps
+            if run.stride == ps:
+                self._copy_contiguous(run.file_offset, dst_fd, dst, n)
+            else:
+                self._copy_strided(run, dst_fd, dst)
+            total += n
+            if progress is not None:
+                progress(n)
+        return total
+
+    def read_run(self, run: Run) -> memoryview:
+        """The run's pages as one contiguous buffer (valid until the next call)."""
+        ps = self.ps
+        if run.stride == ps:
+            buf = memoryview(self._out).cast("B")[: run.count * ps]
+            self._pread_into(buf, run.file_offset)
+            return buf
+        return self._gather_strided(run)
+
+    # -- internals -------------------------------------------------------------
+
+    def _pread_into(self, buf: memoryview, offset: int) -> None:
+        got = 0
+        while got < len(buf):
+            k = os.preadv(self.src_fd, [buf[got:]], offset + got)
+            if k == 0:
+                raise CorruptFile(f"page data ends early ({len(buf) - got} bytes missing)",
+                                  path=self.src_name, offset=offset + got)
+            got += k
+
+    def _copy_contiguous(self, src: int, dst_fd: int, dst: int, n: int) -> None:
+        if self._kernel_copy:
+            try:
+                done = 0
+                while done < n:
+                    k = os.copy_file_range(self.src_fd, dst_fd, n - done, src + done, dst + done)
+                    if k == 0:
+                        raise CorruptFile("page data ends early", path=self.src_name,
+                                          offset=src + done)
+                    done += k
+                return
+            except OSError as e:
+                if e.errno not in _FALLBACK_ERRNOS:
+                    raise
+                self._kernel_copy = False
+        buf = memoryview(self._out).cast("B")[:n]
+        self._pread_into(buf, src)
+        os.pwrite(dst_fd, buf, dst)
+
+    def _gather_strided(self, run: Run) -> memoryview:
+        ps, st, cnt = self.ps, run.stride, run.count
+        span = (cnt - 1) * st + ps
+        if cnt * st > len(self._gather):
+            self._gather = bytearray(cnt * st)
+        mv = memoryview(self._gather)
+        self._pread_into(mv[:span], run.file_offset)
+        src = np.frombuffer(self._gather, dtype=np.uint8, count=cnt * st).reshape(cnt, st)
+        out = self._out[:cnt]
+        np.copyto(out, src[:, :ps])
+        return memoryview(out).cast("B")
+
+    def _copy_strided(self, run: Run, dst_fd: int, dst: int) -> None:
+        data = self._gather_strided(run)
+        done = 0
+        while done < len(data):
+            done += os.pwrite(dst_fd, data[done:], dst + done)

@@ -1,0 +1,65 @@
+"""Where guest RAM sits in guest-physical address space.
+
+A migration file names RAMBlocks, not addresses. For the x86 machine types
+the split of main RAM below and above 4 GiB is fixed by QEMU's board code
+(hw/i386/pc_piix.c and pc_q35.c), so it can be computed from the machine
+type and the RAM size. Files saved with ``x-ignore-shared`` carry each
+block's address and need no such knowledge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import UnsupportedFeature
+from ..format.migfile import MigrationFile, RAMBlock
+
+__all__ = ["PhysRange", "main_ram_block", "physical_ranges"]
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class PhysRange:
+    """``length`` bytes of ``block`` from ``block_offset`` appear at guest address ``gpa``."""
+
+    gpa: int
+    block: RAMBlock
+    block_offset: int
+    length: int
+
+
+def main_ram_block(mf: MigrationFile) -> RAMBlock:
+    """The guest's main RAM: ``pc.ram`` on x86, else the largest block."""
+    for b in mf.blocks:
+        if b.idstr in ("pc.ram", "mach-virt.ram"):
+            return b
+    return max(mf.blocks, key=lambda b: b.used_length)
+
+
+def x86_below_4g(machine: str, ram_size: int) -> int:
+    """Bytes of main RAM QEMU maps below 4 GiB for pc (i440fx) and q35."""
+    if machine.startswith("pc-q35") or machine == "q35":
+        lowmem = 0x80000000 if ram_size >= 0xB0000000 else 0xB0000000
+    elif machine.startswith(("pc-i440fx", "pc")):
+        # Traditional 3.5 GiB split, gigabyte-aligned to 3 GiB when it splits.
+        lowmem = 0xC0000000 if ram_size >= 0xE0000000 else 0xE0000000
+    else:
+        raise UnsupportedFeature(f"guest-physical layout of machine type {machine!r} is not "
+                                 "known (pc and q35 are)")
+    return min(ram_size, lowmem)
+
+
+def physical_ranges(mf: MigrationFile) -> list[PhysRange]:
+    """Guest-physical ranges of the file's RAM, in address order."""
+    blocks_with_gpa = [b for b in mf.blocks if b.record.gpa is not None]
+    if blocks_with_gpa:
+        return sorted((PhysRange(b.record.gpa or 0, b, 0, b.used_length)
+                       for b in blocks_with_gpa), key=lambda r: r.gpa)
+    ram = main_ram_block(mf)
+    machine = mf.machine or ""
+    below = x86_below_4g(machine, ram.used_length)
+    out = [PhysRange(0, ram, 0, below)]
+    if ram.used_length > below:
+        out.append(PhysRange(4 * GiB, ram, below, ram.used_length - below))
+    return out
