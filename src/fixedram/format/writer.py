@@ -1,0 +1,316 @@
+"""Writing migration streams and mapped-ram files in QEMU 10's byte layout.
+
+Both writers use the encoders of :mod:`.stream` and :mod:`.ram`, the same
+module the reader decodes with, so the two directions cannot drift apart.
+
+* :class:`StreamWriter` produces a sequential stream on any byte sink (file,
+  pipe, socket): START ram with the block list, PART sections of page
+  records, END, device FULL sections, EOF and the vmdesc trailer.
+* :class:`MappedRamWriter` lays out a seekable file exactly as QEMU does:
+  each block's pages region at a 1 MiB-aligned absolute offset, zero pages
+  never written (holes), the bitmap written as 64-bit little-endian words at
+  completion. Page writes are positional, so many channels may write at once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .constants import (
+    RAM_FLAG_CONTINUE,
+    RAM_FLAG_EOS,
+    RAM_FLAG_MEM_SIZE,
+    RAM_FLAG_PAGE,
+    RAM_FLAG_ZERO,
+    RAM_SECTION_NAME,
+    RAM_SECTION_VERSION,
+    Command,
+    SectionType,
+)
+from .primitives import BE64
+from .ram import encode_block_record, encode_mapped_ram_header, mapped_ram_layout
+from .stream import (
+    encode_command,
+    encode_footer,
+    encode_header,
+    encode_section_full,
+    encode_section_part,
+)
+from .vmdesc import encode_trailer
+
+__all__ = [
+    "BlockSpec",
+    "MappedRamWriter",
+    "StreamWriter",
+    "encode_device_section",
+    "mapped_ram_tail",
+]
+
+EOS = BE64.pack(RAM_FLAG_EOS)
+DEFAULT_RAM_SECTION_ID = 2
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """A RAMBlock to write: its name and used length."""
+
+    idstr: str
+    used_length: int
+    page_size: int = 4096
+
+    @property
+    def npages(self) -> int:
+        return self.used_length // self.page_size
+
+
+def encode_device_section(idstr: str, instance_id: int, version_id: int, section_id: int,
+                          data: bytes) -> bytes:
+    """A complete FULL section (header, data, footer)."""
+    return (encode_section_full(SectionType.FULL, section_id, idstr, instance_id, version_id)
+            + data + encode_footer(section_id))
+
+
+def _check_blocks(blocks: Sequence[BlockSpec]) -> None:
+    seen = set()
+    for b in blocks:
+        if not b.idstr or len(b.idstr.encode()) > 255 or b.idstr in seen:
+            raise ValueError(f"bad or duplicate RAMBlock name {b.idstr!r}")
+        if b.used_length <= 0 or b.used_length % b.page_size:
+            raise ValueError(f"RAMBlock {b.idstr!r} length must be a page multiple")
+        seen.add(b.idstr)
+
+
+class StreamWriter:
+    """Sequential stream writer.
+
+    :param write: callable taking bytes-like objects (``file.write``,
+        ``socket.sendall``); it must write everything it is given.
+    :param machine: resolved machine type (``pc-q35-10.0``); None omits the
+        configuration section.
+    :param capabilities: capabilities to record; only ``x-ignore-shared`` is
+        meaningful in a stream (``mapped-ram`` streams are written by
+        :class:`MappedRamWriter`).
+    """
+
+    def __init__(self, write: Callable[[bytes | memoryview], object], machine: str | None,
+                 blocks: Sequence[BlockSpec], *, capabilities: Sequence[str] = (),
+                 ram_section_id: int = DEFAULT_RAM_SECTION_ID) -> None:
+        _check_blocks(blocks)
+        if "mapped-ram" in capabilities:
+            raise ValueError("a sequential stream cannot carry the mapped-ram capability")
+        self._write = write
+        self.machine = machine
+        self.blocks = list(blocks)
+        self.caps = list(capabilities)
+        self.sid = ram_section_id
+        self._last_block: int | None = None
+        self._in_section = False
+        self.bytes_written = 0
+        self._hdr_cache: dict[int, np.ndarray] = {}
+
+    def _out(self, b: bytes | memoryview) -> None:
+        self._write(b)
+        self.bytes_written += len(b)
+
+    def begin(self) -> None:
+        """Header, configuration and the START ram section with the block list."""
+        total = sum(b.used_length for b in self.blocks)
+        out = bytearray(encode_header(self.machine, self.caps))
+        out += encode_section_full(SectionType.START, self.sid, RAM_SECTION_NAME, 0,
+                                   RAM_SECTION_VERSION)
+        out += BE64.pack(total | RAM_FLAG_MEM_SIZE)
+        for b in self.blocks:
+            out += encode_block_record(b.idstr, b.used_length)
+        out += EOS + encode_footer(self.sid)
+        self._out(bytes(out))
+
+    def begin_part(self, end: bool = False) -> None:
+        """Open a PART (or, for the final pass, END) ram section."""
+        self._out(encode_section_part(SectionType.END if end else SectionType.PART, self.sid))
+        self._in_section = True
+
+    def end_part(self) -> None:
+        self._out(EOS + encode_footer(self.sid))
+        self._in_section = False
+
+    def _name(self, bi: int) -> bytes:
+        if self._last_block == bi:
+            return b""
+        self._last_block = bi
+        n = self.blocks[bi].idstr.encode()
+        return bytes([len(n)]) + n
+
+    def zero(self, bi: int, page_index: int) -> None:
+        ps = self.blocks[bi].page_size
+        cont = RAM_FLAG_CONTINUE if self._last_block == bi else 0
+        name = self._name(bi)
+        self._out(BE64.pack(page_index * ps | RAM_FLAG_ZERO | cont) + name + b"\0")
+
+    def pages(self, bi: int, first: int, data: bytes | memoryview | np.ndarray) -> None:
+        """Page records for ``len(data) // page_size`` consecutive pages.
+
+        Built as one buffer with numpy (record headers interleaved with the
+        data) so a long run costs one write, not one per page.
+        """
+        ps = self.blocks[bi].page_size
+        arr = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
+        n = arr.size // ps
+        if n == 0:
+            return
+        if self._last_block != bi:
+            # First record names the block; the rest continue it.
+            name = self._name(bi)
+            self._out(BE64.pack(first * ps | RAM_FLAG_PAGE) + name)
+            self._out(memoryview(arr[:ps]))
+            first, arr, n = first + 1, arr[ps:], n - 1
+            if n == 0:
+                return
+        rec = np.empty((n, 8 + ps), dtype=np.uint8)
+        words = (np.arange(first, first + n, dtype=np.uint64) * np.uint64(ps)
+                 | np.uint64(RAM_FLAG_PAGE | RAM_FLAG_CONTINUE))
+        rec[:, :8] = words.astype(">u8").view(np.uint8).reshape(n, 8)
+        rec[:, 8:] = arr[: n * ps].reshape(n, ps)
+        self._out(memoryview(rec).cast("B"))
+
+    def command(self, cmd: int, data: bytes = b"") -> None:
+        self._out(encode_command(cmd, data))
+
+    def switchover_start(self) -> None:
+        self.command(Command.SWITCHOVER_START)
+
+    def raw(self, data: bytes | memoryview) -> None:
+        """Verbatim bytes (device sections copied from another stream)."""
+        self._out(data)
+
+    def finish(self, vmdesc: dict[str, object] | bytes | None = None) -> None:
+        """EOF and, if given, the vmdesc trailer."""
+        self._out(bytes([SectionType.EOF]))
+        if vmdesc is not None:
+            self._out(encode_trailer(vmdesc))
+
+
+@dataclass(frozen=True)
+class _Placed:
+    spec: BlockSpec
+    record_offset: int
+    bitmap_offset: int
+    pages_offset: int
+
+
+class MappedRamWriter:
+    """A mapped-ram file laid out as QEMU 10 lays it out.
+
+    The header and block list are written at construction, so each page's
+    offset is known before any page arrives. ``write_pages`` may be called
+    from several threads for disjoint pages.
+
+    :param fd: file descriptor opened for writing (positional I/O only).
+    :param start: absolute offset where the stream starts (``file:...,offset=N``);
+        bytes before it are left alone.
+    """
+
+    def __init__(self, fd: int, machine: str | None, blocks: Sequence[BlockSpec], *,
+                 start: int = 0, ram_section_id: int = DEFAULT_RAM_SECTION_ID,
+                 extra_capabilities: Sequence[str] = ()) -> None:
+        _check_blocks(blocks)
+        if "x-ignore-shared" in extra_capabilities:
+            raise ValueError("mapped-ram with x-ignore-shared does not load in QEMU 10")
+        self.fd = fd
+        self.start = start
+        self.sid = ram_section_id
+        self.machine = machine
+        head = bytearray(encode_header(machine, ["mapped-ram", *extra_capabilities]))
+        head += encode_section_full(SectionType.START, self.sid, RAM_SECTION_NAME, 0,
+                                    RAM_SECTION_VERSION)
+        total = sum(b.used_length for b in blocks)
+        head += BE64.pack(total | RAM_FLAG_MEM_SIZE)
+        pos = start + len(head)
+        os.pwrite(fd, bytes(head), start)
+        self.placed: list[_Placed] = []
+        for b in blocks:
+            _h, bmo, pgo, nxt = mapped_ram_layout(pos, b.idstr, b.used_length, b.page_size)
+            rec = encode_block_record(b.idstr, b.used_length,
+                                      mapped=encode_mapped_ram_header(b.page_size, bmo, pgo))
+            os.pwrite(fd, rec, pos)
+            self.placed.append(_Placed(b, pos, bmo, pgo))
+            pos = nxt
+        self.ram_end = pos  # EOS goes here
+        self.bitmaps = [np.zeros(b.npages, dtype=bool) for b in blocks]
+        self.tail_offset = pos + len(EOS) + 5
+        self.finished = False
+
+    @property
+    def blocks(self) -> list[BlockSpec]:
+        return [p.spec for p in self.placed]
+
+    def page_offset(self, bi: int, page_index: int) -> int:
+        p = self.placed[bi]
+        return p.pages_offset + page_index * p.spec.page_size
+
+    def write_pages(self, bi: int, first: int, data: bytes | memoryview | np.ndarray,
+                    fd: int | None = None) -> None:
+        """pwrite consecutive pages at their fixed offsets and set their bits.
+
+        :param fd: write through another descriptor (a multifd channel,
+            possibly O_DIRECT); defaults to the main one.
+        """
+        p = self.placed[bi]
+        mv = memoryview(data).cast("B")
+        n = len(mv) // p.spec.page_size
+        if first < 0 or first + n > p.spec.npages:
+            raise ValueError(f"pages {first}..{first + n} outside RAMBlock {p.spec.idstr!r}")
+        off = p.pages_offset + first * p.spec.page_size
+        done = 0
+        w = self.fd if fd is None else fd
+        while done < len(mv):
+            done += os.pwrite(w, mv[done:], off + done)
+        self.bitmaps[bi][first:first + n] = True
+
+    def mark_zero(self, bi: int, pages: np.ndarray | slice | int) -> None:
+        """Pages that are zero now: clear their bits, write nothing (holes)."""
+        self.bitmaps[bi][pages] = False
+
+    def set_present(self, bi: int, pages: np.ndarray | slice | int) -> None:
+        """Mark pages written by someone else (a channel with its own fd)."""
+        self.bitmaps[bi][pages] = True
+
+    def encode_bitmap(self, bi: int) -> bytes:
+        bits = self.bitmaps[bi]
+        nbytes = (bits.size + 63) // 64 * 8
+        packed = np.packbits(bits, bitorder="little")
+        return packed.tobytes() + bytes(nbytes - packed.size)
+
+    def finish(self, tail: bytes, *, end_section: bool = True,
+               switchover_start: bool = False) -> int:
+        """Write bitmaps, EOS/footer and everything after the RAM region.
+
+        :param tail: the bytes after the RAM sections: device FULL sections
+            and anything else, *without* EOF and trailer (pass those in too
+            if wanted: see :func:`mapped_ram_tail`).
+        :return: the absolute end offset of the file.
+        """
+        for bi, p in enumerate(self.placed):
+            os.pwrite(self.fd, self.encode_bitmap(bi), p.bitmap_offset)
+        out = bytearray(EOS + encode_footer(self.sid))
+        if switchover_start:
+            out += encode_command(Command.SWITCHOVER_START)
+        if end_section:
+            out += encode_section_part(SectionType.END, self.sid) + EOS + encode_footer(self.sid)
+        out += tail
+        os.pwrite(self.fd, bytes(out), self.ram_end)
+        end = self.ram_end + len(out)
+        os.ftruncate(self.fd, end)
+        self.finished = True
+        return end
+
+
+def mapped_ram_tail(devices: bytes, vmdesc: dict[str, object] | bytes | None) -> bytes:
+    """Device sections + EOF + optional trailer, for :meth:`MappedRamWriter.finish`."""
+    out = devices + bytes([SectionType.EOF])
+    if vmdesc is not None:
+        out += encode_trailer(vmdesc)
+    return out
