@@ -150,6 +150,23 @@ class StreamWriter:
         name = self._name(bi)
         self._out(BE64.pack(page_index * ps | RAM_FLAG_ZERO | cont) + name + b"\0")
 
+    def zeros(self, bi: int, page_indices: np.ndarray) -> None:
+        """ZERO records for many pages at once (9 bytes each when continuing)."""
+        if page_indices.size == 0:
+            return
+        ps = self.blocks[bi].page_size
+        idx = page_indices.astype(np.uint64)
+        if self._last_block != bi:
+            self.zero(bi, int(idx[0]))
+            idx = idx[1:]
+            if idx.size == 0:
+                return
+        n = idx.size
+        rec = np.zeros((n, 9), dtype=np.uint8)
+        words = idx * np.uint64(ps) | np.uint64(RAM_FLAG_ZERO | RAM_FLAG_CONTINUE)
+        rec[:, :8] = words.astype(">u8").view(np.uint8).reshape(n, 8)
+        self._out(memoryview(rec).cast("B"))
+
     def pages(self, bi: int, first: int, data: bytes | memoryview | np.ndarray) -> None:
         """Page records for ``len(data) // page_size`` consecutive pages.
 
