@@ -1,0 +1,1 @@
+"""The migration engine: capabilities, built-in guest, precopy, sinks, incoming, QMP."""

@@ -1,0 +1,296 @@
+"""Where precopy sends pages: a sequential stream, or a mapped-ram file.
+
+* :class:`StreamSink` writes QEMU's sequential stream through
+  :class:`~fixedram.format.writer.StreamWriter` on any channel. Every pass
+  appends, so a guest that keeps re-dirtying memory makes the file grow
+  without bound.
+* :class:`MappedRamSink` lays the file out with
+  :class:`~fixedram.format.writer.MappedRamWriter` and has ``multifd-channels``
+  threads ``pwritev`` coalesced runs straight from guest memory to each
+  page's fixed offset (O_DIRECT descriptors with ``direct-io``). A re-dirtied
+  page overwrites itself, so the file stays bounded by RAM size. Zero pages
+  are detected by the channel threads (numpy on whole runs), never written,
+  and their bits cleared; the bitmap is written at completion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import queue
+import tempfile
+import threading
+from collections.abc import Callable
+
+import numpy as np
+
+from ..errors import CapabilityError, MigrationError, TransportError
+from ..format.writer import (
+    BlockSpec,
+    MappedRamWriter,
+    StreamWriter,
+    encode_device_section,
+    mapped_ram_tail,
+)
+from ..transports.channels import FileOut, OutChannel
+from .guest import DEVICE_NAME, DEVICE_VERSION, MACHINE, PAGE, BuiltinGuest, GuestBlock
+
+__all__ = ["MappedRamSink", "Sink", "StreamSink", "probe_direct_io"]
+
+RAM_SECTION_ID = 2
+DEVICE_SECTION_ID = 3
+
+
+def _specs(guest: BuiltinGuest) -> list[BlockSpec]:
+    return [BlockSpec(b.idstr, b.size) for b in guest.blocks]
+
+
+def _device_bytes(guest: BuiltinGuest) -> bytes:
+    return encode_device_section(DEVICE_NAME, 0, DEVICE_VERSION, DEVICE_SECTION_ID,
+                                 guest.device_state())
+
+
+def zero_mask(blk: GuestBlock, first: int, count: int) -> np.ndarray:
+    """True for each non-zero page of the run (one vectorised pass)."""
+    return blk.words[first:first + count].any(axis=1)
+
+
+def mask_runs(nz: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of runs of True in ``nz``."""
+    d = np.diff(np.concatenate(([False], nz, [False])).astype(np.int8))
+    return list(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist(),
+                    strict=True))
+
+
+class Sink:
+    """Interface precopy drives. Counters are read by the stats."""
+
+    normal_pages = 0
+    zero_pages = 0
+    transferred = 0  # bytes put on the wire / into the file
+
+    def begin(self) -> None: ...
+
+    def begin_pass(self, final: bool) -> None: ...
+
+    def send(self, bi: int, first: int, count: int) -> None:
+        """Pages ``[first, first+count)`` of block ``bi`` (any of them may be zero)."""
+
+    def end_pass(self) -> None:
+        """Wait until every page handed over so far is written (QEMU's per-round sync)."""
+
+    def finish(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class StreamSink(Sink):
+    """Sequential stream on any channel (file, tcp, unix, exec, fd).
+
+    :param detect_zero: find zero pages and send ZERO records for them
+        (``zero-page-detection`` other than ``none``).
+    """
+
+    def __init__(self, guest: BuiltinGuest, ch: OutChannel, *, detect_zero: bool = True) -> None:
+        self.g = guest
+        self.ch = ch
+        self.detect = detect_zero
+        self.w = StreamWriter(self._write, MACHINE, _specs(guest),
+                              ram_section_id=RAM_SECTION_ID)
+        self.normal_pages = self.zero_pages = self.transferred = 0
+        self._final = False
+
+    def _write(self, b: bytes | memoryview) -> None:
+        self.ch.write(b)
+        self.transferred += len(b)
+
+    def begin(self) -> None:
+        self.w.begin()
+
+    def begin_pass(self, final: bool) -> None:
+        self._final = final
+        if final:
+            self.w.switchover_start()
+        self.w.begin_part(end=final)
+
+    def send(self, bi: int, first: int, count: int) -> None:
+        blk = self.g.blocks[bi]
+        if not self.detect:
+            self.w.pages(bi, first, blk.data[first * PAGE:(first + count) * PAGE])
+            self.normal_pages += count
+            return
+        nz = zero_mask(blk, first, count)
+        for s, e in mask_runs(nz):
+            self.w.pages(bi, first + s, blk.data[(first + s) * PAGE:(first + e) * PAGE])
+            self.normal_pages += e - s
+        zeros = np.flatnonzero(~nz)
+        for p in zeros.tolist():
+            self.w.zero(bi, first + p)
+        self.zero_pages += zeros.size
+
+    def end_pass(self) -> None:
+        self.w.end_part()
+        if not self._final:
+            self.ch.flush()
+
+    def finish(self) -> None:
+        self.w.raw(_device_bytes(self.g))
+        self.w.finish(self.g.vmdesc())
+        self.ch.commit()
+
+    def abort(self) -> None:
+        self.ch.abort()
+
+
+def probe_direct_io(directory: str) -> None:
+    """Check O_DIRECT works where the file goes: a 1 MiB aligned write at
+    offset 1 MiB (as QEMU's tests probe). tmpfs, for one, refuses it."""
+    fd, path = tempfile.mkstemp(prefix=".fixedram-odirect-", dir=directory)
+    os.close(fd)
+    buf = mmap.mmap(-1, 1 << 20)
+    try:
+        dfd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+        try:
+            os.pwrite(dfd, buf, 1 << 20)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        raise CapabilityError(f"direct-io: the filesystem holding {directory} does not accept "
+                              f"O_DIRECT ({e.strerror or e}); write the file to a disk "
+                              "filesystem or turn direct-io off") from e
+    finally:
+        buf.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+class MappedRamSink(Sink):
+    """mapped-ram file on ``file:``; ``channels`` threads write pages (0 = the
+    migration thread writes them itself through the main descriptor, as
+    QEMU does without multifd)."""
+
+    def __init__(self, guest: BuiltinGuest, ch: FileOut, *, channels: int = 0,
+                 direct_io: bool = False, detect_zero: bool = True,
+                 queue_depth: int = 4) -> None:
+        self.g = guest
+        self.ch = ch
+        self.detect = detect_zero
+        self.normal_pages = self.zero_pages = self.transferred = 0
+        self._lock = threading.Lock()
+        self._err: BaseException | None = None
+        self.w = MappedRamWriter(ch.fd, MACHINE, _specs(guest), start=ch.offset,
+                                 ram_section_id=RAM_SECTION_ID)
+        # Header and block list (the pages regions between them are not sent).
+        self.transferred = self.w.placed[0].record_offset - ch.offset + sum(
+            p.bitmap_offset - p.record_offset for p in self.w.placed)
+        self._fds: list[int] = []
+        self._threads: list[threading.Thread] = []
+        self._q: queue.Queue[tuple[int, int, int] | None] = queue.Queue(
+            maxsize=max(1, channels) * queue_depth)
+        if direct_io:
+            probe_direct_io(os.path.dirname(os.path.abspath(ch.write_path)))
+        flags = os.O_WRONLY | (os.O_DIRECT if direct_io else 0)
+        try:
+            for _ in range(channels):
+                self._fds.append(os.open(ch.write_path, flags))
+        except OSError as e:
+            self._close_fds()
+            raise TransportError(f"{ch.uri.path}: cannot open a multifd channel: "
+                                 f"{e.strerror or e}", e) from e
+        for i, fd in enumerate(self._fds):
+            t = threading.Thread(target=self._channel, args=(fd,), daemon=True,
+                                 name=f"multifdsend_{i}")
+            t.start()
+            self._threads.append(t)
+
+    # -- page writing ------------------------------------------------------------
+
+    def _write_run(self, fd: int, bi: int, first: int, count: int) -> None:
+        blk = self.g.blocks[bi]
+        nz = zero_mask(blk, first, count) if self.detect else np.ones(count, dtype=bool)
+        runs = [(0, count)] if nz.all() else mask_runs(nz)
+        base = self.w.page_offset(bi, first)
+        written = 0
+        for s, e in runs:
+            mv = blk.view(first + s, e - s)
+            off = base + s * PAGE
+            done = 0
+            while done < len(mv):
+                done += os.pwritev(fd, [mv[done:]], off + done)
+            written += e - s
+        self.w.bitmaps[bi][first:first + count] = nz
+        with self._lock:
+            self.normal_pages += written
+            self.zero_pages += count - written
+            self.transferred += written * PAGE
+
+    def _channel(self, fd: int) -> None:
+        while True:
+            job = self._q.get()
+            try:
+                if job is None:
+                    return
+                if self._err is None:
+                    self._write_run(fd, *job)
+            except BaseException as e:
+                self._err = e
+            finally:
+                self._q.task_done()
+
+    def _check(self) -> None:
+        if self._err is not None:
+            e = self._err
+            msg = e.strerror if isinstance(e, OSError) else str(e)
+            raise MigrationError(f"multifd channel failed: {msg}", e)
+
+    def send(self, bi: int, first: int, count: int) -> None:
+        self._check()
+        if not self._threads:
+            self._write_run(self.ch.fd, bi, first, count)
+            return
+        self._q.put((bi, first, count))
+
+    def end_pass(self) -> None:
+        if self._threads:
+            self._q.join()
+        self._check()
+
+    # -- completion ----------------------------------------------------------------
+
+    def finish(self) -> None:
+        self.end_pass()
+        self._stop_threads()
+        tail = mapped_ram_tail(_device_bytes(self.g), self.g.vmdesc())
+        end = self.w.finish(tail, switchover_start=True)
+        self.transferred += sum(len(self.w.encode_bitmap(i)) for i in range(len(self.g.blocks)))
+        self.transferred += len(tail)
+        self.file_end = end
+        self.ch.commit()
+
+    def _stop_threads(self) -> None:
+        for _ in self._threads:
+            self._q.put(None)
+        for t in self._threads:
+            t.join()
+        self._threads.clear()
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+
+    def abort(self) -> None:
+        # Drain queued jobs so the channel threads can see their stop marker.
+        self._err = self._err or MigrationError("aborted")
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._q.get_nowait()
+                self._q.task_done()
+        self._stop_threads()
+        self.ch.abort()
+
+
+SinkFactory = Callable[[], Sink]

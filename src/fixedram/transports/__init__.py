@@ -1,0 +1,1 @@
+"""Migration transports addressed by QEMU's URIs (file, tcp, unix, exec, fd)."""

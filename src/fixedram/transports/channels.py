@@ -1,0 +1,324 @@
+"""Byte channels behind migration URIs, for sending and receiving.
+
+Sending side: every channel buffers small writes (a stream is mostly 8-byte
+record headers between 4 KiB pages) and passes large ones straight through.
+A ``file:`` output is written under a temporary name and renamed when the
+migration completes, so a failed or cancelled save never looks complete;
+with ``offset=N`` the file is written in place (QEMU keeps the bytes before
+N) and cut back to N on failure.
+
+Receiving side: a channel yields a binary file object for
+:class:`~fixedram.format.primitives.ByteReader`; ``file:`` also exposes its
+path and offset for positional (mapped-ram) loading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+from typing import BinaryIO
+
+from ..errors import TransportError
+from ..output import AtomicOutput
+from .uri import MigrationURI, parse_uri
+
+__all__ = ["InChannel", "OutChannel", "open_incoming", "open_outgoing"]
+
+_BUF = 1 << 20
+
+
+class OutChannel:
+    """A sending channel; subclasses implement :meth:`_raw`."""
+
+    kind = ""
+    seekable = False
+
+    def __init__(self, uri: MigrationURI) -> None:
+        self.uri = uri
+        self._buf = bytearray()
+        self.bytes_out = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        n = len(data)
+        self.bytes_out += n
+        if n >= _BUF // 4:
+            self.flush()
+            self._raw(memoryview(data).cast("B"))
+            return
+        self._buf += data
+        if len(self._buf) >= _BUF:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buf:
+            self._raw(memoryview(self._buf))
+            self._buf = bytearray()
+
+    def _raw(self, mv: memoryview) -> None:
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        """Success: flush and close (a file becomes visible under its name)."""
+        self.flush()
+        self.close()
+
+    def abort(self) -> None:
+        """Failure or cancel: drop buffered data and close."""
+        self._buf = bytearray()
+        self.close()
+
+    def close(self) -> None:
+        """Release the transport."""
+
+
+def _write_all(fd: int, mv: memoryview, what: str) -> None:
+    done = 0
+    try:
+        while done < len(mv):
+            done += os.write(fd, mv[done:])
+    except OSError as e:
+        raise TransportError(f"{what}: {e.strerror or e}", e) from e
+
+
+class FileOut(OutChannel):
+    """``file:PATH[,offset=N]``; pages may also be written positionally via :attr:`fd`
+    and by re-opening :attr:`write_path` (multifd channels)."""
+
+    kind = "file"
+    seekable = True
+
+    def __init__(self, uri: MigrationURI) -> None:
+        super().__init__(uri)
+        self.offset = uri.offset
+        self._ao: AtomicOutput | None = None
+        if self.offset == 0:
+            self._ao = AtomicOutput(uri.path, force=True)
+            self.fd = self._ao.fd
+            self.write_path = self._ao.tmp
+        else:
+            try:
+                self.fd = os.open(uri.path, os.O_WRONLY | os.O_CREAT, 0o600)
+                os.ftruncate(self.fd, self.offset)
+            except OSError as e:
+                raise TransportError(f"{uri.path}: {e.strerror or e}", e) from e
+            self.write_path = uri.path
+        self.pos = self.offset
+
+    def _raw(self, mv: memoryview) -> None:
+        done = 0
+        try:
+            while done < len(mv):
+                done += os.pwrite(self.fd, mv[done:], self.pos + done)
+        except OSError as e:
+            raise TransportError(f"{self.uri.path}: {e.strerror or e}", e) from e
+        self.pos += len(mv)
+
+    def commit(self, size: int | None = None) -> None:
+        self.flush()
+        if self._ao is not None:
+            self._ao.commit(size)
+            return
+        try:
+            if size is not None:
+                os.ftruncate(self.fd, size)
+            os.fsync(self.fd)
+        except OSError as e:
+            raise TransportError(f"{self.uri.path}: {e.strerror or e}", e) from e
+        finally:
+            self.close()
+
+    def abort(self) -> None:
+        self._buf = bytearray()
+        if self._ao is not None:
+            self._ao.abort()
+            return
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.offset)  # nothing past N: not a save
+        self.close()
+
+    def close(self) -> None:
+        if self._ao is not None:
+            if not self._ao.done:
+                self._ao.abort()
+            return
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class SocketOut(OutChannel):
+    """``tcp:HOST:PORT`` / ``unix:PATH``: connects to a listening destination."""
+
+    def __init__(self, uri: MigrationURI) -> None:
+        super().__init__(uri)
+        self.kind = uri.kind
+        try:
+            if uri.kind == "tcp":
+                self.sock = socket.create_connection((uri.host, uri.port), timeout=30)
+            else:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.settimeout(30)
+                self.sock.connect(uri.path)
+            self.sock.settimeout(None)
+        except OSError as e:
+            raise TransportError(f"Failed to connect to '{uri.text[len(uri.kind) + 1:]}': "
+                                 f"{e.strerror or e}", e) from e
+
+    def _raw(self, mv: memoryview) -> None:
+        try:
+            self.sock.sendall(mv)
+        except OSError as e:
+            raise TransportError(f"{self.uri.text}: {e.strerror or e}", e) from e
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+class ExecOut(OutChannel):
+    """``exec:CMD``: the stream goes to the command's stdin (``/bin/sh -c``)."""
+
+    kind = "exec"
+
+    def __init__(self, uri: MigrationURI) -> None:
+        super().__init__(uri)
+        self.proc = subprocess.Popen(["/bin/sh", "-c", uri.command], stdin=subprocess.PIPE)
+        assert self.proc.stdin is not None
+        self._fd = self.proc.stdin.fileno()
+
+    def _raw(self, mv: memoryview) -> None:
+        _write_all(self._fd, mv, f"exec:{self.uri.command}")
+
+    def commit(self) -> None:
+        self.flush()
+        self.close()
+        rc = self.proc.wait()
+        if rc != 0:
+            raise TransportError(f"exec:{self.uri.command}: command exited with status {rc}")
+
+    def abort(self) -> None:
+        self._buf = bytearray()
+        self.close()
+        with contextlib.suppress(OSError):
+            self.proc.terminate()
+        self.proc.wait()
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+
+
+class FdOut(OutChannel):
+    """``fd:N``: an already open descriptor; the channel takes ownership, as QEMU does."""
+
+    kind = "fd"
+
+    def __init__(self, uri: MigrationURI) -> None:
+        super().__init__(uri)
+        try:
+            os.fstat(uri.fd)
+        except OSError:
+            raise TransportError(f"File descriptor named '{uri.fd}' has not been found") from None
+        self.fd = uri.fd
+
+    def _raw(self, mv: memoryview) -> None:
+        _write_all(self.fd, mv, f"fd:{self.uri.fd}")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+
+def open_outgoing(uri: MigrationURI | str) -> OutChannel:
+    u = parse_uri(uri) if isinstance(uri, str) else uri
+    cls = {"file": FileOut, "tcp": SocketOut, "unix": SocketOut, "exec": ExecOut,
+           "fd": FdOut}[u.kind]
+    return cls(u)
+
+
+class InChannel:
+    """A receiving channel. :meth:`listen` binds (sockets) when the command is
+    issued; :meth:`open` blocks until the source connects and returns a
+    binary file object."""
+
+    def __init__(self, uri: MigrationURI) -> None:
+        self.uri = uri
+        self.kind = uri.kind
+        self.seekable = uri.seekable
+        self._lsock: socket.socket | None = None
+        self._conn: socket.socket | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._f: BinaryIO | None = None
+        self.address: tuple[str, int] | str | None = None
+
+    def listen(self) -> None:
+        u = self.uri
+        try:
+            if u.kind == "tcp":
+                s = socket.socket(socket.AF_INET6 if ":" in u.host else socket.AF_INET)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((u.host, u.port))
+                s.listen(1)
+                self._lsock = s
+                self.address = s.getsockname()[:2]
+            elif u.kind == "unix":
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(u.path)
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.bind(u.path)
+                s.listen(1)
+                self._lsock = s
+                self.address = u.path
+            elif u.kind == "file" and not os.path.exists(u.path):
+                raise TransportError(f"{u.path}: No such file or directory")
+            elif u.kind == "fd":
+                os.fstat(u.fd)
+        except OSError as e:
+            raise TransportError(f"Failed to listen on {u.text}: {e.strerror or e}", e) from e
+
+    def open(self) -> BinaryIO:
+        u = self.uri
+        try:
+            if self._lsock is not None:
+                self._conn, _ = self._lsock.accept()
+                self._f = self._conn.makefile("rb", buffering=0)
+            elif u.kind == "file":
+                f = open(u.path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+                f.seek(u.offset)
+                self._f = f
+            elif u.kind == "exec":
+                self._proc = subprocess.Popen(["/bin/sh", "-c", u.command],
+                                              stdout=subprocess.PIPE)
+                assert self._proc.stdout is not None
+                self._f = self._proc.stdout
+            else:
+                self._f = open(u.fd, "rb", buffering=0, closefd=True)  # noqa: SIM115
+        except OSError as e:
+            raise TransportError(f"{u.text}: {e.strerror or e}", e) from e
+        return self._f
+
+    def close(self) -> None:
+        for c in (self._f, self._conn, self._lsock):
+            if c is not None:
+                with contextlib.suppress(OSError):
+                    c.close()
+        if self._proc is not None:
+            with contextlib.suppress(OSError):
+                self._proc.kill()
+            self._proc.wait()
+        if self.uri.kind == "unix" and self._lsock is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.uri.path)
+        self._lsock = self._conn = None
+        self._f = None
+
+
+def open_incoming(uri: MigrationURI | str) -> InChannel:
+    return InChannel(parse_uri(uri) if isinstance(uri, str) else uri)
