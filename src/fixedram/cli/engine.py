@@ -1,0 +1,354 @@
+"""``fixedram guest | demo | save | restore``: the migration engine from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ..errors import CapabilityError, TransportError
+from .main import _EXTRA, _size
+
+__all__ = ["register"]
+
+
+def _guest(a: argparse.Namespace, *, fill: float | None = None) -> Any:
+    from ..engine.guest import BuiltinGuest, Workload, WorkloadSpec
+
+    g = BuiltinGuest(a.ram, fill=a.fill if fill is None else fill, seed=a.seed)
+    if fill is None and getattr(a, "workload", "none") != "none" and a.workload_rate:
+        g.add_workload(Workload(g, WorkloadSpec(rate=a.workload_rate, pattern=a.workload,
+                                                threads=a.workload_threads)))
+    return g
+
+
+def _add_guest_args(s: argparse.ArgumentParser, ram: str, rate: str) -> None:
+    s.add_argument("--ram", type=_size, default=_size(ram), help=f"guest RAM (default {ram})")
+    s.add_argument("--fill", type=float, default=0.5,
+                   help="fraction of RAM pages non-zero at boot (default 0.5)")
+    s.add_argument("--seed", type=int, default=1, help="content and workload seed")
+    s.add_argument("--workload", choices=("random", "sequential", "hotset", "none"),
+                   default="random", help="page write pattern of the vCPU threads")
+    s.add_argument("--workload-rate", type=_size, default=_size(rate),
+                   help=f"bytes/s the workload writes (default {rate}; 0 = none)")
+    s.add_argument("--workload-threads", type=int, default=2)
+
+
+@contextlib.contextmanager
+def _mig_progress(label: str, total: int) -> Iterator[Callable[[Any], None] | None]:
+    """A bar of the current pass on a terminal; nothing otherwise."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    with Progress("[bold]{task.description}", BarColumn(), TextColumn("{task.fields[info]}"),
+                  transient=True) as p:
+        task = p.add_task(label, total=total, info="")
+        state = {"pass": 0, "t": 0.0}
+
+        def update(m: Any) -> None:
+            now = time.monotonic()
+            if m.passes != state["pass"]:
+                state["pass"] = m.passes
+                p.update(task, total=max(m.remaining, 1) + 1, completed=0)
+            if now - state["t"] < 0.1:
+                return
+            state["t"] = now
+            tot = p.tasks[0].total or 1
+            p.update(task, completed=max(0, tot - m.remaining),
+                     description=f"{label} pass {m.passes}",
+                     info=f"{m.sink.transferred / 2**20:,.0f} MiB sent")
+        yield update
+
+
+def _config(a: argparse.Namespace, mapped: bool) -> Any:
+    from ..engine.capabilities import MigrationConfig
+
+    cfg = MigrationConfig()
+    if mapped:
+        cfg.set_capabilities({"mapped-ram": True, "multifd": a.multifd > 0})
+        if a.multifd > 0:
+            cfg.set_parameters({"multifd-channels": a.multifd})
+    params: dict[str, Any] = {"direct-io": bool(getattr(a, "direct_io", False))}
+    for k in ("max_bandwidth", "downtime_limit", "max_passes"):
+        v = getattr(a, k, None)
+        if v is not None:
+            params["x-max-passes" if k == "max_passes" else k.replace("_", "-")] = v
+    cfg.set_parameters(params)
+    return cfg
+
+
+def _as_uri(target: str) -> str:
+    return target if target.split(":", 1)[0] in ("file", "tcp", "unix", "exec", "fd") \
+        else f"file:{target}"
+
+
+# -- save / restore ----------------------------------------------------------------
+
+
+def cmd_save(a: argparse.Namespace) -> int:
+    from ..engine.precopy import Migration
+
+    uri = _as_uri(a.uri)
+    mapped = a.mapped_ram
+    cfg = _config(a, mapped)
+    g = _guest(a)
+    try:
+        if a.live_for > 0:
+            time.sleep(a.live_for)
+        else:
+            g.stop()
+        with _mig_progress("saving", g.ram_size) as prog:
+            m = Migration(g, cfg, uri, on_progress=prog).run()
+        q = m.query()
+        q["ram-digest"] = g.digest()
+        if a.json:
+            print(json.dumps(q, indent=2))
+        else:
+            r = q["ram"]
+            print(f"saved {uri}: {q['x-passes']} passes, {r['transferred']:,} bytes, "
+                  f"total {q['total-time']} ms, downtime {q['downtime']} ms")
+            print(f"ram digest {q['ram-digest']}")
+    finally:
+        g.shutdown()
+    return 0
+
+
+def cmd_restore(a: argparse.Namespace) -> int:
+    from ..engine.capabilities import MigrationConfig
+    from ..engine.guest import BuiltinGuest
+    from ..engine.incoming import Incoming
+    from ..format.migfile import MigrationFile
+    from ..transports.uri import parse_uri
+
+    uri = parse_uri(_as_uri(a.uri))
+    cfg = MigrationConfig()
+    ram = a.ram
+    if uri.kind == "file":
+        with MigrationFile(uri.path, offset=uri.offset) as mf:
+            mapped = mf.format == "mapped-ram"
+            ram = mf.block("pc.ram").used_length
+        if mapped:
+            cfg.set_capabilities({"mapped-ram": True, "multifd": a.multifd > 0})
+            if a.multifd > 0:
+                cfg.set_parameters({"multifd-channels": a.multifd, "direct-io": a.direct_io})
+    if ram is None:
+        raise TransportError("--ram is needed to restore from a non-file transport")
+    g = BuiltinGuest(ram, fill=0)
+    t = time.monotonic()
+    inc = Incoming(g, cfg, uri, autostart=False).run()
+    dt = time.monotonic() - t
+    out = {"status": inc.status, "ram_bytes": ram, "pages_loaded": inc.pages,
+           "time_s": round(dt, 3), "ram-digest": g.digest()}
+    if a.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"restored {uri.text}: {inc.pages:,} pages in {dt:.2f} s "
+              f"({ram / 2**20 / max(dt, 1e-9):,.0f} MiB/s of RAM)")
+        print(f"ram digest {out['ram-digest']}")
+    return 0
+
+
+# -- guest (QMP) ------------------------------------------------------------------
+
+
+def cmd_guest(a: argparse.Namespace) -> int:
+    from ..engine.qmp_server import GuestMachine, QMPServer
+
+    g = _guest(a, fill=0.0 if a.incoming else None)
+    m = GuestMachine(g, incoming=a.incoming, autostart=not a.S)
+    srv = QMPServer(m, a.qmp)
+    signal.signal(signal.SIGTERM, lambda *_: m.quit_requested.set())
+    print(f"fixedram guest: {a.ram:,} bytes RAM, QMP on unix:{a.qmp}", file=sys.stderr)
+    try:
+        srv.serve_forever()
+    except KeyboardInterrupt:
+        srv.close()
+    finally:
+        g.shutdown()
+    return 0
+
+
+# -- demo -------------------------------------------------------------------------
+
+
+def _demo_run(a: argparse.Namespace, mode: str, path: str) -> dict[str, Any]:
+    from ..engine.guest import BuiltinGuest
+    from ..engine.incoming import load_file
+    from ..engine.precopy import Migration
+
+    mapped = mode == "fixed-ram"
+    cfg = _config(a, mapped)
+    g = _guest(a)
+    try:
+        time.sleep(0.3)  # let the workload get going
+        with _mig_progress(f"{mode:9}", g.ram_size) as prog:
+            m = Migration(g, cfg, f"file:{path}", on_progress=prog).run()
+        q = m.query()
+        src_digest, src_seq = g.digest(), g.seq
+        ram_total = sum(b.size for b in g.blocks)
+    finally:
+        g.shutdown()
+    st = os.stat(path)
+    dst = BuiltinGuest(a.ram, fill=0, seed=a.seed)
+    t = time.monotonic()
+    load_file(path, dst, cfg)
+    restore_s = time.monotonic() - t
+    verified = dst.digest() == src_digest and dst.seq == src_seq
+    tt = q["total-time"] / 1000
+    return {
+        "mode": mode,
+        "file_apparent_bytes": st.st_size,
+        "file_allocated_bytes": st.st_blocks * 512,
+        "ram_total_bytes": ram_total,
+        "passes": q["x-passes"],
+        "dirty_sync_count": q["ram"]["dirty-sync-count"],
+        "converged": not (a.max_passes and q["x-passes"] > a.max_passes),
+        "total_time_s": round(tt, 3),
+        "downtime_ms": q["downtime"],
+        "setup_time_ms": q["setup-time"],
+        "transferred_bytes": q["ram"]["transferred"],
+        "throughput_mib_s": round(q["ram"]["transferred"] / 2**20 / max(tt, 1e-9), 1),
+        "normal_pages": q["ram"]["normal"],
+        "zero_pages": q["ram"]["duplicate"],
+        "restore_time_s": round(restore_s, 3),
+        "verified": verified,
+    }
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from ..engine.sinks import probe_direct_io
+
+    workdir = a.dir or tempfile.mkdtemp(prefix="fixedram-demo-", dir=".")
+    made = a.dir is None
+    os.makedirs(workdir, exist_ok=True)
+    note = ""
+    if a.direct_io:
+        try:
+            probe_direct_io(workdir)
+        except CapabilityError as e:
+            a.direct_io = False
+            note = f"direct-io off: {e}"
+    runs = []
+    try:
+        for mode in ("stream", "fixed-ram"):
+            path = os.path.join(workdir, f"demo-{mode}.mig")
+            runs.append(_demo_run(a, mode, path))
+            if not a.keep:
+                os.unlink(path)
+    finally:
+        if made and not a.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    out = {
+        "ram_bytes": a.ram,
+        "ram_blocks": 2,
+        "workload": {"pattern": a.workload, "rate_bytes_s": a.workload_rate,
+                     "threads": a.workload_threads},
+        "max_bandwidth_bytes_s": a.max_bandwidth,
+        "downtime_limit_ms": a.downtime_limit,
+        "max_passes": a.max_passes,
+        "multifd_channels": a.multifd,
+        "direct_io": a.direct_io,
+        "files_dir": workdir if a.keep else None,
+        "runs": runs,
+    }
+    if note:
+        out["note"] = note
+    if a.json:
+        print(json.dumps(out, indent=2))
+    else:
+        _print_demo(out)
+    return 0 if all(r["verified"] for r in runs) else 1
+
+
+def _print_demo(out: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    mib = 2**20
+    ram = out["ram_bytes"]
+    t = Table(title=f"Live save of a {ram / mib:,.0f} MiB guest re-dirtied at "
+                    f"{out['workload']['rate_bytes_s'] / mib:,.0f} MiB/s "
+                    f"(max-bandwidth {out['max_bandwidth_bytes_s'] / mib:,.0f} MiB/s)")
+    for col in ("mode", "file size", "allocated", "size / RAM", "passes", "sent",
+                "throughput", "downtime", "total", "restore", "RAM equal"):
+        t.add_column(col, justify="left" if col == "mode" else "right")
+    for r in out["runs"]:
+        t.add_row(r["mode"], f"{r['file_apparent_bytes'] / mib:,.1f} MiB",
+                  f"{r['file_allocated_bytes'] / mib:,.1f} MiB",
+                  f"{r['file_apparent_bytes'] / ram:.2f}x", str(r["passes"]),
+                  f"{r['transferred_bytes'] / mib:,.0f} MiB",
+                  f"{r['throughput_mib_s']:,.0f} MiB/s", f"{r['downtime_ms']} ms",
+                  f"{r['total_time_s']:.2f} s", f"{r['restore_time_s']:.2f} s",
+                  "yes" if r["verified"] else "NO")
+    c = Console()
+    c.print(t)
+    c.print("The stream appends every re-sent page; fixed-ram rewrites each page at its fixed "
+            "offset, so its file stays the size of RAM.")
+    if out.get("note"):
+        c.print(out["note"])
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    s = sub.add_parser("demo", help="live-save a busy built-in guest as a stream and as "
+                       "fixed-ram, compare, restore and verify")
+    _add_guest_args(s, "256M", "512M")
+    s.add_argument("--max-bandwidth", type=_size, default=_size("256M"),
+                   help="bytes/s the save may use (models the disk; default 256M)")
+    s.add_argument("--downtime-limit", type=int, default=300, help="ms (default 300)")
+    s.add_argument("--max-passes", type=int, default=6,
+                   help="switch over after this many passes if not converged (default 6)")
+    s.add_argument("--multifd", type=int, default=4, help="fixed-ram channels (default 4)")
+    s.add_argument("--no-direct-io", dest="direct_io", action="store_false",
+                   help="do not use O_DIRECT for fixed-ram (used when the disk allows it)")
+    s.add_argument("--dir", help="where to write the files (default: a temporary directory "
+                   "under the current one)")
+    s.add_argument("--keep", action="store_true", help="keep the files")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("save", help="save the built-in guest to a URI (file:, tcp:, unix:, "
+                       "exec:, fd:) or a file")
+    s.add_argument("uri")
+    _add_guest_args(s, "64M", "0")
+    s.add_argument("--live-for", type=float, default=0.0,
+                   help="run the guest this many seconds, then save live (default: paused "
+                   "save)")
+    s.add_argument("--mapped-ram", "--fixed-ram", dest="mapped_ram", action="store_true",
+                   help="fixed-ram (mapped-ram) file layout; needs a file: URI")
+    s.add_argument("--multifd", type=int, default=0, help="mapped-ram channels (0 = off)")
+    s.add_argument("--direct-io", action="store_true")
+    s.add_argument("--max-bandwidth", type=_size, default=0, help="bytes/s (0 = unlimited)")
+    s.add_argument("--downtime-limit", type=int, default=300)
+    s.add_argument("--max-passes", type=int, default=0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_save)
+
+    s = sub.add_parser("restore", help="load a migration into a fresh built-in guest")
+    s.add_argument("uri", help="file, file:PATH[,offset=N], tcp:HOST:PORT, unix:PATH, exec:CMD")
+    s.add_argument("--ram", type=_size, default=None, help="guest RAM (needed unless file)")
+    s.add_argument("--multifd", type=int, default=0, help="parallel readers for mapped-ram")
+    s.add_argument("--direct-io", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_restore)
+
+    s = sub.add_parser("guest", help="run the built-in guest with a QMP socket, like "
+                       "qemu-system-x86_64 -qmp unix:PATH")
+    s.add_argument("--qmp", required=True, help="unix socket path (QMP server)")
+    _add_guest_args(s, "64M", "64M")
+    s.add_argument("--incoming", help="'defer' or a URI to receive a migration")
+    s.add_argument("-S", action="store_true", help="do not start the vCPUs")
+    s.set_defaults(func=cmd_guest)
+
+
+_EXTRA.append(register)
+
