@@ -146,10 +146,11 @@ class StreamSink(Sink):
 def probe_direct_io(directory: str) -> None:
     """Check O_DIRECT works where the file goes: a 1 MiB aligned write at
     offset 1 MiB (as QEMU's tests probe). tmpfs, for one, refuses it."""
-    fd, path = tempfile.mkstemp(prefix=".fixedram-odirect-", dir=directory)
-    os.close(fd)
     buf = mmap.mmap(-1, 1 << 20)
+    path = ""
     try:
+        fd, path = tempfile.mkstemp(prefix=".fixedram-odirect-", dir=directory)
+        os.close(fd)
         dfd = os.open(path, os.O_WRONLY | os.O_DIRECT)
         try:
             os.pwrite(dfd, buf, 1 << 20)
@@ -161,9 +162,9 @@ def probe_direct_io(directory: str) -> None:
                               "filesystem or turn direct-io off") from e
     finally:
         buf.close()
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-
+        if path:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 class MappedRamSink(Sink):
     """mapped-ram file on ``file:``; ``channels`` threads write pages (0 = the
