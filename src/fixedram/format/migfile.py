@@ -82,22 +82,31 @@ class _StreamIndex(StreamEvents):
         if not self.mapped:  # mapped-ram files need no index: the bitmap is one
             for b in state.blocks:
                 self.loc.append(np.zeros(b.npages, dtype=np.int64))
-                self.sends.append(np.zeros(b.npages, dtype=np.uint16))
+                self.sends.append(np.zeros(b.npages, dtype=np.uint32))
 
     def page(self, block: int, page_index: int, r: ByteReader) -> None:
         self.loc[block][page_index] = r.tell()
-        s = self.sends[block]
-        if s[page_index] < 65535:
-            s[page_index] += 1
+        self.sends[block][page_index] += 1
         self.page_records += 1
         r.skip(4096, "page data")
 
     def zero(self, block: int, page_index: int) -> None:
         self.loc[block][page_index] = LOC_ZERO
-        s = self.sends[block]
-        if s[page_index] < 65535:
-            s[page_index] += 1
+        self.sends[block][page_index] += 1
         self.zero_records += 1
+
+    def pages_batch(self, block: int, page_index: np.ndarray, data: np.ndarray,
+                    positions: np.ndarray) -> None:
+        # Within one batch a page appears at most once in practice; if it did
+        # twice, fancy assignment keeps the last, which is the right copy.
+        self.loc[block][page_index] = positions
+        np.add.at(self.sends[block], page_index, 1)
+        self.page_records += page_index.size
+
+    def zeros_batch(self, block: int, page_index: np.ndarray) -> None:
+        self.loc[block][page_index] = LOC_ZERO
+        np.add.at(self.sends[block], page_index, 1)
+        self.zero_records += page_index.size
 
 
 class RAMBlock:

@@ -153,6 +153,20 @@ class ByteReader:
         self._i += 8
         return v
 
+    def window(self, want: int) -> tuple[bytes, int, int]:
+        """(buffer, index, available): lets a vectorised parser look ahead.
+
+        Tries to have ``want`` bytes buffered; may return fewer near the end.
+        The caller consumes with :meth:`advance`.
+        """
+        if len(self._buf) - self._i < want:
+            self._fill(want)
+        return self._buf, self._i, len(self._buf) - self._i
+
+    def advance(self, n: int) -> None:
+        """Consume ``n`` bytes already seen through :meth:`window`."""
+        self._i += n
+
     def read(self, n: int, what: str = "data") -> bytes:
         """Exactly ``n`` bytes. ``n`` must already be bounded by the caller."""
         if n < 0:

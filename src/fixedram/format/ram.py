@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+
 from ..errors import CorruptFile, UnsupportedFeature, UnsupportedVersion
 from .constants import (
     MAPPED_RAM_FILE_OFFSET_ALIGNMENT,
@@ -115,11 +117,29 @@ class RamRecordSink(Protocol):
 
     ``page`` must consume exactly ``page_size`` bytes from ``r`` (read or skip),
     which lets an index builder skip data while a receiver copies it.
+
+    A sink may also offer the batch methods of :class:`RamBatchSink`; the
+    parser then hands over whole runs of CONTINUE records found in its
+    buffer at once (a pass of a live migration is mostly such runs).
     """
 
     def page(self, block: int, page_index: int, r: ByteReader) -> None: ...
 
     def zero(self, block: int, page_index: int) -> None: ...
+
+
+class RamBatchSink(RamRecordSink, Protocol):
+    def pages_batch(self, block: int, page_index: np.ndarray, data: np.ndarray,
+                    positions: np.ndarray) -> None:
+        """``data`` is an (n, page_size) view valid only during the call;
+        ``positions`` the absolute file offsets of each page's data."""
+
+    def zeros_batch(self, block: int, page_index: np.ndarray) -> None: ...
+
+
+# Look ahead this far for runs of CONTINUE records (bounded by the reader's buffer).
+_BATCH_BYTES = 1 << 20
+_MIN_BATCH = 4
 
 
 class RamStreamState:
@@ -216,7 +236,10 @@ class RamStreamState:
         """Parse records up to and including EOS."""
         mask = self.page_mask
         blocks = self.blocks
+        batch = hasattr(sink, "pages_batch") and hasattr(sink, "zeros_batch")
         while True:
+            if batch and self.last is not None:
+                self._batch(r, sink)  # type: ignore[arg-type]
             at = r.tell()
             word = r.be64("a RAM record header")
             flags = word & mask
@@ -270,6 +293,48 @@ class RamStreamState:
             else:
                 raise CorruptFile(f"unknown combination of RAM flags 0x{flags:x}", path=r.name,
                                   offset=at)
+
+    def _batch(self, r: ByteReader, sink: RamBatchSink) -> None:
+        """Hand runs of CONTINUE page/zero records in the buffer over at once.
+
+        Only records that the scalar path would accept are taken; anything
+        else (another block, a bad offset, EOS) is left for it, so errors are
+        still reported by the one scalar code path.
+        """
+        bi = self.last
+        assert bi is not None
+        blk = self.blocks[bi]
+        ps = self.page_size
+        mask = np.uint64(self.page_mask)
+        for stride, want in ((8 + ps, RAM_FLAG_PAGE | RAM_FLAG_CONTINUE),
+                             (9, RAM_FLAG_ZERO | RAM_FLAG_CONTINUE)):
+            while True:
+                buf, i, avail = r.window(_BATCH_BYTES)
+                k = min(avail // stride, _BATCH_BYTES // stride)
+                if k < _MIN_BATCH:
+                    break
+                words = np.ndarray((k,), dtype=">u8", buffer=buf, offset=i, strides=(stride,))
+                ok = (words & mask) == want
+                addrs = words & ~mask
+                ok &= addrs < blk.used_length
+                if stride == 9:
+                    vals = np.ndarray((k,), dtype=np.uint8, buffer=buf, offset=i + 8,
+                                      strides=(stride,))
+                    ok &= vals == 0
+                n = k if ok.all() else int(np.argmin(ok))
+                if n < _MIN_BATCH:
+                    break
+                idx = (addrs[:n] // np.uint64(ps)).astype(np.int64)
+                if stride == 9:
+                    sink.zeros_batch(bi, idx)
+                else:
+                    data = np.ndarray((n, ps), dtype=np.uint8, buffer=buf, offset=i + 8,
+                                      strides=(stride, 1))
+                    pos = r.tell() + 8 + np.arange(n, dtype=np.int64) * stride
+                    sink.pages_batch(bi, idx, data, pos)
+                r.advance(n * stride)
+                if n < k:
+                    break
 
     def _read_block_name(self, r: ByteReader) -> int:
         at = r.tell()

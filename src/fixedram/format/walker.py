@@ -102,6 +102,8 @@ class StreamEvents:
 
 def read_vmdesc_at_end(fd: int, size: int, start: int, path: str) -> VMDesc | None:
     """Find the vmdesc trailer by reading the end of a seekable file."""
+    if size <= start or os.pread(fd, 1, size - 1) != b"}":
+        return None  # the compact JSON always ends the file with '}'
     for span in (1 << 20, 16 << 20, MAX_VMDESC_JSON + 5):
         n = min(span, size - start)
         if n <= 0:
