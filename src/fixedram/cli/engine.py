@@ -290,7 +290,7 @@ def _print_demo(out: dict[str, Any]) -> None:
                   f"{r['throughput_mib_s']:,.0f} MiB/s", f"{r['downtime_ms']} ms",
                   f"{r['total_time_s']:.2f} s", f"{r['restore_time_s']:.2f} s",
                   "yes" if r["verified"] else "NO")
-    c = Console()
+    c = Console(width=None if sys.stdout.isatty() else 150)
     c.print(t)
     c.print("The stream appends every re-sent page; fixed-ram rewrites each page at its fixed "
             "offset, so its file stays the size of RAM.")
