@@ -90,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extract a save that has no EOF marker (unfinished)")
     s.set_defaults(func=cmd_extract)
 
-    for register in _EXTRA:
+    # Under ``python -m`` this module runs as __main__; subcommands register
+    # into the importable module's list, so read that one.
+    from fixedram.cli import main as canonical
+
+    for register in canonical._EXTRA:
         register(sub)
     return p
 
