@@ -1,0 +1,189 @@
+"""Sockets for the bridge: a loopback-by-default listener and counting readers.
+
+The receiver accepts every connection QEMU makes to one address (the main
+stream and, with multifd, one connection per channel) and tells them apart
+by their first four bytes, as QEMU's own destination does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import threading
+
+from ..errors import TransportError
+from ..transports.uri import parse_uri
+
+__all__ = ["FdReader", "Listener", "SocketReader", "recv_exact"]
+
+PEEK_TIMEOUT = 30.0
+
+
+class SocketReader:
+    """A minimal binary file for :class:`~fixedram.format.primitives.ByteReader`
+    over a connected socket, counting bytes."""
+
+    def __init__(self, sock: socket.socket, counter: list[int]) -> None:
+        self.sock = sock
+        self.counter = counter
+
+    def read(self, n: int = 1 << 20) -> bytes:
+        try:
+            b = self.sock.recv(n)
+        except OSError as e:
+            raise TransportError(f"receive failed: {e.strerror or e}", e) from e
+        self.counter[0] += len(b)
+        return b
+
+    def seekable(self) -> bool:
+        return False
+
+
+class FdReader:
+    """The same over a pipe (stdin for ``exec:``)."""
+
+    def __init__(self, fd: int, counter: list[int]) -> None:
+        self.fd = fd
+        self.counter = counter
+
+    def read(self, n: int = 1 << 20) -> bytes:
+        try:
+            b = os.read(self.fd, n)
+        except OSError as e:
+            raise TransportError(f"read from stdin failed: {e.strerror or e}", e) from e
+        self.counter[0] += len(b)
+        return b
+
+    def seekable(self) -> bool:
+        return False
+
+
+def recv_exact(sock: socket.socket, buf: memoryview, what: str) -> bool:
+    """Fill ``buf``; False on a clean end of stream before the first byte."""
+    got = 0
+    n = len(buf)
+    while got < n:
+        try:
+            k = sock.recv_into(buf[got:], n - got, socket.MSG_WAITALL)
+        except OSError as e:
+            raise TransportError(f"{what}: receive failed: {e.strerror or e}", e) from e
+        if k == 0:
+            if got == 0:
+                return False
+            raise TransportError(f"{what}: the source disconnected in the middle of a packet "
+                                 f"({got} of {n} bytes)")
+        got += k
+    return True
+
+
+class Listener:
+    """Listen on ``tcp:HOST:PORT`` (HOST defaults to 127.0.0.1) or ``unix:PATH``."""
+
+    def __init__(self, uri: str) -> None:
+        u = parse_uri(uri)
+        if u.kind not in ("tcp", "unix"):
+            raise TransportError(f"cannot listen on {uri!r}: use tcp:HOST:PORT, unix:PATH or - "
+                                 "(stdin)")
+        self.kind = u.kind
+        self.path = u.path
+        self.lock = threading.Lock()
+        try:
+            if u.kind == "tcp":
+                # An empty host means loopback here: guest memory must not be
+                # offered to the network unless asked for.
+                host = u.host if uri[4:].rpartition(":")[0] else "127.0.0.1"
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                s = socket.socket(family, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((host.strip("[]"), u.port))
+            else:
+                if os.path.exists(u.path) and not _is_socket(u.path):
+                    raise TransportError(f"{u.path}: exists and is not a socket")
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(u.path)
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.bind(u.path)
+            s.listen(64)
+        except OSError as e:
+            raise TransportError(f"Failed to listen on {uri}: {e.strerror or e}", e) from e
+        self.sock = s
+        self.closed = False
+
+    @property
+    def address(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        host, port = self.sock.getsockname()[:2]
+        return f"tcp:{host}:{port}" if ":" not in host else f"tcp:[{host}]:{port}"
+
+    def accept(self, timeout: float | None) -> socket.socket | None:
+        """One connection, or None after ``timeout`` seconds (or when closed)."""
+        try:
+            r, _, _ = select.select([self.sock], [], [], timeout)
+        except (OSError, ValueError):
+            return None
+        if not r:
+            return None
+        with self.lock:
+            return self._accept_now()
+
+    def _accept_now(self) -> socket.socket | None:
+        if self.closed:
+            return None
+        self.sock.setblocking(False)
+        try:
+            c, _ = self.sock.accept()
+        except (BlockingIOError, OSError):
+            return None
+        finally:
+            with contextlib.suppress(OSError):
+                self.sock.setblocking(True)
+        c.setblocking(True)
+        with contextlib.suppress(OSError):
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        return c
+
+    def drain(self) -> list[socket.socket]:
+        """Every connection already waiting in the backlog, without blocking."""
+        out = []
+        with self.lock:
+            while True:
+                c = self._accept_now()
+                if c is None:
+                    return out
+                out.append(c)
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            with contextlib.suppress(OSError):
+                self.sock.close()
+        if self.kind == "unix":
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+
+def _is_socket(path: str) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def peek4(sock: socket.socket) -> bytes:
+    """The first four bytes of a new connection, left in the socket."""
+    sock.settimeout(PEEK_TIMEOUT)
+    try:
+        b = sock.recv(4, socket.MSG_PEEK | socket.MSG_WAITALL)
+    except TimeoutError as e:
+        raise TransportError("a peer connected but sent nothing for "
+                             f"{PEEK_TIMEOUT:.0f} s") from e
+    except OSError as e:
+        raise TransportError(f"receive failed: {e.strerror or e}", e) from e
+    finally:
+        sock.settimeout(None)
+    return b

@@ -1,0 +1,508 @@
+"""``fixedram receive``: a live QEMU migration stream in, a mapped-ram file out.
+
+The main channel is walked by the one stream parser; its page records are
+pwritten at the fixed offsets of a :class:`MappedRamWriter`, so a page that
+the guest re-dirties is overwritten in place and the file stays bounded by
+RAM size however many passes the migration makes. With socket multifd the
+extra channels are decoded in threads that pwrite in parallel; a barrier at
+every SYNC packet keeps one round's writes from overtaking the previous
+round's, which is the ordering QEMU's own destination enforces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import (
+    CorruptFile,
+    FixedramError,
+    FormatError,
+    TransportError,
+    TruncatedFile,
+    UnsupportedFeature,
+)
+from ..format.constants import STREAM_MAGIC_BYTES, Command
+from ..format.multifd import (
+    FLAG_SYNC,
+    INIT_SIZE,
+    MULTIFD_MAGIC_BYTES,
+    decode_init,
+    decode_packet,
+    packet_size,
+)
+from ..format.primitives import ByteReader
+from ..format.ram import RamStreamState
+from ..format.stream import SectionHeader
+from ..format.walker import DeviceSection, StreamEvents, walk_stream
+from ..format.writer import BlockSpec, MappedRamWriter, encode_device_section, mapped_ram_tail
+from ..output import AtomicOutput, output_error
+from .net import FdReader, Listener, SocketReader, peek4, recv_exact
+
+__all__ = ["ReceiveSummary", "receive"]
+
+# After the main stream ends, channels must finish within this time.
+DRAIN_TIMEOUT = 60.0
+
+
+@dataclass
+class ReceiveSummary:
+    output: str
+    source: str
+    machine: str | None = None
+    ram_bytes: int = 0
+    bytes_received: int = 0
+    main_bytes: int = 0
+    multifd_channels: int = 0
+    multifd_packets: int = 0
+    page_records: int = 0
+    zero_records: int = 0
+    pages_rewritten: int = 0
+    passes: int = 0
+    sync_rounds: int = 0
+    device_sections: int = 0
+    apparent_size: int = 0
+    allocated_size: int = 0
+    seconds: float = 0.0
+    channel_bytes: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Receiver(StreamEvents):
+    """RAM sink and stream events of the main channel; owns the writer."""
+
+    def __init__(self, out: AtomicOutput, summary: ReceiveSummary) -> None:
+        self.out = out
+        self.s = summary
+        self.w: MappedRamWriter | None = None
+        self.sends: list[np.ndarray] = []
+        self.ram_sid: int | None = None
+        self.devices = bytearray()
+        self.ready = threading.Event()
+        self.block_index: dict[str, int] = {}
+
+    # -- events ----------------------------------------------------------
+
+    def section(self, sh: SectionHeader) -> None:
+        if self.ram_sid is None:
+            self.ram_sid = sh.section_id
+
+    def ram_blocks(self, state: RamStreamState) -> None:
+        summ = self.summary
+        assert summ is not None
+        if state.mapped_ram:
+            raise UnsupportedFeature("the source has mapped-ram on; a live socket stream needs it "
+                                     "off (turn mapped-ram off on the source)", path=self.s.source)
+        if state.ignore_shared:
+            raise UnsupportedFeature("x-ignore-shared streams cannot become mapped-ram files "
+                                     "that QEMU 10 loads", path=self.s.source)
+        specs = [BlockSpec(b.idstr, b.used_length, b.page_size) for b in state.blocks]
+        self.s.machine = summ.header.machine
+        self.s.ram_bytes = sum(b.used_length for b in specs)
+        self.w = MappedRamWriter(self.out.fd, summ.header.machine, specs,
+                                 ram_section_id=self.ram_sid or 2)
+        self.sends = [np.zeros(b.npages, dtype=np.uint16) for b in specs]
+        self.block_index = {b.idstr: i for i, b in enumerate(specs)}
+        self.ready.set()
+
+    def device(self, dev: DeviceSection, r: ByteReader) -> None:
+        data = r.read(dev.data_length, f"device section {dev.idstr!r}")
+        self.devices += encode_device_section(dev.idstr, dev.instance_id, dev.version_id,
+                                              dev.section_id, data)
+        self.s.device_sections += 1
+
+    # -- RAM sink --------------------------------------------------------
+
+    def _count(self, bi: int, idx: np.ndarray | int) -> None:
+        s = self.sends[bi]
+        self.s.pages_rewritten += int(np.count_nonzero(s[idx])) if isinstance(
+            idx, np.ndarray) else int(s[idx] > 0)
+        s[idx] += 1
+
+    def page(self, block: int, page_index: int, r: ByteReader) -> None:
+        assert self.w is not None
+        self.w.write_pages(block, page_index, r.view(4096, "page data"))
+        self._count(block, page_index)
+        self.s.page_records += 1
+
+    def zero(self, block: int, page_index: int) -> None:
+        assert self.w is not None
+        self.w.mark_zero(block, page_index)
+        self._count(block, page_index)
+        self.s.zero_records += 1
+
+    def pages_batch(self, block: int, page_index: np.ndarray, data: np.ndarray,
+                    positions: np.ndarray) -> None:
+        assert self.w is not None
+        write_runs(self.w, block, page_index, data)
+        self._count(block, page_index)
+        self.s.page_records += page_index.size
+
+    def zeros_batch(self, block: int, page_index: np.ndarray) -> None:
+        assert self.w is not None
+        self.w.mark_zero(block, page_index)
+        self._count(block, page_index)
+        self.s.zero_records += page_index.size
+
+
+def write_runs(w: MappedRamWriter, bi: int, idx: np.ndarray, data: np.ndarray,
+               fd: int | None = None) -> None:
+    """pwrite pages ``data[k]`` to page ``idx[k]``, one call per consecutive run."""
+    n = idx.size
+    if n == 0:
+        return
+    brk = np.flatnonzero(np.diff(idx) != 1) + 1
+    bounds = [0, *brk.tolist(), n]
+    starts = idx[bounds[:-1]].tolist()
+    for a, b, first in zip(bounds[:-1], bounds[1:], starts, strict=True):
+        chunk = data[a:b]
+        if not chunk.flags.c_contiguous:
+            chunk = np.ascontiguousarray(chunk)
+        w.write_pages(bi, first, chunk, fd=fd)
+
+
+class _Multifd:
+    """The multifd side: channel threads, the SYNC barrier, errors."""
+
+    def __init__(self, rx: _Receiver, listener: Listener, expected: int | None,
+                 on_error: Callable[[BaseException], None]) -> None:
+        self.rx = rx
+        self.listener = listener
+        self.expected = expected
+        self.on_error = on_error
+        self.lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
+        self.socks: list[socket.socket] = []
+        self.barrier: threading.Barrier | None = (
+            threading.Barrier(expected, action=self._round_done) if expected else None)
+        self.accepted = 0  # multifd connections, plus the main one when counted
+        self.byte_counts: list[list[int]] = []
+        self.packets = 0
+        self.rounds = 0
+
+    def add(self, sock: socket.socket) -> None:
+        counter = [0]
+        with self.lock:
+            self.socks.append(sock)
+            self.byte_counts.append(counter)
+            t = threading.Thread(target=self._run, args=(sock, counter), daemon=True,
+                                 name=f"multifd-{len(self.threads)}")
+            self.threads.append(t)
+        t.start()
+
+    def _freeze(self) -> threading.Barrier:
+        """The channel count, fixed at the first SYNC.
+
+        QEMU connects every channel before it sends the first SYNC on any of
+        them, so once a SYNC has arrived all channels are in the listen
+        backlog or already accepted.
+        """
+        with self.lock:
+            if self.barrier is None:
+                for c in self.listener.drain():
+                    self._classify_later(c)
+                n = len(self.threads) + self._pending
+                self.barrier = threading.Barrier(n, action=self._round_done)
+            return self.barrier
+
+    _pending = 0
+
+    def _classify_later(self, c: socket.socket) -> None:
+        # Called under self.lock: the connection is a multifd one (the main
+        # channel was accepted before any SYNC could be sent).
+        self._pending += 1
+        threading.Thread(target=self._classify, args=(c,), daemon=True).start()
+
+    def _classify(self, c: socket.socket) -> None:
+        try:
+            head = peek4(c)
+            if head != MULTIFD_MAGIC_BYTES:
+                raise TransportError(f"unexpected connection (first bytes {head!r}) while "
+                                     "receiving multifd channels")
+        except BaseException as e:
+            c.close()
+            self.on_error(e)
+            return
+        with self.lock:
+            self._pending -= 1
+        self.add(c)
+
+    def _round_done(self) -> None:
+        self.rounds += 1
+
+    def _run(self, sock: socket.socket, counter: list[int]) -> None:
+        name = f"multifd channel {len(self.threads)}"
+        try:
+            self._channel(sock, counter, name)
+        except threading.BrokenBarrierError:
+            pass  # another thread failed and said why
+        except BaseException as e:
+            self.on_error(e)
+
+    def _channel(self, sock: socket.socket, counter: list[int], name: str) -> None:
+        init = bytearray(INIT_SIZE)
+        if not recv_exact(sock, memoryview(init), name):
+            raise TransportError(f"{name}: closed before its init message")
+        counter[0] += INIT_SIZE
+        decode_init(bytes(init), name)
+        ps = 4096
+        hsize = packet_size(ps)
+        hdr = bytearray(hsize)
+        payload = bytearray(512 << 10)
+        rx = self.rx
+        while True:
+            if not recv_exact(sock, memoryview(hdr), name):
+                return
+            counter[0] += hsize
+            p = decode_packet(hdr, ps, name=name, offset=counter[0] - hsize)
+            if p.normal_pages or p.zero_pages:
+                while not rx.ready.wait(1.0):
+                    if self.failed:
+                        return
+                bi = rx.block_index.get(p.ramblock)
+                if bi is None:
+                    raise _corrupt(name, f"multifd packet names unknown RAMBlock "
+                                         f"{p.ramblock!r}")
+                w = rx.w
+                assert w is not None
+                npages = w.placed[bi].spec.npages
+                if (p.normal.size and int(p.normal.max()) >= npages) or (
+                        p.zero.size and int(p.zero.max()) >= npages):
+                    raise _corrupt(name, f"multifd page offset outside RAMBlock "
+                                         f"{p.ramblock!r}")
+                if p.next_packet_size:
+                    mv = memoryview(payload)[:p.next_packet_size]
+                    if not recv_exact(sock, mv, name):
+                        raise TransportError(f"{name}: ended before the page data")
+                    counter[0] += p.next_packet_size
+                    data = np.frombuffer(mv, dtype=np.uint8).reshape(-1, ps)
+                    write_runs(w, bi, p.normal, data)
+                    rx._count(bi, p.normal)
+                    rx.s.page_records += p.normal.size
+                if p.zero.size:
+                    w.mark_zero(bi, p.zero)
+                    rx._count(bi, p.zero)
+                    rx.s.zero_records += p.zero.size
+            with self.lock:
+                self.packets += 1
+            if p.flags & FLAG_SYNC:
+                self._freeze().wait()
+
+    failed = False
+
+    def abort(self) -> None:
+        self.failed = True
+        with self.lock:
+            b = self.barrier
+            socks = list(self.socks)
+        if b is not None:
+            b.abort()
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def join(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                if self.barrier is None:
+                    for c in self.listener.drain():
+                        self._classify_later(c)
+                threads = list(self.threads)
+                pending = self._pending
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+            with self.lock:
+                done = pending == 0 and self._pending == 0 and len(self.threads) == len(threads)
+            if done and not any(t.is_alive() for t in threads):
+                return True
+            if time.monotonic() > deadline:
+                return False
+
+    def close(self) -> None:
+        for s in self.socks:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+def _corrupt(name: str, msg: str) -> FormatError:
+    return CorruptFile(msg, path=name)
+
+
+class _Ticker:
+    """A one-line status on a terminal; silent otherwise."""
+
+    def __init__(self, summary: ReceiveSummary, counters: Callable[[], int],
+                 rx: _Receiver) -> None:
+        self.s = summary
+        self.counters = counters
+        self.rx = rx
+        self.stop = threading.Event()
+        self.t: threading.Thread | None = None
+        if sys.stderr.isatty():
+            self.t = threading.Thread(target=self._run, daemon=True)
+            self.t.start()
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        while not self.stop.wait(0.5):
+            n = self.counters()
+            passes = max((int(a.max()) for a in self.rx.sends if a.size), default=0)
+            rate = n / max(time.monotonic() - t0, 1e-6) / (1 << 20)
+            sys.stderr.write(f"\rreceiving: {n / (1 << 20):9.1f} MiB  {rate:7.1f} MiB/s  "
+                             f"pass {passes}  rewritten {self.s.pages_rewritten} pages ")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.t is not None:
+            self.t.join()
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+def receive(source: str, output: str, *, force: bool = False,
+            multifd_channels: int | None = None, stdin_fd: int = 0,
+            on_listening: Callable[[str], None] | None = None) -> ReceiveSummary:
+    """Receive one migration from ``source`` (``tcp:``/``unix:`` URI or ``-``) into ``output``.
+
+    :param multifd_channels: the source's channel count, if known; by
+        default it is found at the first SYNC packet.
+    :param on_listening: called with the bound address (``tcp:127.0.0.1:PORT``).
+    :raise TransportError: the peer disconnected or a socket failed.
+    :raise FormatError: the peer sent something that is not a migration stream.
+    Nothing is left under ``output`` unless the whole migration arrived.
+    """
+    t0 = time.monotonic()
+    summary = ReceiveSummary(output=os.path.abspath(output), source=source)
+    out = AtomicOutput(output, force=force)
+    rx = _Receiver(out, summary)
+    listener: Listener | None = None
+    mfd: _Multifd | None = None
+    main_sock: socket.socket | None = None
+    errors: list[BaseException] = []
+    err_lock = threading.Lock()
+    main_count = [0]
+
+    def on_error(e: BaseException) -> None:
+        with err_lock:
+            errors.append(e)
+        if mfd is not None:
+            mfd.abort()
+        if main_sock is not None:
+            with contextlib.suppress(OSError):
+                main_sock.shutdown(socket.SHUT_RDWR)
+
+    def total() -> int:
+        extra = sum(c[0] for c in mfd.byte_counts) if mfd is not None else 0
+        return main_count[0] + extra
+
+    ticker: _Ticker | None = None
+    try:
+        if source == "-":
+            f: Any = FdReader(stdin_fd, main_count)
+            name = "stdin"
+        else:
+            listener = Listener(source)
+            if on_listening is not None:
+                on_listening(listener.address)
+            main_sock = _accept_main(listener)
+            mfd = _Multifd(rx, listener, multifd_channels, on_error)
+            f = SocketReader(main_sock, main_count)
+            name = source
+            threading.Thread(target=_accept_rest, args=(listener, mfd, on_error),
+                             daemon=True).start()
+        ticker = _Ticker(summary, total, rx)
+        r = ByteReader(f, name)
+        try:
+            walked = walk_stream(r, rx, rx)
+        except TruncatedFile as e:
+            if errors:
+                raise errors[0] from e
+            raise TransportError(f"{source}: the source disconnected before the end of the "
+                                 f"migration stream ({e.message}, after {main_count[0]} bytes); "
+                                 "no file was written") from e
+        except FixedramError:
+            if errors:
+                raise errors[0] from None
+            raise
+        if mfd is not None:
+            if not mfd.join(DRAIN_TIMEOUT):
+                raise TransportError(f"{source}: multifd channels did not finish within "
+                                     f"{DRAIN_TIMEOUT:.0f} s after the main stream ended")
+            if errors:
+                raise errors[0]
+            summary.multifd_channels = len(mfd.threads)
+            summary.multifd_packets = mfd.packets
+            summary.sync_rounds = mfd.rounds
+            summary.channel_bytes = [c[0] for c in mfd.byte_counts]
+        if errors:
+            raise errors[0]
+        w = rx.w
+        assert w is not None  # walk_stream requires a RAM section
+        switch = any(c == Command.SWITCHOVER_START for _, c, _ in walked.commands)
+        vmdesc = walked.vmdesc.raw if walked.vmdesc is not None else None
+        try:
+            end = w.finish(mapped_ram_tail(bytes(rx.devices), vmdesc), switchover_start=switch)
+            out.commit(end)
+        except OSError as e:
+            raise output_error(output, e) from e
+        summary.main_bytes = main_count[0]
+        summary.bytes_received = total()
+        summary.passes = max((int(a.max()) for a in rx.sends if a.size), default=0)
+        st = os.stat(output)
+        summary.apparent_size = st.st_size
+        summary.allocated_size = st.st_blocks * 512
+        summary.seconds = round(time.monotonic() - t0, 3)
+        return summary
+    except OSError as e:
+        raise output_error(output, e) from e
+    finally:
+        if ticker is not None:
+            ticker.close()
+        if mfd is not None:
+            mfd.abort()
+            mfd.close()
+        if main_sock is not None:
+            main_sock.close()
+        if listener is not None:
+            listener.close()
+        if not out.done:
+            out.abort()
+
+
+def _accept_main(listener: Listener) -> socket.socket:
+    while True:
+        c = listener.accept(None)
+        if c is None:
+            continue
+        head = peek4(c)
+        if head == STREAM_MAGIC_BYTES[:4]:
+            return c
+        c.close()
+        if head == MULTIFD_MAGIC_BYTES:
+            raise TransportError("a multifd channel connected before the main migration "
+                                 "stream")
+        raise TransportError(f"the peer is not a QEMU migration source (first bytes {head!r})")
+
+
+def _accept_rest(listener: Listener, mfd: _Multifd, on_error: Callable[[BaseException], None]
+                 ) -> None:
+    """Accept multifd channels until the listener closes."""
+    while not listener.closed and not mfd.failed:
+        c = listener.accept(0.2)
+        if c is None:
+            continue
+        with mfd.lock:
+            mfd._classify_later(c)

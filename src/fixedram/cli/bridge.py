@@ -1,0 +1,63 @@
+"""``receive`` and ``send`` subcommands (the live-migration bridge)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .main import _EXTRA, _size
+
+
+def cmd_receive(a: argparse.Namespace) -> int:
+    from ..bridge.receive import receive
+
+    def listening(addr: str) -> None:
+        print(f"fixedram: listening on {addr}", file=sys.stderr, flush=True)
+
+    s = receive(a.source, a.output, force=a.force, multifd_channels=a.multifd_channels,
+                on_listening=listening)
+    if a.json:
+        json.dump(s.as_dict(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(f"{a.output}: {s.machine}, {s.ram_bytes >> 20} MiB RAM; received "
+              f"{s.bytes_received / (1 << 20):.1f} MiB in {s.seconds:.1f} s, {s.passes} passes, "
+              f"{s.pages_rewritten} pages rewritten; file {s.apparent_size / (1 << 20):.1f} MiB "
+              f"({s.allocated_size / (1 << 20):.1f} MiB allocated)", file=sys.stderr)
+    return 0
+
+
+def cmd_send(a: argparse.Namespace) -> int:
+    from ..bridge.send import send
+
+    s = send(a.file, a.destination, stdout=sys.stdout.buffer, offset=a.offset)
+    if a.json:
+        json.dump(s.as_dict(), sys.stderr if a.destination == "-" else sys.stdout, indent=2)
+        (sys.stderr if a.destination == "-" else sys.stdout).write("\n")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    s = sub.add_parser("receive", help="receive a live QEMU migration into a mapped-ram file")
+    s.add_argument("source", metavar="URI",
+                   help="tcp:[HOST]:PORT (HOST defaults to 127.0.0.1), unix:PATH, or - for "
+                        "stdin (QEMU: migrate \"exec:fixedram receive - -o FILE\")")
+    s.add_argument("-o", "--output", required=True, help="mapped-ram file to write")
+    s.add_argument("--force", action="store_true", help="replace an existing output")
+    s.add_argument("--multifd-channels", type=int, default=None, metavar="N",
+                   help="the source's multifd-channels (default: detected)")
+    s.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    s.set_defaults(func=cmd_receive)
+
+    s = sub.add_parser("send", help="stream a save file into a QEMU started with -incoming")
+    s.add_argument("file")
+    s.add_argument("destination", metavar="URI",
+                   help="tcp:HOST:PORT, unix:PATH, or - for stdout (QEMU: -incoming "
+                        "\"exec:fixedram send FILE -\")")
+    s.add_argument("--offset", type=_size, default=None, help="stream start in FILE")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_send)
+
+
+_EXTRA.append(register)
