@@ -420,7 +420,7 @@ def receive(source: str, output: str, *, force: bool = False,
             main_sock = _accept_main(listener)
             mfd = _Multifd(rx, listener, multifd_channels, on_error)
             f = SocketReader(main_sock, main_count)
-            name = source
+            name = listener.address
             threading.Thread(target=_accept_rest, args=(listener, mfd, on_error),
                              daemon=True).start()
         ticker = _Ticker(summary, total, rx)
@@ -430,7 +430,7 @@ def receive(source: str, output: str, *, force: bool = False,
         except TruncatedFile as e:
             if errors:
                 raise errors[0] from e
-            raise TransportError(f"{source}: the source disconnected before the end of the "
+            raise TransportError(f"{name}: the source disconnected before the end of the "
                                  f"migration stream ({e.message}, after {main_count[0]} bytes); "
                                  "no file was written") from e
         except FixedramError:
@@ -439,7 +439,7 @@ def receive(source: str, output: str, *, force: bool = False,
             raise
         if mfd is not None:
             if not mfd.join(DRAIN_TIMEOUT):
-                raise TransportError(f"{source}: multifd channels did not finish within "
+                raise TransportError(f"{name}: multifd channels did not finish within "
                                      f"{DRAIN_TIMEOUT:.0f} s after the main stream ended")
             if errors:
                 raise errors[0]
