@@ -10,6 +10,7 @@ unless a caller asks for it.
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import struct
 from typing import BinaryIO
@@ -162,6 +163,32 @@ class ByteReader:
         if len(self._buf) - self._i < want:
             self._fill(want)
         return self._buf, self._i, len(self._buf) - self._i
+
+    def mapped(self, want: int) -> tuple[mmap.mmap, int, int] | None:
+        """A read-only mapping of up to ``want`` bytes from the current position.
+
+        (mapping, index of the position in it, bytes available), or None when
+        the input is not a seekable regular file. Lets a parser look at record
+        headers without copying the page data between them through the
+        buffer. The caller consumes with :meth:`seek` and closes the mapping.
+        """
+        if not self.seekable or self.size is None:
+            return None
+        try:
+            fd = self.f.fileno()
+            fsize = os.fstat(fd).st_size  # now, not at open: never map past the end
+        except (OSError, AttributeError, io.UnsupportedOperation):
+            return None
+        fpos = self.tell() - self._delta
+        avail = min(want, min(self.size - self._delta, fsize) - fpos)
+        if avail <= 0:
+            return None
+        start = fpos - fpos % mmap.ALLOCATIONGRANULARITY
+        try:
+            m = mmap.mmap(fd, fpos - start + avail, prot=mmap.PROT_READ, offset=start)
+        except (OSError, ValueError):
+            return None
+        return m, fpos - start, avail
 
     def advance(self, n: int) -> None:
         """Consume ``n`` bytes already seen through :meth:`window`."""

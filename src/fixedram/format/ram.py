@@ -7,6 +7,8 @@ live in the low TARGET_PAGE_BITS bits. See docs/formats.md for the layout and
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -140,6 +142,8 @@ class RamBatchSink(RamRecordSink, Protocol):
 # Look ahead this far for runs of CONTINUE records (bounded by the reader's buffer).
 _BATCH_BYTES = 1 << 20
 _MIN_BATCH = 4
+# Mapped look-ahead for runs longer than the buffer (bounds the mapped RSS).
+_MAP_BYTES = 16 << 20
 
 
 class RamStreamState:
@@ -299,42 +303,70 @@ class RamStreamState:
 
         Only records that the scalar path would accept are taken; anything
         else (another block, a bad offset, EOS) is left for it, so errors are
-        still reported by the one scalar code path.
+        still reported by the one scalar code path. A run that outlasts the
+        buffer continues through file mappings (regular files), so the page
+        data between headers is not copied through the buffer.
         """
         bi = self.last
         assert bi is not None
-        blk = self.blocks[bi]
         ps = self.page_size
-        mask = np.uint64(self.page_mask)
         for stride, want in ((8 + ps, RAM_FLAG_PAGE | RAM_FLAG_CONTINUE),
                              (9, RAM_FLAG_ZERO | RAM_FLAG_CONTINUE)):
+            use_map = False
             while True:
-                buf, i, avail = r.window(_BATCH_BYTES)
-                k = min(avail // stride, _BATCH_BYTES // stride)
-                if k < _MIN_BATCH:
-                    break
-                words = np.ndarray((k,), dtype=">u8", buffer=buf, offset=i, strides=(stride,))
-                ok = (words & mask) == want
-                addrs = words & ~mask
-                ok &= addrs < blk.used_length
-                if stride == 9:
-                    vals = np.ndarray((k,), dtype=np.uint8, buffer=buf, offset=i + 8,
-                                      strides=(stride,))
-                    ok &= vals == 0
-                n = k if ok.all() else int(np.argmin(ok))
-                if n < _MIN_BATCH:
-                    break
-                idx = (addrs[:n] // np.uint64(ps)).astype(np.int64)
-                if stride == 9:
-                    sink.zeros_batch(bi, idx)
+                if use_map:
+                    got = r.mapped(_MAP_BYTES)
+                    if got is None:
+                        use_map = False
+                        continue
+                    m, i, avail = got
+                    try:
+                        n, k = self._take(r, sink, bi, m, i, avail, stride, want, r.tell())
+                    finally:
+                        with contextlib.suppress(BufferError):  # a sink kept a view: GC unmaps
+                            m.close()
+                    r.seek(r.tell() + n * stride)
                 else:
-                    data = np.ndarray((n, ps), dtype=np.uint8, buffer=buf, offset=i + 8,
-                                      strides=(stride, 1))
-                    pos = r.tell() + 8 + np.arange(n, dtype=np.int64) * stride
-                    sink.pages_batch(bi, idx, data, pos)
-                r.advance(n * stride)
-                if n < k:
+                    buf, i, avail = r.window(_BATCH_BYTES)
+                    n, k = self._take(r, sink, bi, buf, i, min(avail, _BATCH_BYTES), stride,
+                                      want, r.tell())
+                    r.advance(n * stride)
+                    # The run fills the whole buffer: go on without copying through it.
+                    use_map = n > 0 and n == k and avail - n * stride < stride
+                if n < _MIN_BATCH or n < k:
                     break
+
+    def _take(self, r: ByteReader, sink: RamBatchSink, bi: int, buf: bytes | mmap.mmap,
+              i: int, avail: int, stride: int, want: int, pos0: int) -> tuple[int, int]:
+        """Hand over the leading run of acceptable records in ``buf[i:i+avail]``.
+
+        :return: (records handed over, records that fitted); 0 handed over when
+            fewer than _MIN_BATCH are acceptable.
+        """
+        k = avail // stride
+        if k < _MIN_BATCH:
+            return 0, k
+        ps = self.page_size
+        mask = np.uint64(self.page_mask)
+        words = np.ndarray((k,), dtype=">u8", buffer=buf, offset=i, strides=(stride,))
+        ok = (words & mask) == want
+        addrs = words & ~mask
+        ok &= addrs < self.blocks[bi].used_length
+        if stride == 9:
+            vals = np.ndarray((k,), dtype=np.uint8, buffer=buf, offset=i + 8, strides=(stride,))
+            ok &= vals == 0
+        n = k if ok.all() else int(np.argmin(ok))
+        if n < _MIN_BATCH:
+            return 0, k
+        idx = (addrs[:n] // np.uint64(ps)).astype(np.int64)
+        if stride == 9:
+            sink.zeros_batch(bi, idx)
+        else:
+            data = np.ndarray((n, ps), dtype=np.uint8, buffer=buf, offset=i + 8,
+                              strides=(stride, 1))
+            pos = pos0 + 8 + np.arange(n, dtype=np.int64) * stride
+            sink.pages_batch(bi, idx, data, pos)
+        return n, k
 
     def _read_block_name(self, r: ByteReader) -> int:
         at = r.tell()
