@@ -6,7 +6,6 @@ CI must never go green by skipping them.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,41 +21,10 @@ from qemu_harness import (
     SavedFile,
     default_mem_end,
     load_into_new_vm,
-    qemu_binary,
     save_vm,
     write_bootsector,
 )
-
-MIN_QEMU = (9, 1)  # mapped-ram 9.0, direct-io 9.1; the reference layout is 10.0
-
-
-def _qemu_problem() -> str | None:
-    binary = qemu_binary()
-    if binary is None:
-        return ("qemu-system-x86_64 not found in PATH: install QEMU 10 with "
-                "scripts/install-qemu.sh (QEMU tests fail, never skip)")
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
-    try:
-        ver = tuple(int(x) for x in out.stdout.split("version ")[1].split()[0].split(".")[:2])
-    except (IndexError, ValueError):
-        return f"cannot parse `{binary} --version`: {out.stdout!r} {out.stderr!r}"
-    if ver < MIN_QEMU:
-        return f"{binary} is QEMU {ver}, need >= {MIN_QEMU}"
-    return None
-
-
-_problem: list[str | None] = []
-
-
-def require_qemu() -> str:
-    """pytest.fail (not skip) unless a usable QEMU is installed; return its path."""
-    if not _problem:
-        _problem.append(_qemu_problem())
-    if _problem[0]:
-        pytest.fail(_problem[0], pytrace=False)
-    binary = qemu_binary()
-    assert binary
-    return binary
+from qemu_harness.guard import require_qemu
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

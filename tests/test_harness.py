@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-import conftest
 from qemu_harness import (
     OFFSET_FILL,
     GuestParams,
@@ -19,6 +18,7 @@ from qemu_harness import (
     check_guest_pattern,
     diff_pages,
     gpa_to_ram_offset,
+    guard,
     load_error,
     ram_compare_ranges,
     read_params,
@@ -61,11 +61,11 @@ def test_ram_compare_ranges() -> None:
 
 
 def test_missing_qemu_fails_not_skips(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(conftest, "qemu_binary", lambda: None)
-    assert "not found" in (conftest._qemu_problem() or "")
-    monkeypatch.setattr(conftest, "_problem", ["qemu-system-x86_64 not found"])
+    monkeypatch.setattr(guard, "qemu_binary", lambda: None)
+    assert "not found" in (guard._qemu_problem() or "")
+    monkeypatch.setattr(guard, "_problem", ["qemu-system-x86_64 not found"])
     with pytest.raises(pytest.fail.Exception):
-        conftest.require_qemu()
+        guard.require_qemu()
 
 
 # ---- the guest on real QEMU -------------------------------------------------------------------
