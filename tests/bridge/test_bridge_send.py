@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from bridge_helpers import FIXEDRAM, MIB, Receiver, assert_ram_equal, guest_continues
+
 from qemu_harness import QemuVM, SavedFile
 
 pytestmark = pytest.mark.qemu
