@@ -196,6 +196,8 @@ class RamStreamState:
                     f"announced total (0x{left:x} left)", path=r.name, offset=len_at)
             left -= used
             blk = RAMBlockRecord(idstr, used, rec_at, self.page_size)
+            if not self.mapped_ram and not self.ignore_shared:  # both exclude postcopy-ram
+                blk.postcopy_page_size = self._postcopy_page_size(r, left)
             if self.ignore_shared:
                 blk.gpa = r.be64("a RAMBlock guest address")
             if self.mapped_ram:
@@ -204,6 +206,27 @@ class RamStreamState:
             self.blocks.append(blk)
         if self.on_blocks is not None:
             self.on_blocks()
+
+    def _postcopy_page_size(self, r: ByteReader, left: int) -> int | None:
+        """The be64 page size QEMU adds when postcopy-ram is on and the block's
+        pages are larger than the host's (hugepages).
+
+        postcopy-ram is not recorded in the stream, so the field is recognised
+        by its value: a power of two above the target page size, with no flag
+        bits. What may follow instead cannot look like that: a block name
+        starts with a non-zero length byte, and a RAM record header after the
+        last block has flag bits set.
+        """
+        buf, i, avail = r.window(8)
+        if avail < 8 or buf[i] != 0:
+            return None
+        v = BE64.unpack_from(buf, i)[0]
+        if v <= self.page_size or v & (v - 1) or v > MAX_PAGE_SIZE:
+            return None
+        if left > 0 or v & self.page_mask == 0:
+            r.advance(8)
+            return v
+        return None
 
     def _read_mapped_header(self, r: ByteReader, blk: RAMBlockRecord) -> MappedRamHeader:
         at = r.tell()
