@@ -17,7 +17,7 @@ from collections.abc import Callable
 from ..errors import OutputError
 from ..format.migfile import MigrationFile, RAMBlock, Run
 from ..output import AtomicOutput, output_error
-from .copy import RunCopier
+from .copy import RUN_PAGES, RunCopier
 from .layout import PhysRange, physical_ranges
 
 __all__ = ["extract_elf", "extract_physical", "extract_raw", "safe_block_filename", "total_bytes"]
@@ -47,7 +47,7 @@ def total_bytes(mf: MigrationFile) -> int:
 def _block_runs(block: RAMBlock, lo: int, hi: int) -> list[Run]:
     """Runs of ``block`` clipped to pages [lo, hi), rebased to lo."""
     out: list[Run] = []
-    for r in block.runs():
+    for r in block.runs(RUN_PAGES):
         a, b = max(r.first, lo), min(r.first + r.count, hi)
         if a < b:
             out.append(Run(a - lo, b - a, r.file_offset + (a - r.first) * r.stride, r.stride))
@@ -62,7 +62,7 @@ def extract_raw(mf: MigrationFile, outdir: str | os.PathLike[str], *, force: boo
         os.makedirs(outdir, exist_ok=True)
     except OSError as e:
         raise output_error(outdir, e) from e
-    copier = RunCopier(mf.fd, 4096, src_name=mf.path)
+    copier = RunCopier(mf.fd, 4096, RUN_PAGES, src_name=mf.path)
     entries = []
     used: set[str] = set()
     outs: list[AtomicOutput] = []
@@ -78,7 +78,7 @@ def extract_raw(mf: MigrationFile, outdir: str | os.PathLike[str], *, force: boo
             out = AtomicOutput(path, force=force)
             outs.append(out)
             try:
-                copier.copy(b.runs(), out.fd, 0, progress)
+                copier.copy(b.runs(RUN_PAGES), out.fd, 0, progress)
             except OSError as e:
                 raise output_error(path, e) from e
             entries.append({"idstr": b.idstr, "file": name, "used_length": b.used_length,
@@ -97,13 +97,14 @@ def extract_raw(mf: MigrationFile, outdir: str | os.PathLike[str], *, force: boo
                 o.abort()
 
 
-def _write_physical(mf: MigrationFile, ranges: list[PhysRange], fd: int, base: int,
-                    progress: Progress | None) -> None:
-    copier = RunCopier(mf.fd, 4096, src_name=mf.path)
-    for pr in ranges:
+def _write_ranges(mf: MigrationFile, placed: list[tuple[PhysRange, int]], fd: int,
+                  progress: Progress | None) -> None:
+    """Copy each range's pages to ``fd`` at the output offset paired with it."""
+    copier = RunCopier(mf.fd, 4096, RUN_PAGES, src_name=mf.path)
+    for pr, dst in placed:
         ps = pr.block.page_size
         lo, hi = pr.block_offset // ps, (pr.block_offset + pr.length) // ps
-        copier.copy(_block_runs(pr.block, lo, hi), fd, base + pr.gpa, progress)
+        copier.copy(_block_runs(pr.block, lo, hi), fd, dst, progress)
 
 
 def extract_physical(mf: MigrationFile, out_path: str | os.PathLike[str], *,
@@ -112,7 +113,7 @@ def extract_physical(mf: MigrationFile, out_path: str | os.PathLike[str], *,
     ranges = physical_ranges(mf)
     out = AtomicOutput(out_path, force=force)
     try:
-        _write_physical(mf, ranges, out.fd, 0, progress)
+        _write_ranges(mf, [(r, r.gpa) for r in ranges], out.fd, progress)
         out.commit(max(r.gpa + r.length for r in ranges))
     except OSError as e:
         raise output_error(out.path, e) from e
@@ -153,11 +154,7 @@ def extract_elf(mf: MigrationFile, out_path: str | os.PathLike[str], *, force: b
     out = AtomicOutput(out_path, force=force)
     try:
         os.pwrite(out.fd, hdr + phdrs, 0)
-        copier = RunCopier(mf.fd, 4096, src_name=mf.path)
-        for r, so in zip(ranges, seg_offsets, strict=True):
-            ps = r.block.page_size
-            lo, hi = r.block_offset // ps, (r.block_offset + r.length) // ps
-            copier.copy(_block_runs(r.block, lo, hi), out.fd, so, progress)
+        _write_ranges(mf, list(zip(ranges, seg_offsets, strict=True)), out.fd, progress)
         out.commit(off)
     except OSError as e:
         raise output_error(out.path, e) from e
