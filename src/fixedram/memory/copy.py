@@ -5,6 +5,11 @@ pages are contiguous in the source (mapped-ram) is copied in the kernel with
 ``copy_file_range``; a run of stream page records (data every 4104 bytes) is
 read in one ``preadv`` and its pages gathered with a strided numpy view.
 Pages never written stay holes, so outputs are sparse.
+
+Written ranges are handed to writeback as the copy goes (``posix_fadvise``
+DONTNEED every few MiB): the disk works while we copy, the final fsync of an
+atomic output has little left to wait for, and a GiB of output does not push
+the input out of the page cache.
 """
 
 from __future__ import annotations
@@ -18,7 +23,12 @@ import numpy as np
 from ..errors import CorruptFile
 from ..format.migfile import Run
 
-__all__ = ["RunCopier"]
+__all__ = ["RUN_PAGES", "RunCopier"]
+
+# Pages per run that extract/convert ask for: 4 MiB per system call.
+RUN_PAGES = 1024
+# Start writeback of the output every this many bytes written.
+WRITEBACK_BYTES = 16 << 20
 
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 
@@ -40,12 +50,14 @@ class RunCopier:
         self._gather = bytearray(max_pages * (page_size + 64))
         self._out = np.empty((max_pages, page_size), dtype=np.uint8)
         self._kernel_copy = hasattr(os, "copy_file_range")
+        self._writeback = hasattr(os, "posix_fadvise")
 
     def copy(self, runs: Iterable[Run], dst_fd: int, dst_base: int,
              progress: Callable[[int], None] | None = None) -> int:
         """Write each run's pages at ``dst_base + first * page_size``; return bytes."""
         total = 0
         ps = self.ps
+        lo, hi = -1, 0  # output range written since the last writeback
         for run in runs:
             n = run.count * ps
             dst = dst_base + run.first * ps
@@ -54,14 +66,33 @@ class RunCopier:
             else:
                 self._copy_strided(run, dst_fd, dst)
             total += n
+            lo = dst if lo < 0 else min(lo, dst)
+            hi = max(hi, dst + n)
+            if hi - lo >= WRITEBACK_BYTES:
+                self._start_writeback(dst_fd, lo, hi)
+                lo, hi = -1, 0
             if progress is not None:
                 progress(n)
+        if lo >= 0:
+            self._start_writeback(dst_fd, lo, hi)
         return total
+
+    def _start_writeback(self, fd: int, lo: int, hi: int) -> None:
+        # DONTNEED starts asynchronous writeback of dirty pages in the range
+        # (Linux) and drops the clean ones; the data are unaffected.
+        if not self._writeback:
+            return
+        try:
+            os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            self._writeback = False  # a pipe or a file system without it
 
     def read_run(self, run: Run) -> memoryview:
         """The run's pages as one contiguous buffer (valid until the next call)."""
         ps = self.ps
         if run.stride == ps:
+            if run.count > self._out.shape[0]:
+                self._out = np.empty((run.count, ps), dtype=np.uint8)
             buf = memoryview(self._out).cast("B")[: run.count * ps]
             self._pread_into(buf, run.file_offset)
             return buf
@@ -93,6 +124,8 @@ class RunCopier:
                 if e.errno not in _FALLBACK_ERRNOS:
                     raise
                 self._kernel_copy = False
+        if n > self._out.nbytes:
+            self._out = np.empty((n // self.ps + 1, self.ps), dtype=np.uint8)
         buf = memoryview(self._out).cast("B")[:n]
         self._pread_into(buf, src)
         os.pwrite(dst_fd, buf, dst)
@@ -105,6 +138,8 @@ class RunCopier:
         mv = memoryview(self._gather)
         self._pread_into(mv[:span], run.file_offset)
         src = np.frombuffer(self._gather, dtype=np.uint8, count=cnt * st).reshape(cnt, st)
+        if cnt > self._out.shape[0]:
+            self._out = np.empty((cnt, ps), dtype=np.uint8)
         out = self._out[:cnt]
         np.copyto(out, src[:, :ps])
         return memoryview(out).cast("B")

@@ -18,7 +18,7 @@ from ..errors import OutputError, UnsupportedFeature
 from ..format.constants import Command
 from ..format.migfile import MigrationFile
 from ..format.writer import BlockSpec, MappedRamWriter, StreamWriter, mapped_ram_tail
-from ..memory.copy import RunCopier
+from ..memory.copy import RUN_PAGES, RunCopier
 from ..output import AtomicOutput, output_error
 
 __all__ = ["convert_file", "device_bytes", "to_mapped_ram", "to_stream"]
@@ -68,9 +68,9 @@ def to_mapped_ram(mf: MigrationFile, fd: int, *, start: int = 0,
     extra = [c for c in mf.capabilities if c != "mapped-ram"]
     w = MappedRamWriter(fd, mf.machine, _specs(mf), start=start, ram_section_id=_ram_sid(mf),
                         extra_capabilities=extra)
-    copier = RunCopier(mf.fd, 4096, src_name=mf.path)
+    copier = RunCopier(mf.fd, 4096, RUN_PAGES, src_name=mf.path)
     for bi, b in enumerate(mf.blocks):
-        copier.copy(b.runs(), fd, w.placed[bi].pages_offset, progress)
+        copier.copy(b.runs(RUN_PAGES), fd, w.placed[bi].pages_offset, progress)
         w.bitmaps[bi][:] = b.present()
     tail = mapped_ram_tail(device_bytes(mf), _vmdesc(mf))
     return w.finish(tail, switchover_start=_had_switchover(mf))
@@ -85,9 +85,9 @@ def to_stream(mf: MigrationFile, write: Callable[[bytes | memoryview], object], 
                      ram_section_id=_ram_sid(mf))
     w.begin()
     w.begin_part()
-    copier = RunCopier(mf.fd, 4096, src_name=mf.path)
+    copier = RunCopier(mf.fd, 4096, RUN_PAGES, src_name=mf.path)
     for bi, b in enumerate(mf.blocks):
-        for run in b.runs():
+        for run in b.runs(RUN_PAGES):
             w.pages(bi, run.first, copier.read_run(run))
             if progress is not None:
                 progress(run.count * b.page_size)

@@ -1,0 +1,75 @@
+"""Shared helpers of the format-core benchmarks: timed child processes, cache policy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "build" / "bench"
+INPUTS = WORK / "inputs"
+MIB = 1 << 20
+FIXEDRAM = str(Path(sys.executable).with_name("fixedram"))
+
+
+@dataclass
+class Sample:
+    seconds: float
+    maxrss: int  # bytes, of this child only (wait4)
+
+
+def drop_caches() -> None:
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def warm(*paths: Path) -> None:
+    """Read files into the page cache (the 'warm' policy)."""
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.read(16 * MIB):
+                pass
+
+
+def remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p)
+    elif p.exists():
+        p.unlink()
+
+
+def run(cmd: list[str], *, cold: bool, out: Path | None = None) -> Sample:
+    """Run ``cmd`` once: output removed and dirty data synced first (untimed), then either
+    the page cache dropped (cold) or not (warm). Returns wall time and the child's peak RSS."""
+    if out is not None:
+        remove(out)
+    subprocess.run(["sync"], check=True)
+    if cold:
+        drop_caches()
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _, status, ru = os.wait4(p.pid, 0)
+    dt = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode:
+        raise RuntimeError(f"{cmd} exited with {p.returncode}")
+    return Sample(dt, ru.ru_maxrss * 1024)
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def baseline_rss() -> int:
+    """Peak RSS of a child that only imports numpy and the fixedram CLI."""
+    return run([sys.executable, "-c", "import numpy, fixedram.cli.main"], cold=False).maxrss
+
+
+def mib(n: float) -> str:
+    return f"{n / MIB:.1f}"
