@@ -118,6 +118,14 @@ class Listener:
         host, port = self.sock.getsockname()[:2]
         return f"tcp:{host}:{port}" if ":" not in host else f"tcp:[{host}]:{port}"
 
+    def wait_readable(self, timeout: float | None) -> bool:
+        """A connection is waiting (or the socket closed)."""
+        try:
+            r, _, _ = select.select([self.sock], [], [], timeout)
+        except (OSError, ValueError):
+            return True
+        return bool(r)
+
     def accept(self, timeout: float | None) -> socket.socket | None:
         """One connection, or None after ``timeout`` seconds (or when closed)."""
         try:

@@ -499,10 +499,14 @@ def _accept_main(listener: Listener) -> socket.socket:
 
 def _accept_rest(listener: Listener, mfd: _Multifd, on_error: Callable[[BaseException], None]
                  ) -> None:
-    """Accept multifd channels until the listener closes."""
+    """Accept multifd channels until the listener closes.
+
+    Accepting and counting happen under the multifd lock, so the channel
+    count fixed at the first SYNC never misses a connection in flight.
+    """
     while not listener.closed and not mfd.failed:
-        c = listener.accept(0.2)
-        if c is None:
+        if not listener.wait_readable(0.2):
             continue
         with mfd.lock:
-            mfd._classify_later(c)
+            for c in listener.drain():
+                mfd._classify_later(c)
