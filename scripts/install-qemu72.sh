@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=${FIXEDRAM_QEMU72_DIR:-$PWD/build/qemu72}
 bin=$dest/root/usr/bin/qemu-system-x86_64
-if [ -x "$bin" ] && "$bin" --version >/dev/null 2>&1; then
+if [ -x "$bin" ] && [ -e "$dest/root/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so" ]; then
     echo "$bin"
     exit 0
 fi
@@ -21,7 +21,9 @@ if [ -z "$ver" ]; then
 fi
 [ -n "$ver" ] || { echo "install-qemu72: no QEMU 7.2 in the apt sources" >&2; exit 1; }
 datav=$(apt-cache policy qemu-system-data | grep -Eo '1:7\.2[^ ]+' | head -1)
-(cd "$dest/debs" && apt-get download -qq "qemu-system-x86=$ver" "qemu-system-data=$datav")
+# qemu-system-common holds the TCG accelerator module of this build.
+(cd "$dest/debs" && apt-get download -qq "qemu-system-x86=$ver" "qemu-system-common=$ver" \
+    "qemu-system-data=$datav")
 for d in "$dest"/debs/*.deb; do dpkg -x "$d" "$dest/root"; done
 # 7.2 needs libraries that QEMU 10's packages may not have pulled in.
 missing=$(ldd "$bin" | awk '/not found/ {print $1}')

@@ -34,6 +34,9 @@ def qemu72_vm(tmp_path: Path, guest_image: Path) -> Iterator[QemuVM]:
         pytest.skip("QEMU 7.2 not unpacked (run scripts/install-qemu72.sh)")
     old = hvm.QEMU_BINARY
     hvm.QEMU_BINARY = str(QEMU72)
+    # Debian builds TCG as a loadable module; point 7.2 at its own.
+    mods = QEMU72.parents[1] / "lib" / "x86_64-linux-gnu" / "qemu"
+    os.environ["QEMU_MODULE_DIR"] = str(mods)
     try:
         # 7.2's data package links its BIOS to a seabios package: use the system firmware.
         vm = QemuVM(tmp_path, guest_image, machine=MACHINE, memory=RAM, name="src72",
@@ -41,6 +44,7 @@ def qemu72_vm(tmp_path: Path, guest_image: Path) -> Iterator[QemuVM]:
         vm.launch()
     finally:
         hvm.QEMU_BINARY = old
+        del os.environ["QEMU_MODULE_DIR"]
     try:
         yield vm
     finally:
