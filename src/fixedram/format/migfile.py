@@ -67,6 +67,14 @@ def find_stream_start(fd: int, size: int, path: str, limit: int = MAX_START_SEAR
                    f"in the first {min(size, limit)} bytes", path=path, offset=0)
 
 
+def _count_sends(sends: np.ndarray, idx: np.ndarray) -> None:
+    # A batch is almost always ascending pages (no repeats): plain fancy add.
+    if idx.size < 2 or bool((idx[1:] > idx[:-1]).all()):
+        sends[idx] += 1
+    else:
+        np.add.at(sends, idx, 1)
+
+
 class _StreamIndex(StreamEvents):
     """RAM sink for files: remembers where the last copy of each page is."""
 
@@ -100,12 +108,12 @@ class _StreamIndex(StreamEvents):
         # Within one batch a page appears at most once in practice; if it did
         # twice, fancy assignment keeps the last, which is the right copy.
         self.loc[block][page_index] = positions
-        np.add.at(self.sends[block], page_index, 1)
+        _count_sends(self.sends[block], page_index)
         self.page_records += page_index.size
 
     def zeros_batch(self, block: int, page_index: np.ndarray) -> None:
         self.loc[block][page_index] = LOC_ZERO
-        np.add.at(self.sends[block], page_index, 1)
+        _count_sends(self.sends[block], page_index)
         self.zero_records += page_index.size
 
 
