@@ -8,6 +8,7 @@ vmdesc trailer are copied verbatim, so the result restores the same VM.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from typing import BinaryIO
@@ -18,12 +19,13 @@ from ..errors import OutputError, UnsupportedFeature
 from ..format.constants import Command
 from ..format.migfile import MigrationFile
 from ..format.writer import BlockSpec, MappedRamWriter, StreamWriter, mapped_ram_tail
-from ..memory.copy import RUN_PAGES, RunCopier
+from ..memory.copy import RUN_PAGES, WRITEBACK_BYTES, RunCopier
 from ..output import AtomicOutput, output_error
 
 __all__ = ["convert_file", "device_bytes", "to_mapped_ram", "to_stream"]
 
 Progress = Callable[[int], None]
+_BUFFER = 1 << 20  # write buffer of stream outputs
 
 
 def device_bytes(mf: MigrationFile) -> bytes:
@@ -103,6 +105,26 @@ def to_stream(mf: MigrationFile, write: Callable[[bytes | memoryview], object], 
     return w.bytes_written
 
 
+def _writeback_writer(f: BinaryIO, start: int) -> Callable[[bytes | memoryview], object]:
+    """``f.write`` that starts writeback of what it wrote every WRITEBACK_BYTES, as
+    RunCopier does, so that the final fsync has little left to wait for."""
+    pos = lo = start
+    fd = f.fileno()
+
+    def write(b: bytes | memoryview) -> object:
+        nonlocal pos, lo
+        r = f.write(b)
+        pos += len(b)
+        if pos - lo >= WRITEBACK_BYTES:
+            # Bytes still in f's buffer are not in the page cache yet: covered next time.
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, lo, pos - lo, os.POSIX_FADV_DONTNEED)
+            lo = max(start, pos - _BUFFER)
+        return r
+
+    return write
+
+
 def convert_file(src: str, dst: str, to: str, *, offset: int = 0, src_offset: int | None = None,
                  force: bool = False, progress: Progress | None = None,
                  stdout: BinaryIO | None = None) -> int:
@@ -128,11 +150,11 @@ def convert_file(src: str, dst: str, to: str, *, offset: int = 0, src_offset: in
             if to == "mapped-ram":
                 end = to_mapped_ram(mf, ao.fd, start=offset, progress=progress)
             else:
-                f = os.fdopen(os.dup(ao.fd), "wb", buffering=1 << 20)
+                f = os.fdopen(os.dup(ao.fd), "wb", buffering=_BUFFER)
                 with f:
                     if offset:
                         f.seek(offset)
-                    n = to_stream(mf, f.write, progress=progress)
+                    n = to_stream(mf, _writeback_writer(f, offset), progress=progress)
                 end = offset + n
             ao.commit(end)
             return end
