@@ -191,15 +191,14 @@ class _Multifd:
         self.packets = 0
         self.rounds = 0
 
-    def add(self, sock: socket.socket) -> None:
+    def _add_locked(self, sock: socket.socket) -> threading.Thread:
         counter = [0]
-        with self.lock:
-            self.socks.append(sock)
-            self.byte_counts.append(counter)
-            t = threading.Thread(target=self._run, args=(sock, counter), daemon=True,
-                                 name=f"multifd-{len(self.threads)}")
-            self.threads.append(t)
-        t.start()
+        self.socks.append(sock)
+        self.byte_counts.append(counter)
+        t = threading.Thread(target=self._run, args=(sock, counter), daemon=True,
+                             name=f"multifd-{len(self.threads)}")
+        self.threads.append(t)
+        return t
 
     def _freeze(self) -> threading.Barrier:
         """The channel count, fixed at the first SYNC.
@@ -235,8 +234,10 @@ class _Multifd:
             self.on_error(e)
             return
         with self.lock:
+            # One step, so a count taken meanwhile sees it as pending or as a thread.
             self._pending -= 1
-        self.add(c)
+            t = self._add_locked(c)
+        t.start()
 
     def _round_done(self) -> None:
         self.rounds += 1
