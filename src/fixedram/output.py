@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import queue
 import tempfile
+import threading
 from types import TracebackType
 
 from .errors import OutputError
 
-__all__ = ["AtomicOutput", "output_error"]
+__all__ = ["AtomicOutput", "BackgroundWriter", "output_error"]
 
 
 def output_error(path: str, e: OSError) -> OutputError:
@@ -86,3 +88,86 @@ class AtomicOutput:
                  tb: TracebackType | None) -> None:
         if not self.done:
             self.abort()
+
+
+class BackgroundWriter:
+    """Sequential writes to a file descriptor, done by a second thread.
+
+    Producing output (reading the source, building records) and writing it
+    then overlap, which matters on a machine with few cores: both halves are
+    system calls that release the GIL. Small writes are gathered in a buffer;
+    large ones are queued by reference, so a caller must not reuse a large
+    buffer it has handed over (:class:`~fixedram.format.writer.StreamWriter`
+    never does). Writeback of written data is started every ``writeback``
+    bytes so that a final fsync has little left to wait for.
+
+    :param fd: output, written with ``pwrite`` from ``start`` on.
+    :raise OSError: from :meth:`write` or :meth:`close`, the first error the
+        writing thread met.
+    """
+
+    def __init__(self, fd: int, start: int = 0, *, gather: int = 1 << 20,
+                 writeback: int = 16 << 20, depth: int = 4) -> None:
+        self.fd = fd
+        self.pos = start
+        self._wpos = start
+        self._wb_lo = start
+        self._gather = gather
+        self._writeback = writeback
+        self._small = bytearray()
+        self._q: queue.Queue[memoryview | None] = queue.Queue(depth)
+        self._error: OSError | None = None
+        self._t = threading.Thread(target=self._run, name="fixedram-writer", daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue
+            try:
+                done = 0
+                while done < len(item):
+                    done += os.pwrite(self.fd, item[done:], self._wpos + done)
+                self._wpos += done
+                if self._wpos - self._wb_lo >= self._writeback:
+                    with contextlib.suppress(OSError):
+                        os.posix_fadvise(self.fd, self._wb_lo, self._wpos - self._wb_lo,
+                                         os.POSIX_FADV_DONTNEED)
+                    self._wb_lo = self._wpos
+            except OSError as e:
+                self._error = e
+
+    def _put(self, item: memoryview) -> None:
+        if self._error is not None:
+            raise self._error
+        self._q.put(item)
+
+    def write(self, b: bytes | bytearray | memoryview) -> int:
+        mv = memoryview(b).cast("B")
+        n = mv.nbytes
+        if n < self._gather:
+            self._small += mv
+            if len(self._small) >= self._gather:
+                self._put(memoryview(bytes(self._small)))
+                self._small.clear()
+        else:
+            if self._small:
+                self._put(memoryview(bytes(self._small)))
+                self._small.clear()
+            self._put(mv)
+        self.pos += n
+        return n
+
+    def close(self) -> None:
+        """Write what is left and wait for the thread; re-raise its error."""
+        if self._t.is_alive():
+            if self._small and self._error is None:
+                self._q.put(memoryview(bytes(self._small)))
+                self._small.clear()
+            self._q.put(None)
+            self._t.join()
+        if self._error is not None:
+            raise self._error

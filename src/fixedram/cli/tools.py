@@ -15,7 +15,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
     from .progress import progress_bar
 
     total = 0
-    if a.output != "-":
+    if a.output != "-" and sys.stderr.isatty():  # the size is needed only for a bar
         from ..format.migfile import MigrationFile
         from ..memory.extract import total_bytes
 

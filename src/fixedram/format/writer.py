@@ -88,7 +88,9 @@ class StreamWriter:
     """Sequential stream writer.
 
     :param write: callable taking bytes-like objects (``file.write``,
-        ``socket.sendall``); it must write everything it is given.
+        ``socket.sendall``); it must write everything it is given. It may keep
+        a reference and write later: this writer never reuses or changes a
+        buffer once it has handed it over.
     :param machine: resolved machine type (``pc-q35-10.0``); None omits the
         configuration section.
     :param capabilities: capabilities to record; only ``x-ignore-shared`` is
@@ -181,8 +183,7 @@ class StreamWriter:
         if self._last_block != bi:
             # First record names the block; the rest continue it.
             name = self._name(bi)
-            self._out(BE64.pack(first * ps | RAM_FLAG_PAGE) + name)
-            self._out(memoryview(arr[:ps]))
+            self._out(BE64.pack(first * ps | RAM_FLAG_PAGE) + name + arr[:ps].tobytes())
             first, arr, n = first + 1, arr[ps:], n - 1
             if n == 0:
                 return
@@ -192,6 +193,29 @@ class StreamWriter:
         rec[:, :8] = words.astype(">u8").view(np.uint8).reshape(n, 8)
         rec[:, 8:] = arr[: n * ps].reshape(n, ps)
         self._out(memoryview(rec).cast("B"))
+
+    def continuing_records(self, bi: int, first: int, n: int) -> np.ndarray:
+        """An (n, 8 + page_size) array of CONTINUE page records with headers
+        filled in and the data left for the caller (who can read the pages
+        straight into place); write it with :meth:`raw`.
+
+        The block must already have been named by a record before (see
+        :meth:`continues`).
+        """
+        if self._last_block != bi:
+            raise ValueError("block not named yet: write its first page with pages()")
+        ps = self.blocks[bi].page_size
+        if first < 0 or first + n > self.blocks[bi].npages:
+            raise ValueError("pages outside the block")
+        rec = np.empty((n, 8 + ps), dtype=np.uint8)
+        words = (np.arange(first, first + n, dtype=np.uint64) * np.uint64(ps)
+                 | np.uint64(RAM_FLAG_PAGE | RAM_FLAG_CONTINUE))
+        rec[:, :8] = words.astype(">u8").view(np.uint8).reshape(n, 8)
+        return rec
+
+    def continues(self, bi: int) -> bool:
+        """The next record for block ``bi`` may omit the block name."""
+        return self._last_block == bi
 
     def command(self, cmd: int, data: bytes = b"") -> None:
         self._out(encode_command(cmd, data))

@@ -8,7 +8,6 @@ vmdesc trailer are copied verbatim, so the result restores the same VM.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable
 from typing import BinaryIO
@@ -19,13 +18,12 @@ from ..errors import OutputError, UnsupportedFeature
 from ..format.constants import Command
 from ..format.migfile import MigrationFile
 from ..format.writer import BlockSpec, MappedRamWriter, StreamWriter, mapped_ram_tail
-from ..memory.copy import RUN_PAGES, WRITEBACK_BYTES, RunCopier
-from ..output import AtomicOutput, output_error
+from ..memory.copy import RUN_PAGES, RunCopier
+from ..output import AtomicOutput, BackgroundWriter, output_error
 
 __all__ = ["convert_file", "device_bytes", "to_mapped_ram", "to_stream"]
 
 Progress = Callable[[int], None]
-_BUFFER = 1 << 20  # write buffer of stream outputs
 
 
 def device_bytes(mf: MigrationFile) -> bytes:
@@ -90,7 +88,13 @@ def to_stream(mf: MigrationFile, write: Callable[[bytes | memoryview], object], 
     copier = RunCopier(mf.fd, 4096, RUN_PAGES, src_name=mf.path)
     for bi, b in enumerate(mf.blocks):
         for run in b.runs(RUN_PAGES):
-            w.pages(bi, run.first, copier.read_run(run))
+            if run.stride == b.page_size and w.continues(bi):
+                # Pages land in their record slots directly: no interleaving copy.
+                rec = w.continuing_records(bi, run.first, run.count)
+                copier.read_records(rec, 8, run.file_offset)
+                w.raw(memoryview(rec).cast("B"))
+            else:
+                w.pages(bi, run.first, copier.read_run(run))
             if progress is not None:
                 progress(run.count * b.page_size)
         # QEMU sends every page in the first pass; zero pages as 9-byte records.
@@ -103,26 +107,6 @@ def to_stream(mf: MigrationFile, write: Callable[[bytes | memoryview], object], 
     w.raw(device_bytes(mf))
     w.finish(_vmdesc(mf))
     return w.bytes_written
-
-
-def _writeback_writer(f: BinaryIO, start: int) -> Callable[[bytes | memoryview], object]:
-    """``f.write`` that starts writeback of what it wrote every WRITEBACK_BYTES, as
-    RunCopier does, so that the final fsync has little left to wait for."""
-    pos = lo = start
-    fd = f.fileno()
-
-    def write(b: bytes | memoryview) -> object:
-        nonlocal pos, lo
-        r = f.write(b)
-        pos += len(b)
-        if pos - lo >= WRITEBACK_BYTES:
-            # Bytes still in f's buffer are not in the page cache yet: covered next time.
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(fd, lo, pos - lo, os.POSIX_FADV_DONTNEED)
-            lo = max(start, pos - _BUFFER)
-        return r
-
-    return write
 
 
 def convert_file(src: str, dst: str, to: str, *, offset: int = 0, src_offset: int | None = None,
@@ -150,11 +134,11 @@ def convert_file(src: str, dst: str, to: str, *, offset: int = 0, src_offset: in
             if to == "mapped-ram":
                 end = to_mapped_ram(mf, ao.fd, start=offset, progress=progress)
             else:
-                f = os.fdopen(os.dup(ao.fd), "wb", buffering=_BUFFER)
-                with f:
-                    if offset:
-                        f.seek(offset)
-                    n = to_stream(mf, _writeback_writer(f, offset), progress=progress)
+                bw = BackgroundWriter(ao.fd, offset)
+                try:
+                    n = to_stream(mf, bw.write, progress=progress)
+                finally:
+                    bw.close()
                 end = offset + n
             ao.commit(end)
             return end
