@@ -107,19 +107,29 @@ def _write_ranges(mf: MigrationFile, placed: list[tuple[PhysRange, int]], fd: in
         copier.copy(_block_runs(pr.block, lo, hi), fd, dst, progress)
 
 
-def extract_physical(mf: MigrationFile, out_path: str | os.PathLike[str], *,
-                     force: bool = False, progress: Progress | None = None) -> list[PhysRange]:
-    """A sparse image of guest-physical memory (x86 pc/q35 layout)."""
-    ranges = physical_ranges(mf)
+def _write_image(mf: MigrationFile, out_path: str | os.PathLike[str], force: bool,
+                 placed: list[tuple[PhysRange, int]], head: bytes, size: int,
+                 progress: Progress | None) -> None:
+    """An atomic output of ``size`` bytes: ``head`` at 0, then each range at its offset."""
     out = AtomicOutput(out_path, force=force)
     try:
-        _write_ranges(mf, [(r, r.gpa) for r in ranges], out.fd, progress)
-        out.commit(max(r.gpa + r.length for r in ranges))
+        if head:
+            os.pwrite(out.fd, head, 0)
+        _write_ranges(mf, placed, out.fd, progress)
+        out.commit(size)
     except OSError as e:
         raise output_error(out.path, e) from e
     finally:
         if not out.done:
             out.abort()
+
+
+def extract_physical(mf: MigrationFile, out_path: str | os.PathLike[str], *,
+                     force: bool = False, progress: Progress | None = None) -> list[PhysRange]:
+    """A sparse image of guest-physical memory (x86 pc/q35 layout)."""
+    ranges = physical_ranges(mf)
+    _write_image(mf, out_path, force, [(r, r.gpa) for r in ranges], b"",
+                 max(r.gpa + r.length for r in ranges), progress)
     return ranges
 
 
@@ -151,14 +161,6 @@ def extract_elf(mf: MigrationFile, out_path: str | os.PathLike[str], *, force: b
         phdrs += _PHDR.pack(PT_LOAD, 0x7, off, r.gpa, r.gpa, r.length, r.length, 4096)
         seg_offsets.append(off)
         off += r.length
-    out = AtomicOutput(out_path, force=force)
-    try:
-        os.pwrite(out.fd, hdr + phdrs, 0)
-        _write_ranges(mf, list(zip(ranges, seg_offsets, strict=True)), out.fd, progress)
-        out.commit(off)
-    except OSError as e:
-        raise output_error(out.path, e) from e
-    finally:
-        if not out.done:
-            out.abort()
+    _write_image(mf, out_path, force, list(zip(ranges, seg_offsets, strict=True)),
+                 hdr + phdrs, off, progress)
     return ranges
