@@ -70,3 +70,10 @@ def test_block_total_must_add_up() -> None:
     b = _ram_start(encode_block_record("pc.ram", 4 * MiB), 2 * MiB)
     with pytest.raises(CorruptFile, match="not a page multiple within the announced total"):
         _walk(b)
+
+
+def test_huge_block_is_refused_before_any_allocation() -> None:
+    b = _ram_start(encode_block_record("pc.ram", 1 << 50), 1 << 50)
+    with pytest.raises(CorruptFile, match="larger than 16 TiB") as ei:
+        _walk(b)
+    assert ei.value.offset == len(b) - 8

@@ -80,3 +80,6 @@ MAX_MACHINE_NAME = 256
 MAX_VMDESC_JSON = 64 << 20
 MAX_CAPABILITIES = 64
 MAX_PAGE_SIZE = 1 << 30
+# A RAMBlock larger than this is taken as corrupt: readers size per-page
+# indexes from it (12 bytes per page for a stream).
+MAX_BLOCK_BYTES = 1 << 44

@@ -21,6 +21,7 @@ from .constants import (
     MAPPED_RAM_FILE_OFFSET_ALIGNMENT,
     MAPPED_RAM_HDR_SIZE,
     MAPPED_RAM_HDR_VERSION,
+    MAX_BLOCK_BYTES,
     MAX_PAGE_SIZE,
     RAM_FLAG_COMPRESS_PAGE,
     RAM_FLAG_CONTINUE,
@@ -194,6 +195,9 @@ class RamStreamState:
                 raise CorruptFile(
                     f"RAMBlock {idstr!r} length 0x{used:x} is not a page multiple within the "
                     f"announced total (0x{left:x} left)", path=r.name, offset=len_at)
+            if used > MAX_BLOCK_BYTES:
+                raise CorruptFile(f"RAMBlock {idstr!r} length 0x{used:x} is larger than "
+                                  f"{MAX_BLOCK_BYTES >> 40} TiB", path=r.name, offset=len_at)
             left -= used
             blk = RAMBlockRecord(idstr, used, rec_at, self.page_size)
             if not self.mapped_ram and not self.ignore_shared:  # both exclude postcopy-ram
