@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -52,6 +53,28 @@ def test_send_mapped_ram_into_qemu(how: str, tmp_path: Path, saved_file: Callabl
         dst.wait_migration(60)
         assert_ram_equal(dst, sf.pmem_path, RAM, sf.machine)
         guest_continues(dst)
+
+
+def test_send_multifd_into_qemu(tmp_path: Path, saved_file: Callable[..., SavedFile],
+                                guest_image: Path) -> None:
+    """Socket multifd as QEMU 10 sends it: a destination with multifd on
+    loads a live mapped-ram save sent on 4 tcp channels, then on 2 unix ones."""
+    sf = saved_file(machine="pc", mode="mapped-ram", live=True)
+    for how, n in (("tcp", 4), ("unix", 2)):
+        with _incoming(tmp_path, guest_image, sf.machine, f"dst-mfd-{how}") as dst:
+            dst.set_caps(multifd=True)
+            dst.set_params(multifd_channels=n)
+            uri = (f"tcp:127.0.0.1:{_free_port()}" if how == "tcp"
+                   else f"unix:{tmp_path / 'mfd.sock'}")
+            dst.migrate_incoming(uri, wait=False)
+            p = subprocess.run([*FIXEDRAM, "send", str(sf.path), uri, "--multifd-channels",
+                                str(n), "--json"], capture_output=True, check=False, timeout=60)
+            assert p.returncode == 0, p.stderr.decode() + dst.log_text()
+            doc = json.loads(p.stdout)
+            assert doc["multifd_channels"] == n and doc["multifd_packets"] > 3 * n
+            dst.wait_migration(60)
+            assert_ram_equal(dst, sf.pmem_path, RAM, sf.machine)
+            guest_continues(dst)
 
 
 def test_send_refuses_bad_destination(tmp_path: Path) -> None:

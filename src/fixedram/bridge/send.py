@@ -3,20 +3,42 @@
 The file (mapped-ram or stream, possibly inside a libvirt image) goes out as
 one single-pass stream with mapped-ram off, the form every QEMU destination
 accepts on ``tcp:``, ``unix:`` and ``exec:`` (stdout).
+
+With ``multifd_channels`` the pages travel as QEMU 10's socket multifd does
+(per-round sync): the main connection carries the stream without page
+records, and N more connections carry page packets, with a SYNC packet on
+every channel wherever the main stream has a MULTIFD_FLUSH record.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
+import socket
+import threading
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, BinaryIO
 
-from ..errors import TransportError, UnsupportedFeature
-from ..format.migfile import MigrationFile
-from ..tools.convert import to_stream
-from ..transports.channels import open_outgoing
-from ..transports.uri import parse_uri
+import numpy as np
+
+from ..errors import FixedramError, TransportError, UnsupportedFeature
+from ..format.migfile import MigrationFile, Run
+from ..format.multifd import encode_init, encode_packet, encode_sync, split_packets
+from ..format.writer import StreamWriter
+from ..memory.copy import RunCopier
+from ..tools.convert import (
+    _had_switchover,
+    _ram_sid,
+    _specs,
+    _vmdesc,
+    device_bytes,
+    to_stream,
+)
+from ..transports.channels import SocketOut, open_outgoing
+from ..transports.uri import MigrationURI, parse_uri
 
 __all__ = ["SendSummary", "send"]
 
@@ -27,14 +49,27 @@ class SendSummary:
     destination: str
     bytes_sent: int = 0
     seconds: float = 0.0
+    multifd_channels: int = 0
+    multifd_packets: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def send(path: str, dest: str, *, stdout: BinaryIO | None = None,
-         offset: int | None = None) -> SendSummary:
-    """Stream ``path`` to ``dest`` (``tcp:HOST:PORT``, ``unix:PATH`` or ``-``)."""
+         offset: int | None = None, multifd_channels: int = 0,
+         uuid: bytes = bytes(16)) -> SendSummary:
+    """Stream ``path`` to ``dest`` (``tcp:HOST:PORT``, ``unix:PATH`` or ``-``).
+
+    :param multifd_channels: send with socket multifd on this many channels;
+        it must equal the destination's ``multifd-channels`` (which has
+        ``multifd`` on and ``mapped-ram`` off).
+    :param uuid: the destination's ``-uuid`` (16 bytes), zeros without one.
+    """
+    if multifd_channels and not 1 <= multifd_channels <= 255:
+        raise TransportError(f"multifd channels must be 1..255, not {multifd_channels}")
+    if len(uuid) != 16:
+        raise ValueError("uuid must be 16 bytes")
     t0 = time.monotonic()
     s = SendSummary(os.path.abspath(path), dest)
     with MigrationFile(path, offset=offset) as mf:
@@ -54,12 +89,206 @@ def send(path: str, dest: str, *, stdout: BinaryIO | None = None,
             if u.kind not in ("tcp", "unix"):
                 raise TransportError(f"cannot send to {dest!r}: use tcp:HOST:PORT, unix:PATH or "
                                      "- (stdout, for QEMU's -incoming exec:)")
-            ch = open_outgoing(u)
-            try:
-                s.bytes_sent = to_stream(mf, ch.write)
-                ch.commit()
-            except BaseException:
-                ch.abort()
-                raise
+            if multifd_channels:
+                s.multifd_channels = multifd_channels
+                s.bytes_sent, s.multifd_packets = _send_multifd(mf, u, multifd_channels, uuid)
+            else:
+                ch = open_outgoing(u)
+                try:
+                    s.bytes_sent = to_stream(mf, ch.write)
+                    ch.commit()
+                except BaseException:
+                    ch.abort()
+                    raise
     s.seconds = round(time.monotonic() - t0, 3)
     return s
+
+
+# Packets a channel may have queued: enough to keep its socket busy, little
+# enough that a failed peer is noticed quickly.
+QUEUE_DEPTH = 8
+
+_Item = tuple[bytes, list[Run]] | None
+
+
+class _Channel:
+    """One multifd connection: a thread sending queued packets in order.
+
+    Page data go from the input file to the socket with ``sendfile`` when
+    they are contiguous there (mapped-ram), so they are never copied
+    through Python.
+    """
+
+    def __init__(self, uri: MigrationURI, cid: int, uuid: bytes, mf: MigrationFile,
+                 failed: threading.Event) -> None:
+        self.name = f"multifd channel {cid}"
+        self.out = SocketOut(uri)
+        self.sock = self.out.sock
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        self.mf = mf
+        self.copier = RunCopier(mf.fd, 4096, 128, src_name=mf.path)
+        self.q: queue.Queue[_Item] = queue.Queue(QUEUE_DEPTH)
+        self.failed = failed
+        self.error: BaseException | None = None
+        self.bytes = 0
+        self._send(encode_init(cid, uuid))
+        self.t = threading.Thread(target=self._run, daemon=True, name=self.name)
+        self.t.start()
+
+    def put(self, item: _Item) -> None:
+        while True:
+            if self.failed.is_set():
+                raise _ChannelFailed
+            try:
+                self.q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _send(self, b: bytes | memoryview) -> None:
+        try:
+            self.sock.sendall(b)
+        except OSError as e:
+            raise TransportError(f"{self.name}: {e.strerror or e} (did QEMU reject the "
+                                 "migration? see its log)", e) from e
+        self.bytes += len(b)
+
+    def _sendfile(self, offset: int, n: int) -> None:
+        done = 0
+        while done < n:
+            try:
+                k = os.sendfile(self.sock.fileno(), self.mf.fd, offset + done, n - done)
+            except OSError as e:
+                raise TransportError(f"{self.name}: {e.strerror or e} (did QEMU reject the "
+                                     "migration? see its log)", e) from e
+            if k == 0:
+                raise TransportError(f"{self.mf.path}: page data end early at {offset + done}")
+            done += k
+        self.bytes += n
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self.q.get()
+                if item is None:
+                    return
+                hdr, runs = item
+                self._send(hdr)
+                for run in runs:
+                    if run.stride == 4096:
+                        self._sendfile(run.file_offset, run.count * 4096)
+                    else:
+                        self._send(self.copier.read_run(run))
+        except BaseException as e:
+            self.error = e
+            self.failed.set()
+
+    def finish(self) -> None:
+        self.put(None)
+        self.t.join()
+
+    def close(self) -> None:
+        self.out.close()
+
+
+class _ChannelFailed(Exception):
+    """A channel thread stopped; its own error is reported instead."""
+
+
+def _send_multifd(mf: MigrationFile, u: MigrationURI, n: int, uuid: bytes) -> tuple[int, int]:
+    """The whole migration over a main connection and ``n`` multifd ones;
+    returns (bytes sent on all connections, multifd packets)."""
+    main = open_outgoing(u)
+    chans: list[_Channel] = []
+    failed = threading.Event()
+    pkt = _Packets(chans)
+    try:
+        try:
+            caps = [c for c in mf.capabilities if c != "mapped-ram"]
+            w = StreamWriter(main.write, mf.machine, _specs(mf), capabilities=caps,
+                             ram_section_id=_ram_sid(mf))
+            # The destination sorts connections by their first bytes, so the
+            # main one must carry something before the others connect.
+            w.begin(multifd_flush=True)
+            main.flush()
+            for i in range(n):
+                chans.append(_Channel(u, i, uuid, mf, failed))
+            pkt.sync()  # the setup sync, paired with the FLUSH sent above
+            w.begin_part()
+            for b in mf.blocks:
+                pkt.block_pages(b.idstr, b.runs(128), np.flatnonzero(~b.present()))
+            pkt.sync()  # end of the (only) round
+            w.multifd_flush()
+            w.end_part()
+            if _had_switchover(mf):
+                w.switchover_start()
+            w.begin_part(end=True)
+            pkt.sync()  # QEMU's completion sync
+            w.multifd_flush()
+            w.end_part()
+            w.raw(device_bytes(mf))
+            w.finish(_vmdesc(mf))
+            main.flush()
+            for c in chans:
+                c.finish()
+        except _ChannelFailed:
+            pass
+        for c in chans:
+            if c.error is not None:
+                raise c.error
+        main.commit()
+        return main.bytes_out + sum(c.bytes for c in chans), pkt.num
+    except BaseException as e:
+        failed.set()
+        main.abort()
+        if isinstance(e, FixedramError):
+            raise
+        if isinstance(e, OSError):
+            raise TransportError(f"{u.text}: {e.strerror or e}", e) from e
+        raise
+    finally:
+        for c in chans:
+            c.close()
+
+
+class _Packets:
+    """Cuts a block's pages into packets, numbers them globally and deals
+    them out round-robin (QEMU hands each batch to the next idle channel;
+    which channel carries a page does not matter to the destination)."""
+
+    def __init__(self, chans: list[_Channel]) -> None:
+        self.chans = chans
+        self.num = 0
+        self.next = 0
+
+    def _deal(self, hdr: bytes, runs: list[Run]) -> None:
+        self.chans[self.next].put((hdr, runs))
+        self.next = (self.next + 1) % len(self.chans)
+        self.num += 1
+
+    def block_pages(self, idstr: str, runs: Iterable[Run], zero: np.ndarray) -> None:
+        batch: list[Run] = []
+        count = 0
+        for run in runs:
+            if count + run.count > 128:
+                self._flush(idstr, batch)
+                batch, count = [], 0
+            batch.append(run)
+            count += run.count
+        if batch:
+            self._flush(idstr, batch)
+        empty = np.zeros(0, dtype=np.int64)
+        for part in split_packets(zero):
+            self._deal(encode_packet(0, self.num, idstr, empty, part), [])
+
+    def _flush(self, idstr: str, batch: list[Run]) -> None:
+        pages = np.concatenate([np.arange(r.first, r.first + r.count, dtype=np.int64)
+                                for r in batch])
+        self._deal(encode_packet(0, self.num, idstr, pages, np.zeros(0, dtype=np.int64)),
+                   batch)
+
+    def sync(self) -> None:
+        for c in self.chans:
+            c.put((encode_sync(self.num), []))
+            self.num += 1

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from ..errors import TransportError
 from .main import _EXTRA, _size
 
 
@@ -31,7 +32,18 @@ def cmd_receive(a: argparse.Namespace) -> int:
 def cmd_send(a: argparse.Namespace) -> int:
     from ..bridge.send import send
 
-    s = send(a.file, a.destination, stdout=sys.stdout.buffer, offset=a.offset)
+    uuid = bytes(16)
+    if a.uuid:
+        import uuid as uuidlib
+
+        try:
+            uuid = uuidlib.UUID(a.uuid).bytes
+        except ValueError:
+            raise TransportError(f"--uuid {a.uuid!r} is not a UUID") from None
+    if a.multifd_channels and a.destination == "-":
+        raise TransportError("--multifd-channels needs a tcp: or unix: destination")
+    s = send(a.file, a.destination, stdout=sys.stdout.buffer, offset=a.offset,
+             multifd_channels=a.multifd_channels, uuid=uuid)
     if a.json:
         json.dump(s.as_dict(), sys.stderr if a.destination == "-" else sys.stdout, indent=2)
         (sys.stderr if a.destination == "-" else sys.stdout).write("\n")
@@ -56,6 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="tcp:HOST:PORT, unix:PATH, or - for stdout (QEMU: -incoming "
                         "\"exec:fixedram send FILE -\")")
     s.add_argument("--offset", type=_size, default=None, help="stream start in FILE")
+    s.add_argument("--multifd-channels", type=int, default=0, metavar="N",
+                   help="send with socket multifd on N channels; the destination must have "
+                        "capability multifd on and multifd-channels N")
+    s.add_argument("--uuid", default=None,
+                   help="the destination's -uuid (multifd channels are checked against it)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_send)
 

@@ -28,7 +28,9 @@ __all__ = [
     "decode_packet",
     "encode_init",
     "encode_packet",
+    "encode_sync",
     "packet_size",
+    "split_packets",
 ]
 
 MULTIFD_MAGIC = 0x11223344
@@ -147,15 +149,34 @@ def decode_packet(raw: bytes | memoryview, page_size: int = 4096, *, name: str =
 
 def encode_packet(flags: int, packet_num: int, ramblock: str, normal: np.ndarray,
                   zero: np.ndarray, page_size: int = 4096) -> bytes:
-    """A header block as QEMU sends it (for the sending bridge and tests)."""
+    """A header block as QEMU sends it: ``normal`` and ``zero`` are page
+    indices; the normal pages' data must follow it, in ``normal`` order."""
     slots = MULTIFD_PACKET_SIZE // page_size
     n, z = int(normal.size), int(zero.size)
     if n + z > slots:
         raise ValueError("too many pages for one packet")
+    name = ramblock.encode()
+    if len(name) > 255:  # the field keeps a NUL terminator
+        raise ValueError(f"RAMBlock name too long for a multifd packet: {ramblock!r}")
+    if (n or z) and not name:
+        raise ValueError("a packet with pages needs its RAMBlock name")
+    # QEMU fills pages_alloc with the slot count, except in the empty SYNC packets.
     alloc = slots if n + z else 0
     hdr = _HDR.pack(MULTIFD_MAGIC, MULTIFD_VERSION, flags, alloc, n, n * page_size,
-                    packet_num, z, 0, ramblock.encode())
+                    packet_num, z, 0, name)
     offs = np.zeros(slots, dtype=">u8")
     offs[:n] = normal.astype(np.uint64) * page_size
     offs[n:n + z] = zero.astype(np.uint64) * page_size
     return hdr + offs.tobytes()
+
+
+def encode_sync(packet_num: int, page_size: int = 4096) -> bytes:
+    """An empty SYNC packet (the per-channel half of a multifd sync point)."""
+    empty = np.zeros(0, dtype=np.int64)
+    return encode_packet(FLAG_SYNC, packet_num, "", empty, empty, page_size)
+
+
+def split_packets(pages: np.ndarray, page_size: int = 4096) -> list[np.ndarray]:
+    """Page indices cut into packet-sized pieces (QEMU's 512 KiB batches)."""
+    slots = MULTIFD_PACKET_SIZE // page_size
+    return [pages[i:i + slots] for i in range(0, pages.size, slots)]

@@ -24,6 +24,7 @@ from .constants import (
     RAM_FLAG_CONTINUE,
     RAM_FLAG_EOS,
     RAM_FLAG_MEM_SIZE,
+    RAM_FLAG_MULTIFD_FLUSH,
     RAM_FLAG_PAGE,
     RAM_FLAG_ZERO,
     RAM_SECTION_NAME,
@@ -51,6 +52,7 @@ __all__ = [
 ]
 
 EOS = BE64.pack(RAM_FLAG_EOS)
+MULTIFD_FLUSH = BE64.pack(RAM_FLAG_MULTIFD_FLUSH)
 DEFAULT_RAM_SECTION_ID = 2
 
 
@@ -118,8 +120,12 @@ class StreamWriter:
         self._write(b)
         self.bytes_written += len(b)
 
-    def begin(self) -> None:
-        """Header, configuration and the START ram section with the block list."""
+    def begin(self, multifd_flush: bool = False) -> None:
+        """Header, configuration and the START ram section with the block list.
+
+        :param multifd_flush: end the block list with a MULTIFD_FLUSH record,
+            as a socket-multifd source does after its setup sync.
+        """
         total = sum(b.used_length for b in self.blocks)
         out = bytearray(encode_header(self.machine, self.caps))
         out += encode_section_full(SectionType.START, self.sid, RAM_SECTION_NAME, 0,
@@ -127,6 +133,8 @@ class StreamWriter:
         out += BE64.pack(total | RAM_FLAG_MEM_SIZE)
         for b in self.blocks:
             out += encode_block_record(b.idstr, b.used_length)
+        if multifd_flush:
+            out += MULTIFD_FLUSH
         out += EOS + encode_footer(self.sid)
         self._out(bytes(out))
 
@@ -134,6 +142,13 @@ class StreamWriter:
         """Open a PART (or, for the final pass, END) ram section."""
         self._out(encode_section_part(SectionType.END if end else SectionType.PART, self.sid))
         self._in_section = True
+
+    def multifd_flush(self) -> None:
+        """A MULTIFD_FLUSH record: the destination waits here until every
+        multifd channel has delivered its SYNC packet."""
+        if not self._in_section:
+            raise ValueError("MULTIFD_FLUSH belongs inside a ram section")
+        self._out(MULTIFD_FLUSH)
 
     def end_part(self) -> None:
         self._out(EOS + encode_footer(self.sid))
