@@ -16,6 +16,7 @@ import contextlib
 import os
 import queue
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterable
@@ -107,6 +108,9 @@ def send(path: str, dest: str, *, stdout: BinaryIO | None = None,
 # Packets a channel may have queued: enough to keep its socket busy, little
 # enough that a failed peer is noticed quickly.
 QUEUE_DEPTH = 8
+# A destination that stops reading for this long is stuck (typically it
+# waits for more channels than were opened: multifd-channels differs).
+STALL_SECONDS = 60
 
 _Item = tuple[bytes, list[Run]] | None
 
@@ -126,6 +130,9 @@ class _Channel:
         self.sock = self.out.sock
         with contextlib.suppress(OSError):
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            # Kernel-side timeout: the socket stays blocking for sendfile.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                                 struct.pack("ll", STALL_SECONDS, 0))
         self.mf = mf
         self.copier = RunCopier(mf.fd, 4096, 128, src_name=mf.path)
         self.q: queue.Queue[_Item] = queue.Queue(QUEUE_DEPTH)
@@ -146,9 +153,15 @@ class _Channel:
             except queue.Full:
                 continue
 
+    def _stalled(self) -> TransportError:
+        return TransportError(f"{self.name}: the destination read nothing for {STALL_SECONDS} s "
+                              "(is its multifd-channels the same as --multifd-channels?)")
+
     def _send(self, b: bytes | memoryview) -> None:
         try:
             self.sock.sendall(b)
+        except BlockingIOError:
+            raise self._stalled() from None
         except OSError as e:
             raise TransportError(f"{self.name}: {e.strerror or e} (did QEMU reject the "
                                  "migration? see its log)", e) from e
@@ -159,6 +172,8 @@ class _Channel:
         while done < n:
             try:
                 k = os.sendfile(self.sock.fileno(), self.mf.fd, offset + done, n - done)
+            except BlockingIOError:
+                raise self._stalled() from None
             except OSError as e:
                 raise TransportError(f"{self.name}: {e.strerror or e} (did QEMU reject the "
                                      "migration? see its log)", e) from e
