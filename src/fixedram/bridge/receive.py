@@ -12,6 +12,7 @@ round's, which is the ordering QEMU's own destination enforces.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import sys
@@ -46,7 +47,7 @@ from ..format.stream import SectionHeader
 from ..format.walker import DeviceSection, StreamEvents, walk_stream
 from ..format.writer import BlockSpec, MappedRamWriter, encode_device_section, mapped_ram_tail
 from ..output import AtomicOutput, output_error
-from .net import FdReader, Listener, SocketReader, peek4, recv_exact
+from .net import FdReader, Listener, SocketReader, Splicer, peek4, recv_exact
 
 __all__ = ["ReceiveSummary", "receive"]
 
@@ -158,18 +159,33 @@ class _Receiver(StreamEvents):
 
 def write_runs(w: MappedRamWriter, bi: int, idx: np.ndarray, data: np.ndarray,
                fd: int | None = None) -> None:
-    """pwrite pages ``data[k]`` to page ``idx[k]``, one call per consecutive run."""
+    """pwrite pages ``data[k]`` to page ``idx[k]``, one call per consecutive run.
+
+    Strided pages (the data slots of stream records) go out with ``pwritev``
+    over per-page views of one flat view of the buffer, so they are never
+    gathered into a contiguous copy first.
+    """
     n = idx.size
     if n == 0:
         return
-    brk = np.flatnonzero(np.diff(idx) != 1) + 1
-    bounds = [0, *brk.tolist(), n]
-    starts = idx[bounds[:-1]].tolist()
+    if n == 1 or bool((idx[1:] - idx[:-1] == 1).all()):
+        bounds = [0, n]
+    else:
+        brk = np.flatnonzero(np.diff(idx) != 1) + 1
+        bounds = [0, *brk.tolist(), n]
+    starts = idx[bounds[:-1]].tolist() if len(bounds) > 2 else [int(idx[0])]
+    ps = data.shape[1]
+    if data.flags.c_contiguous:
+        for a, b, first in zip(bounds[:-1], bounds[1:], starts, strict=True):
+            w.write_pages(bi, first, data[a:b], fd=fd)
+        return
+    st = data.strides[0]
+    # One flat byte view from the first page to the end of the last.
+    flat = memoryview(np.lib.stride_tricks.as_strided(
+        data[0], shape=((n - 1) * st + ps,), strides=(1,), writeable=False))
     for a, b, first in zip(bounds[:-1], bounds[1:], starts, strict=True):
-        chunk = data[a:b]
-        if not chunk.flags.c_contiguous:
-            chunk = np.ascontiguousarray(chunk)
-        w.write_pages(bi, first, chunk, fd=fd)
+        w.write_pages_iov(bi, first, [flat[o:o + ps] for o in range(a * st, b * st, st)],
+                          fd=fd)
 
 
 class _Multifd:
@@ -261,6 +277,17 @@ class _Multifd:
         hsize = packet_size(ps)
         hdr = bytearray(hsize)
         payload = bytearray(512 << 10)
+        splicer = Splicer.create()
+        try:
+            self._packets(sock, counter, name, hdr, payload, splicer)
+        finally:
+            if splicer is not None:
+                splicer.close()
+
+    def _packets(self, sock: socket.socket, counter: list[int], name: str, hdr: bytearray,
+                 payload: bytearray, splicer: Splicer | None) -> None:
+        ps = 4096
+        hsize = len(hdr)
         rx = self.rx
         while True:
             if not recv_exact(sock, memoryview(hdr), name):
@@ -282,7 +309,19 @@ class _Multifd:
                         p.zero.size and int(p.zero.max()) >= npages):
                     raise _corrupt(name, f"multifd page offset outside RAMBlock "
                                          f"{p.ramblock!r}")
-                if p.next_packet_size:
+                if p.next_packet_size and splicer is not None:
+                    try:
+                        _splice_pages(splicer, sock, w, bi, p.normal, name)
+                    except OSError as e:
+                        if e.errno != errno.EINVAL:
+                            raise
+                        splicer.close()
+                        splicer = None  # not spliceable here: recv + pwrite below
+                    else:
+                        counter[0] += p.next_packet_size
+                        rx._count(bi, p.normal)
+                        rx.s.page_records += p.normal.size
+                if p.next_packet_size and splicer is None:
                     mv = memoryview(payload)[:p.next_packet_size]
                     if not recv_exact(sock, mv, name):
                         raise TransportError(f"{name}: ended before the page data")
@@ -335,6 +374,23 @@ class _Multifd:
         for s in self.socks:
             with contextlib.suppress(OSError):
                 s.close()
+
+
+def _splice_pages(sp: Splicer, sock: socket.socket, w: MappedRamWriter, bi: int,
+                  idx: np.ndarray, name: str) -> None:
+    """A packet's page data spliced from the socket to their offsets, one
+    splice per run of consecutive pages."""
+    n = idx.size
+    ps = w.placed[bi].spec.page_size
+    if n == 1 or bool((idx[1:] - idx[:-1] == 1).all()):
+        runs = [(int(idx[0]), n)]
+    else:
+        brk = [0, *(np.flatnonzero(np.diff(idx) != 1) + 1).tolist(), n]
+        firsts = idx[brk[:-1]].tolist()
+        runs = [(f, b - a) for f, a, b in zip(firsts, brk[:-1], brk[1:], strict=True)]
+    for first, cnt in runs:
+        sp.copy(sock, w.fd, w.page_offset(bi, first), cnt * ps, name)
+        w.set_present(bi, slice(first, first + cnt))
 
 
 def _corrupt(name: str, msg: str) -> FormatError:
