@@ -204,7 +204,9 @@ class _Channel:
         self.t.join()
 
     def close(self) -> None:
-        self.out.close()
+        self.out.close()  # shutdown wakes a thread blocked in send
+        with contextlib.suppress(queue.Full):
+            self.q.put_nowait(None)  # and this one blocked waiting for work
 
 
 class _ChannelFailed(Exception):
