@@ -161,31 +161,20 @@ def write_runs(w: MappedRamWriter, bi: int, idx: np.ndarray, data: np.ndarray,
                fd: int | None = None) -> None:
     """pwrite pages ``data[k]`` to page ``idx[k]``, one call per consecutive run.
 
-    Strided pages (the data slots of stream records) go out with ``pwritev``
-    over per-page views of one flat view of the buffer, so they are never
-    gathered into a contiguous copy first.
+    Strided pages (stream record slots) are gathered into one contiguous
+    buffer first: measured faster than ``pwritev`` over per-page views.
     """
     n = idx.size
     if n == 0:
         return
-    if n == 1 or bool((idx[1:] - idx[:-1] == 1).all()):
-        bounds = [0, n]
-    else:
-        brk = np.flatnonzero(np.diff(idx) != 1) + 1
-        bounds = [0, *brk.tolist(), n]
-    starts = idx[bounds[:-1]].tolist() if len(bounds) > 2 else [int(idx[0])]
-    ps = data.shape[1]
-    if data.flags.c_contiguous:
-        for a, b, first in zip(bounds[:-1], bounds[1:], starts, strict=True):
-            w.write_pages(bi, first, data[a:b], fd=fd)
-        return
-    st = data.strides[0]
-    # One flat byte view from the first page to the end of the last.
-    flat = memoryview(np.lib.stride_tricks.as_strided(
-        data[0], shape=((n - 1) * st + ps,), strides=(1,), writeable=False))
+    brk = np.flatnonzero(np.diff(idx) != 1) + 1
+    bounds = [0, *brk.tolist(), n]
+    starts = idx[bounds[:-1]].tolist()
     for a, b, first in zip(bounds[:-1], bounds[1:], starts, strict=True):
-        w.write_pages_iov(bi, first, [flat[o:o + ps] for o in range(a * st, b * st, st)],
-                          fd=fd)
+        chunk = data[a:b]
+        if not chunk.flags.c_contiguous:
+            chunk = np.ascontiguousarray(chunk)
+        w.write_pages(bi, first, chunk, fd=fd)
 
 
 class _Multifd:

@@ -52,7 +52,6 @@ __all__ = [
 ]
 
 EOS = BE64.pack(RAM_FLAG_EOS)
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 MULTIFD_FLUSH = BE64.pack(RAM_FLAG_MULTIFD_FLUSH)
 DEFAULT_RAM_SECTION_ID = 2
 
@@ -325,29 +324,6 @@ class MappedRamWriter:
         w = self.fd if fd is None else fd
         while done < len(mv):
             done += os.pwrite(w, mv[done:], off + done)
-        self.bitmaps[bi][first:first + n] = True
-
-    def write_pages_iov(self, bi: int, first: int, pages: Sequence[memoryview],
-                        fd: int | None = None) -> None:
-        """Like :meth:`write_pages` for pages given as one buffer each (e.g.
-        the data slots of stream records): ``pwritev``, no gathering copy."""
-        p = self.placed[bi]
-        ps = p.spec.page_size
-        n = len(pages)
-        if first < 0 or first + n > p.spec.npages:
-            raise ValueError(f"pages {first}..{first + n} outside RAMBlock {p.spec.idstr!r}")
-        w = self.fd if fd is None else fd
-        off = p.pages_offset + first * ps
-        for a in range(0, n, _IOV_MAX):
-            part = pages[a:a + _IOV_MAX]
-            want = len(part) * ps
-            done = os.pwritev(w, part, off + a * ps)
-            if done < want:  # rare short write: finish page by page
-                for k, v in enumerate(part):
-                    lo = k * ps
-                    while done < lo + ps:
-                        skip = max(0, done - lo)
-                        done += os.pwrite(w, v[skip:], off + (a + k) * ps + skip)
         self.bitmaps[bi][first:first + n] = True
 
     def mark_zero(self, bi: int, pages: np.ndarray | slice | int) -> None:
