@@ -4,7 +4,9 @@ Runs come from :meth:`fixedram.format.migfile.RAMBlock.runs`. A run whose
 pages are contiguous in the source (mapped-ram) is copied in the kernel with
 ``copy_file_range``; a run of stream page records (data every 4104 bytes) is
 read in one ``preadv`` and its pages gathered with a strided numpy view.
-Pages never written stay holes, so outputs are sparse.
+Pages never written stay holes, so outputs are sparse. Gathered runs are
+written by a second thread while the next run is read and gathered: both are
+system calls or numpy copies that release the GIL.
 
 Written ranges are handed to writeback as the copy goes (``posix_fadvise``
 DONTNEED every few MiB): the disk works while we copy, the final fsync of an
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -49,12 +53,27 @@ class RunCopier:
         self.src_name = src_name
         self._gather = bytearray(max_pages * (page_size + 64))
         self._out = np.empty((max_pages, page_size), dtype=np.uint8)
+        # Gathered runs rotate through three buffers: one being filled, one
+        # queued, one being written (the queue holds at most one).
+        # (Separate from _out, which the synchronous paths use.)
+        self._ring = [np.empty_like(self._out) for _ in range(3)]
+        self._ring_i = 0
+        self._q: queue.Queue[tuple[int, memoryview, int] | None] | None = None
+        self._writer: threading.Thread | None = None
+        self._werr: OSError | None = None
         self._kernel_copy = hasattr(os, "copy_file_range")
         self._writeback = hasattr(os, "posix_fadvise")
 
     def copy(self, runs: Iterable[Run], dst_fd: int, dst_base: int,
              progress: Callable[[int], None] | None = None) -> int:
         """Write each run's pages at ``dst_base + first * page_size``; return bytes."""
+        try:
+            return self._copy(runs, dst_fd, dst_base, progress)
+        finally:
+            self._stop_writer()
+
+    def _copy(self, runs: Iterable[Run], dst_fd: int, dst_base: int,
+              progress: Callable[[int], None] | None) -> int:
         total = 0
         ps = self.ps
         lo, hi = -1, 0  # output range written since the last writeback
@@ -69,13 +88,57 @@ class RunCopier:
             lo = dst if lo < 0 else min(lo, dst)
             hi = max(hi, dst + n)
             if hi - lo >= WRITEBACK_BYTES:
+                self._drain()  # writeback can only start on what has been written
                 self._start_writeback(dst_fd, lo, hi)
                 lo, hi = -1, 0
             if progress is not None:
                 progress(n)
+        self._drain()
         if lo >= 0:
             self._start_writeback(dst_fd, lo, hi)
         return total
+
+    # -- the writing thread -----------------------------------------------
+
+    def _write_loop(self, q: queue.Queue[tuple[int, memoryview, int] | None]) -> None:
+        while True:
+            item = q.get()
+            try:
+                if item is None:
+                    return
+                fd, data, off = item
+                if self._werr is None:
+                    done = 0
+                    while done < len(data):
+                        done += os.pwrite(fd, data[done:], off + done)
+            except OSError as e:
+                self._werr = e
+            finally:
+                q.task_done()
+
+    def _queue_write(self, fd: int, data: memoryview, off: int) -> None:
+        if self._q is None:
+            self._q = queue.Queue(maxsize=1)
+            self._writer = threading.Thread(target=self._write_loop, args=(self._q,),
+                                            name="fixedram-copy-writer", daemon=True)
+            self._writer.start()
+        if self._werr is not None:
+            raise self._werr
+        self._q.put((fd, data, off))
+
+    def _drain(self) -> None:
+        """Wait until every queued write is done; re-raise a write error."""
+        if self._q is not None:
+            self._q.join()
+        if self._werr is not None:
+            err, self._werr = self._werr, None
+            raise err
+
+    def _stop_writer(self) -> None:
+        if self._q is not None and self._writer is not None:
+            self._q.put(None)
+            self._writer.join()
+        self._q, self._writer = None, None
 
     def _start_writeback(self, fd: int, lo: int, hi: int) -> None:
         # DONTNEED starts asynchronous writeback of dirty pages in the range
@@ -153,14 +216,12 @@ class RunCopier:
         mv = memoryview(self._gather)
         self._pread_into(mv[:span], run.file_offset)
         src = np.frombuffer(self._gather, dtype=np.uint8, count=cnt * st).reshape(cnt, st)
-        if cnt > self._out.shape[0]:
-            self._out = np.empty((cnt, ps), dtype=np.uint8)
-        out = self._out[:cnt]
+        self._ring_i = (self._ring_i + 1) % len(self._ring)
+        if cnt > self._ring[self._ring_i].shape[0]:
+            self._ring[self._ring_i] = np.empty((cnt, ps), dtype=np.uint8)
+        out = self._ring[self._ring_i][:cnt]
         np.copyto(out, src[:, :ps])
         return memoryview(out).cast("B")
 
     def _copy_strided(self, run: Run, dst_fd: int, dst: int) -> None:
-        data = self._gather_strided(run)
-        done = 0
-        while done < len(data):
-            done += os.pwrite(dst_fd, data[done:], dst + done)
+        self._queue_write(dst_fd, self._gather_strided(run), dst)
