@@ -47,6 +47,13 @@ class Run:
     file_offset: int
     stride: int
 
+    def clip(self, lo: int, hi: int) -> Run | None:
+        """The part of this run within pages [lo, hi), or None."""
+        a, b = max(self.first, lo), min(self.first + self.count, hi)
+        if a >= b:
+            return None
+        return Run(a, b - a, self.file_offset + (a - self.first) * self.stride, self.stride)
+
 
 def find_stream_start(fd: int, size: int, path: str, limit: int = MAX_START_SEARCH) -> int:
     """Offset of the QEVM magic: 0, or after a prefix (file offset, libvirt header)."""

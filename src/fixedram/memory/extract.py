@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable
 
 from ..errors import OutputError
-from ..format.migfile import MigrationFile, RAMBlock, Run
+from ..format.migfile import MigrationFile
 from ..output import AtomicOutput, output_error
 from .copy import RUN_PAGES, RunCopier
 from .layout import PhysRange, physical_ranges
@@ -42,16 +42,6 @@ def safe_block_filename(idstr: str) -> str:
 
 def total_bytes(mf: MigrationFile) -> int:
     return sum(b.pages_present * b.page_size for b in mf.blocks)
-
-
-def _block_runs(block: RAMBlock, lo: int, hi: int) -> list[Run]:
-    """Runs of ``block`` clipped to pages [lo, hi), rebased to lo."""
-    out: list[Run] = []
-    for r in block.runs(RUN_PAGES):
-        a, b = max(r.first, lo), min(r.first + r.count, hi)
-        if a < b:
-            out.append(Run(a - lo, b - a, r.file_offset + (a - r.first) * r.stride, r.stride))
-    return out
 
 
 def extract_raw(mf: MigrationFile, outdir: str | os.PathLike[str], *, force: bool = False,
@@ -104,7 +94,9 @@ def _write_ranges(mf: MigrationFile, placed: list[tuple[PhysRange, int]], fd: in
     for pr, dst in placed:
         ps = pr.block.page_size
         lo, hi = pr.block_offset // ps, (pr.block_offset + pr.length) // ps
-        copier.copy(_block_runs(pr.block, lo, hi), fd, dst, progress)
+        runs = (c for r in pr.block.runs(RUN_PAGES) if (c := r.clip(lo, hi)) is not None)
+        # Runs keep their block page numbers: shift the base so page lo lands at dst.
+        copier.copy(runs, fd, dst - lo * ps, progress)
 
 
 def _write_image(mf: MigrationFile, out_path: str | os.PathLike[str], force: bool,

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
 from ..format.migfile import RAMBlock, Run
 from .copy import RunCopier
 
-__all__ = ["clip_runs", "iter_chunks"]
-
-
-def clip_runs(runs: Iterable[Run], lo: int, hi: int) -> Iterator[Run]:
-    """Runs restricted to pages [lo, hi) (page numbers stay absolute)."""
-    for r in runs:
-        a, b = max(r.first, lo), min(r.first + r.count, hi)
-        if a < b:
-            yield Run(a, b - a, r.file_offset + (a - r.first) * r.stride, r.stride)
+__all__ = ["iter_chunks"]
 
 
 def iter_chunks(block: RAMBlock, chunk_pages: int = 4096,
@@ -36,11 +28,10 @@ def iter_chunks(block: RAMBlock, chunk_pages: int = 4096,
         view = buf[: hi - lo]
         view.fill(0)
         while pending is not None and pending.first < hi:
-            a = max(pending.first, lo)
-            b = min(pending.first + pending.count, hi)
-            part = Run(a, b - a, pending.file_offset + (a - pending.first) * pending.stride,
-                       pending.stride if b - a > 1 else ps)
+            part = pending.clip(lo, hi)
+            assert part is not None  # pending starts below hi and ends above lo
             data = copier.read_run(part)
+            a, b = part.first, part.first + part.count
             view[a - lo:b - lo] = np.frombuffer(data, dtype=np.uint8).reshape(b - a, ps)
             if pending.first + pending.count <= hi:
                 pending = next(runs, None)
