@@ -142,8 +142,8 @@ class RAMBlock:
     # -- page validity -------------------------------------------------------
 
     @cached_property
-    def bitmap(self) -> np.ndarray:
-        """Mapped-ram only: the file's bitmap as one bool per page."""
+    def _bitmap_bits(self) -> np.ndarray:
+        """Every bit of the on-disk bitmap (whole words, so past the last page too)."""
         m = self.record.mapped
         if m is None:
             raise TypeError("bitmap exists only in mapped-ram files")
@@ -157,17 +157,17 @@ class RAMBlock:
             raise CorruptFile(f"short read of the bitmap of RAMBlock {self.idstr!r}",
                               path=mf.path, offset=m.bitmap_offset)
         # 64-bit little-endian unsigned longs: byte i/8, bit i%8, LSB first.
-        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
-        return bits[: self.npages].astype(bool)
+        return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+
+    @cached_property
+    def bitmap(self) -> np.ndarray:
+        """Mapped-ram only: the file's bitmap as one bool per page."""
+        return self._bitmap_bits[: self.npages].astype(bool)
 
     @property
     def bitmap_tail_clean(self) -> bool:
         """True when no bit past the last page is set (a sanity check)."""
-        m = self.record.mapped
-        assert m is not None
-        raw = os.pread(self._mf.fd, self.record.bitmap_bytes, m.bitmap_offset)
-        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
-        return not bits[self.npages:].any()
+        return not self._bitmap_bits[self.npages:].any()
 
     @property
     def _loc(self) -> np.ndarray:
