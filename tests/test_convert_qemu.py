@@ -58,7 +58,7 @@ def test_live_stream_to_mapped_ram_loads(live_stream: SavedFile, tmp_path: Path,
     with MigrationFile(out) as mf, MigrationFile(src.path) as orig:
         assert mf.format == "mapped-ram" and mf.complete
         assert orig.passes >= 2
-        dev_bytes = sum(d.end - d.offset for d in orig.devices)
+        dev_bytes = sum(d.end - d.offset for d in orig.sections)
         bound = (sum(b.used_length for b in mf.blocks) + len(mf.blocks) * MiB + dev_bytes
                  + (mf.summary.vmdesc.end - mf.summary.vmdesc.offset if mf.summary.vmdesc
                     else 0) + 4096)

@@ -44,7 +44,7 @@ def _cut_points(path: Path) -> list[int]:
                 m = rec.mapped
                 pts.update((m.offset + 10, m.bitmap_offset + 3, m.pages_offset + 4096,
                             m.pages_offset + blk.used_length - 1))
-        for dev in mf.devices:
+        for dev in mf.sections:
             pts.update((dev.data_offset + dev.data_length // 2, dev.end - 2))
         eof = mf.summary.eof_offset
         assert eof is not None

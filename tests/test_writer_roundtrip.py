@@ -83,7 +83,7 @@ def test_stream_roundtrip_and_convert(tmp_path: Path,
     for p in (src, out, back):
         with MigrationFile(p) as mf:
             assert mf.complete and [b.idstr for b in mf.blocks] == [b.idstr for b in blocks]
-            assert [d.idstr for d in mf.devices] == ["timer"]
+            assert [d.idstr for d in mf.sections] == ["timer"]
             for bi, blk in enumerate(mf.blocks):
                 present = blk.present()
                 for pg in range(blk.npages):

@@ -48,7 +48,7 @@ def describe(mf: MigrationFile) -> dict[str, Any]:
         "devices": [
             {"idstr": d.idstr, "instance_id": d.instance_id, "version_id": d.version_id,
              "offset": d.offset, "length": d.data_length}
-            for d in mf.devices
+            for d in mf.sections
         ],
         "commands": [{"offset": o, "cmd": c} for o, c, _ in mf.summary.commands],
         "eof_offset": mf.summary.eof_offset,

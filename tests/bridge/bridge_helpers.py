@@ -93,7 +93,7 @@ def assert_bounded(path: Path, ram_size: int) -> None:
     with MigrationFile(path) as mf:
         assert mf.complete and mf.format == "mapped-ram"
         total = sum(b.used_length for b in mf.blocks)
-        devs = sum(d.end - d.offset for d in mf.devices)
+        devs = sum(d.end - d.offset for d in mf.sections)
         trailer = len(mf.summary.vmdesc.raw) + 5 if mf.summary.vmdesc else 0
         limit = total + len(mf.blocks) * MIB + devs + trailer + 64
         assert mf.block("pc.ram").used_length == ram_size

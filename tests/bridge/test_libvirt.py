@@ -172,7 +172,7 @@ def test_libvirt_cut_short(images: Images, tmp_path: Path) -> None:
     part = tmp_path / "cut.sav"
     data = images.sparse.read_bytes()
     with MigrationFile(images.sparse) as mf:
-        cut = mf.devices[len(mf.devices) // 2].offset + 3
+        cut = mf.sections[len(mf.sections) // 2].offset + 3
     part.write_bytes(MAGIC_PART + data[len(MAGIC_PART):cut])
     with MigrationFile(part, strict=False) as mf:
         assert not mf.complete

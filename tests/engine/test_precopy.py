@@ -48,7 +48,7 @@ def test_live_save_grows_stream_not_fixed_ram(make_guest, tmp_path) -> None:
             with MigrationFile(path) as mf:
                 tail = mf.size - (mf.blocks[-1].record.mapped.pages_offset
                                   + mf.blocks[-1].used_length)
-                device = sum(d.data_length for d in mf.devices)
+                device = sum(d.data_length for d in mf.sections)
                 assert device > 0
                 nblocks = len(mf.blocks)
             total = sum(b.size for b in g.blocks)

@@ -168,7 +168,7 @@ def _load_mapped(path: str, guest: BuiltinGuest, cfg: MigrationConfig, offset: i
         finally:
             for fd in fds:
                 os.close(fd)
-        for dev in mf.devices:
+        for dev in mf.sections:
             data = os.pread(mf.fd, dev.data_length, dev.data_offset)
             _load_device(guest, dev, data)
         return sum(run.count for _, run in jobs)

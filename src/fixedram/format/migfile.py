@@ -360,7 +360,8 @@ class MigrationFile:
         return self.error is None and self.summary.complete
 
     @property
-    def devices(self) -> list[DeviceSection]:
+    def sections(self) -> list[DeviceSection]:
+        """The device (non-RAM) FULL sections, located but not decoded."""
         return self.summary.devices
 
     def block(self, idstr: str) -> RAMBlock:

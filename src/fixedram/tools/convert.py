@@ -29,7 +29,7 @@ Progress = Callable[[int], None]
 def device_bytes(mf: MigrationFile) -> bytes:
     """The source's device FULL sections, byte for byte, in order."""
     parts = []
-    for d in mf.devices:
+    for d in mf.sections:
         n = d.end - d.offset
         b = os.pread(mf.fd, n, d.offset)
         if len(b) != n:

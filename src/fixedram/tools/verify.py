@@ -44,7 +44,7 @@ def structural_problems(mf: MigrationFile) -> list[str]:
     for (a0, a1, an), (b0, _b1, bn) in itertools.pairwise(regions):
         if b0 < a1:
             probs.append(f"{an} (0x{a0:x}-0x{a1:x}) overlaps {bn} (0x{b0:x})")
-    for d in mf.devices:
+    for d in mf.sections:
         if d.end > mf.size:
             probs.append(f"device section {d.idstr!r} runs past end of file")
     return probs
