@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,6 +24,9 @@ from .constants import STREAM_MAGIC_BYTES
 from .primitives import ByteReader
 from .ram import RAMBlockRecord, RamStreamState
 from .walker import DeviceSection, StreamEvents, StreamSummary, read_vmdesc_at_end, walk_stream
+
+if TYPE_CHECKING:
+    from .devstate import DeviceState
 
 __all__ = ["MigrationFile", "RAMBlock", "Run", "find_stream_start"]
 
@@ -363,6 +367,16 @@ class MigrationFile:
     def sections(self) -> list[DeviceSection]:
         """The device (non-RAM) FULL sections, located but not decoded."""
         return self.summary.devices
+
+    def devices(self) -> list[DeviceState]:
+        """The device sections decoded field by field through the vmdesc, in stream order.
+
+        :raise FormatError: a section disagrees with its vmdesc entry (see
+            :func:`fixedram.format.devstate.decode_devices`).
+        """
+        from .devstate import decode_devices
+
+        return decode_devices(self)
 
     def block(self, idstr: str) -> RAMBlock:
         for b in self.blocks:
