@@ -9,8 +9,9 @@ import numpy as np
 from volatility3.framework import contexts
 from volatility3.framework.layers import elf, physical
 
+from fixedram.format.machine import MachineState
 from fixedram.format.migfile import MigrationFile
-from fixedram.format.writer import BlockSpec, MappedRamWriter, mapped_ram_tail
+from fixedram.format.writer import BlockSpec, MappedRamWriter
 from fixedram.memory.extract import extract_elf
 
 PS = 4096
@@ -22,9 +23,10 @@ def test_volatility3_reads_our_elf_core(tmp_path: Path) -> None:
     pages = rng.integers(1, 255, size=(64, PS), dtype=np.uint8)
     fd = os.open(src, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        w = MappedRamWriter(fd, "pc-q35-10.0", [BlockSpec("pc.ram", 32 << 20)])
+        w = MappedRamWriter(fd, MachineState("pc-q35-10.0", ("mapped-ram",)),
+                            [BlockSpec("pc.ram", 32 << 20)])
         w.write_pages(0, 300, pages)
-        w.finish(mapped_ram_tail(b"", None))
+        w.finish()
     finally:
         os.close(fd)
     core = tmp_path / "core.elf"

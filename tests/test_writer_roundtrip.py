@@ -13,19 +13,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fixedram.errors import OutputError
+from fixedram.format.machine import DeviceRecord, MachineState
 from fixedram.format.migfile import MigrationFile
-from fixedram.format.writer import BlockSpec, MappedRamWriter, StreamWriter, mapped_ram_tail
+from fixedram.format.writer import BlockSpec, MappedRamWriter, StreamWriter
 from fixedram.memory.extract import extract_raw, safe_block_filename
 from fixedram.tools.convert import convert_file
 from fixedram.tools.verify import compare
 
 PS = 4096
-DEVICE = (b"\x04\x00\x00\x00\x05\x05timer\x00\x00\x00\x00\x00\x00\x00\x02" + b"\x11" * 24
-          + b"\x7e\x00\x00\x00\x05")
-VMDESC = {"page_size": 4096, "devices": [{"name": "timer", "instance_id": 0, "vmsd_name":
-                                           "timer", "version": 2,
-                                           "fields": [{"name": "t", "type": "int64",
-                                                       "size": 8, "array_len": 3}]}]}
+TIMER = DeviceRecord("timer", 0, 2, 5, b"\x11" * 24,
+                     {"name": "timer", "instance_id": 0, "vmsd_name": "timer", "version": 2,
+                      "fields": [{"name": "t", "array_len": 3, "type": "int64", "size": 8}]})
+
+
+def machine(name: str = "pc-q35-10.0", mapped_ram: bool = False,
+            devices: tuple[DeviceRecord, ...] = (TIMER,)) -> MachineState:
+    return MachineState(name, ("mapped-ram",) if mapped_ram else (), devices=list(devices))
 
 
 def _page(seed: int) -> bytes:
@@ -37,7 +40,7 @@ def write_stream(path: Path, blocks: list[BlockSpec], passes: list[list[tuple[in
     """passes: list of [(block, page, seed)]; seed 0 = zero page. Returns final state."""
     state: dict[tuple[int, int], int] = {}
     with open(path, "wb") as f:
-        w = StreamWriter(f.write, "pc-q35-10.0", blocks)
+        w = StreamWriter(f.write, machine(), blocks)
         w.begin()
         for k, sends in enumerate(passes):
             w.begin_part(end=k == len(passes) - 1)
@@ -48,8 +51,7 @@ def write_stream(path: Path, blocks: list[BlockSpec], passes: list[list[tuple[in
                     w.zero(bi, pg)
                 state[(bi, pg)] = seed
             w.end_part()
-        w.raw(DEVICE)
-        w.finish(VMDESC)
+        w.finish()
     return state
 
 
@@ -101,10 +103,10 @@ def test_mapped_ram_layout_is_qemus(tmp_path: Path) -> None:
     p = tmp_path / "m.mig"
     fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        w = MappedRamWriter(fd, "pc-q35-10.0", [BlockSpec("pc.ram", 128 << 20),
-                                                BlockSpec("pc.bios", 256 << 10)])
+        w = MappedRamWriter(fd, machine(mapped_ram=True), [BlockSpec("pc.ram", 128 << 20),
+                                                           BlockSpec("pc.bios", 256 << 10)])
         w.write_pages(0, 5, _page(7) * 3)
-        w.finish(mapped_ram_tail(DEVICE, VMDESC))
+        w.finish()
     finally:
         os.close(fd)
     with MigrationFile(p) as mf:
@@ -121,14 +123,15 @@ def test_mapped_ram_layout_is_qemus(tmp_path: Path) -> None:
 def _big_mapped(path: Path, flip: int | None) -> None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        w = MappedRamWriter(fd, "pc-i440fx-10.0", [BlockSpec("pc.ram", 1 << 30)])
+        w = MappedRamWriter(fd, machine("pc-i440fx-10.0", True, ()),
+                            [BlockSpec("pc.ram", 1 << 30)])
         rng = np.random.default_rng(1)
         chunk = rng.integers(0, 255, size=(256, PS), dtype=np.uint8)
         for first in range(0, 262144, 4096):  # 1 MiB of data every 16 MiB
             w.write_pages(0, first, chunk)
         if flip is not None:
             os.pwrite(fd, bytes([chunk[1, 100] ^ 0xFF]), w.page_offset(0, flip) + 100)
-        w.finish(mapped_ram_tail(b"", None))
+        w.finish()
     finally:
         os.close(fd)
 

@@ -33,6 +33,7 @@ from ..errors import (
     UnsupportedFeature,
 )
 from ..format.constants import STREAM_MAGIC_BYTES, Command
+from ..format.machine import DeviceRecord, MachineState
 from ..format.multifd import (
     FLAG_SYNC,
     INIT_SIZE,
@@ -45,7 +46,7 @@ from ..format.primitives import ByteReader
 from ..format.ram import RamStreamState
 from ..format.stream import SectionHeader
 from ..format.walker import DeviceSection, StreamEvents, walk_stream
-from ..format.writer import BlockSpec, MappedRamWriter, encode_device_section, mapped_ram_tail
+from ..format.writer import BlockSpec, MappedRamWriter
 from ..output import AtomicOutput, output_error
 from .net import FdReader, Listener, SocketReader, Splicer, peek4, recv_exact
 
@@ -89,7 +90,7 @@ class _Receiver(StreamEvents):
         self.w: MappedRamWriter | None = None
         self.sends: list[np.ndarray] = []
         self.ram_sid: int | None = None
-        self.devices = bytearray()
+        self.state: MachineState | None = None
         self.ready = threading.Event()
         self.block_index: dict[str, int] = {}
 
@@ -108,19 +109,23 @@ class _Receiver(StreamEvents):
         if state.ignore_shared:
             raise UnsupportedFeature("x-ignore-shared streams cannot become mapped-ram files "
                                      "that QEMU 10 loads", path=self.s.source)
-        specs = [BlockSpec(b.idstr, b.used_length, b.page_size) for b in state.blocks]
-        self.s.machine = summ.header.machine
+        specs = BlockSpec.of(state.blocks)
+        hdr = summ.header
+        self.s.machine = hdr.machine
         self.s.ram_bytes = sum(b.used_length for b in specs)
-        self.w = MappedRamWriter(self.out.fd, summ.header.machine, specs,
-                                 ram_section_id=self.ram_sid or 2)
+        # Devices join the state as they arrive; the writer reads them at finish.
+        self.state = MachineState(hdr.machine, tuple(hdr.capabilities), hdr.uuid,
+                                  self.ram_sid or 2).with_mapped_ram(True)
+        self.w = MappedRamWriter(self.out.fd, self.state, specs)
         self.sends = [np.zeros(b.npages, dtype=np.uint16) for b in specs]
         self.block_index = {b.idstr: i for i, b in enumerate(specs)}
         self.ready.set()
 
     def device(self, dev: DeviceSection, r: ByteReader) -> None:
         data = r.read(dev.data_length, f"device section {dev.idstr!r}")
-        self.devices += encode_device_section(dev.idstr, dev.instance_id, dev.version_id,
-                                              dev.section_id, data)
+        assert self.state is not None  # the RAM section comes first
+        self.state.devices.append(DeviceRecord(dev.idstr, dev.instance_id, dev.version_id,
+                                               dev.section_id, bytes(data)))
         self.s.device_sections += 1
 
     # -- RAM sink --------------------------------------------------------
@@ -495,12 +500,12 @@ def receive(source: str, output: str, *, force: bool = False,
             summary.channel_bytes = [c[0] for c in mfd.byte_counts]
         if errors:
             raise errors[0]
-        w = rx.w
-        assert w is not None  # walk_stream requires a RAM section
-        switch = any(c == Command.SWITCHOVER_START for _, c, _ in walked.commands)
-        vmdesc = walked.vmdesc.raw if walked.vmdesc is not None else None
+        w, state = rx.w, rx.state
+        assert w is not None and state is not None  # walk_stream requires a RAM section
+        state.switchover_start = any(c == Command.SWITCHOVER_START for _, c, _ in walked.commands)
+        state.attach_descs(walked.vmdesc)
         try:
-            end = w.finish(mapped_ram_tail(bytes(rx.devices), vmdesc), switchover_start=switch)
+            end = w.finish()
             out.commit(end)
         except OSError as e:
             raise output_error(output, e) from e

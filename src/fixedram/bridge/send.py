@@ -26,18 +26,12 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ..errors import FixedramError, TransportError, UnsupportedFeature
+from ..format.machine import MachineState
 from ..format.migfile import MigrationFile, Run
 from ..format.multifd import encode_init, encode_packet, encode_sync, split_packets
-from ..format.writer import StreamWriter
+from ..format.writer import BlockSpec, StreamWriter
 from ..memory.copy import RunCopier
-from ..tools.convert import (
-    _had_switchover,
-    _ram_sid,
-    _specs,
-    _vmdesc,
-    device_bytes,
-    to_stream,
-)
+from ..tools.convert import to_stream
 from ..transports.channels import SocketOut, open_outgoing
 from ..transports.uri import MigrationURI, parse_uri
 
@@ -222,9 +216,8 @@ def _send_multifd(mf: MigrationFile, u: MigrationURI, n: int, uuid: bytes) -> tu
     pkt = _Packets(chans)
     try:
         try:
-            caps = [c for c in mf.capabilities if c != "mapped-ram"]
-            w = StreamWriter(main.write, mf.machine, _specs(mf), capabilities=caps,
-                             ram_section_id=_ram_sid(mf))
+            state = MachineState.from_file(mf).with_mapped_ram(False)
+            w = StreamWriter(main.write, state, BlockSpec.of(mf.blocks))
             # The destination sorts connections by their first bytes, so the
             # main one must carry something before the others connect.
             w.begin(multifd_flush=True)
@@ -238,14 +231,11 @@ def _send_multifd(mf: MigrationFile, u: MigrationURI, n: int, uuid: bytes) -> tu
             pkt.sync()  # end of the (only) round
             w.multifd_flush()
             w.end_part()
-            if _had_switchover(mf):
-                w.switchover_start()
             w.begin_part(end=True)
             pkt.sync()  # QEMU's completion sync
             w.multifd_flush()
             w.end_part()
-            w.raw(device_bytes(mf))
-            w.finish(_vmdesc(mf))
+            w.finish()
             main.flush()
             for c in chans:
                 c.finish()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import MigrationError
+from ..format.machine import DeviceRecord
 
 __all__ = ["MACHINE", "BuiltinGuest", "GuestBlock", "Workload"]
 
@@ -140,15 +141,17 @@ class BuiltinGuest:
                                  f"from this guest's {self.ram_size}")
         self.seq, self.seed, self.regs = vals[1], vals[2], list(vals[3:])
 
-    @staticmethod
-    def vmdesc() -> dict[str, object]:
-        """The vmdesc trailer entry that sizes the device section for readers."""
-        fields = [{"name": n, "type": "uint64", "size": 8}
-                  for n in ("ram_size", "seq", "seed")]
-        fields.append({"name": "regs", "type": "uint64", "size": 8, "array_len": 16})
-        return {"page_size": PAGE, "devices": [
-            {"name": DEVICE_NAME, "instance_id": 0, "vmsd_name": DEVICE_NAME,
-             "version": DEVICE_VERSION, "fields": fields}]}
+    def device_record(self, section_id: int) -> DeviceRecord:
+        """The device section as saved now, with the vmdesc entry describing
+        it the way QEMU describes a VMSD (so ``fixedram state`` decodes it)."""
+        fields: list[dict[str, object]] = [{"name": n, "type": "uint64", "size": 8}
+                                           for n in ("ram_size", "seq", "seed")]
+        fields.append({"name": "regs", "array_len": len(self.regs), "type": "uint64",
+                       "size": 8})
+        desc = {"name": DEVICE_NAME, "instance_id": 0, "vmsd_name": DEVICE_NAME,
+                "version": DEVICE_VERSION, "fields": fields}
+        return DeviceRecord(DEVICE_NAME, 0, DEVICE_VERSION, section_id, self.device_state(),
+                            desc)
 
     # -- run state -------------------------------------------------------------
 

@@ -26,15 +26,10 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import CapabilityError, MigrationError, TransportError
-from ..format.writer import (
-    BlockSpec,
-    MappedRamWriter,
-    StreamWriter,
-    encode_device_section,
-    mapped_ram_tail,
-)
+from ..format.machine import MachineState
+from ..format.writer import BlockSpec, MappedRamWriter, StreamWriter
 from ..transports.channels import FileOut, OutChannel
-from .guest import DEVICE_NAME, DEVICE_VERSION, MACHINE, PAGE, BuiltinGuest, GuestBlock
+from .guest import MACHINE, PAGE, BuiltinGuest, GuestBlock
 
 __all__ = ["MappedRamSink", "Sink", "StreamSink", "probe_direct_io"]
 
@@ -46,9 +41,15 @@ def _specs(guest: BuiltinGuest) -> list[BlockSpec]:
     return [BlockSpec(b.idstr, b.size) for b in guest.blocks]
 
 
-def _device_bytes(guest: BuiltinGuest) -> bytes:
-    return encode_device_section(DEVICE_NAME, 0, DEVICE_VERSION, DEVICE_SECTION_ID,
-                                 guest.device_state())
+def _machine(mapped_ram: bool) -> MachineState:
+    # Machine types >= 10.0 send SWITCHOVER_START; the device joins at finish.
+    caps = ("mapped-ram",) if mapped_ram else ()
+    return MachineState(MACHINE, caps, ram_section_id=RAM_SECTION_ID, switchover_start=True)
+
+
+def _finish_state(state: MachineState, guest: BuiltinGuest) -> None:
+    """The device section as it is at switchover (the guest is stopped)."""
+    state.devices = [guest.device_record(DEVICE_SECTION_ID)]
 
 
 def zero_mask(blk: GuestBlock, first: int, count: int) -> np.ndarray:
@@ -96,8 +97,7 @@ class StreamSink(Sink):
         self.g = guest
         self.ch = ch
         self.detect = detect_zero
-        self.w = StreamWriter(self._write, MACHINE, _specs(guest),
-                              ram_section_id=RAM_SECTION_ID)
+        self.w = StreamWriter(self._write, _machine(False), _specs(guest))
         self.normal_pages = self.zero_pages = self.transferred = 0
         self._final = False
 
@@ -110,8 +110,6 @@ class StreamSink(Sink):
 
     def begin_pass(self, final: bool) -> None:
         self._final = final
-        if final:
-            self.w.switchover_start()
         self.w.begin_part(end=final)
 
     def send(self, bi: int, first: int, count: int) -> None:
@@ -135,8 +133,8 @@ class StreamSink(Sink):
             self.ch.flush()
 
     def finish(self) -> None:
-        self.w.raw(_device_bytes(self.g))
-        self.w.finish(self.g.vmdesc())
+        _finish_state(self.w.state, self.g)
+        self.w.finish()
         self.ch.commit()
 
     def abort(self) -> None:
@@ -180,8 +178,7 @@ class MappedRamSink(Sink):
         self.normal_pages = self.zero_pages = self.transferred = 0
         self._lock = threading.Lock()
         self._err: BaseException | None = None
-        self.w = MappedRamWriter(ch.fd, MACHINE, _specs(guest), start=ch.offset,
-                                 ram_section_id=RAM_SECTION_ID)
+        self.w = MappedRamWriter(ch.fd, _machine(True), _specs(guest), start=ch.offset)
         # Header and block list (the pages regions between them are not sent).
         self.transferred = self.w.placed[0].record_offset - ch.offset + sum(
             p.bitmap_offset - p.record_offset for p in self.w.placed)
@@ -262,10 +259,10 @@ class MappedRamSink(Sink):
     def finish(self) -> None:
         self.end_pass()
         self._stop_threads()
-        tail = mapped_ram_tail(_device_bytes(self.g), self.g.vmdesc())
-        end = self.w.finish(tail, switchover_start=True)
+        _finish_state(self.w.state, self.g)
+        end = self.w.finish()
         self.transferred += sum(len(self.w.encode_bitmap(i)) for i in range(len(self.g.blocks)))
-        self.transferred += len(tail)
+        self.transferred += len(self.w.tail_bytes)
         self.file_end = end
         self.ch.commit()
 

@@ -14,6 +14,7 @@ Layout (QEMU ``migration/savevm.c``)::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import BadMagic, CorruptFile, UnsupportedFeature, UnsupportedVersion
 from .constants import (
@@ -30,11 +31,13 @@ from .primitives import BE16, BE32, ByteReader
 __all__ = [
     "SectionHeader",
     "StreamHeader",
+    "configuration_desc",
     "encode_command",
     "encode_footer",
     "encode_header",
     "encode_section_full",
     "encode_section_part",
+    "output_capabilities",
     "read_footer",
     "read_header",
     "read_section_header",
@@ -112,7 +115,7 @@ def _read_config_subsection(r: ByteReader, hdr: StreamHeader) -> None:
     n = r.u8("a subsection name length")
     name = _ascii(r.read(n, "a subsection name"), r, "subsection name", at + 2)
     r.be32("a subsection version")
-    if name == "configuration/capabilities":
+    if name == CAPS_SUBSECTION:
         cat = r.tell()
         count = r.be32("the capability count")
         if count > MAX_CAPABILITIES:
@@ -124,7 +127,7 @@ def _read_config_subsection(r: ByteReader, hdr: StreamHeader) -> None:
             hdr.capabilities.append(cap)
     elif name == "configuration/target-page-bits":
         hdr.target_page_bits = r.be32("target page bits")
-    elif name == "configuration/uuid":
+    elif name == UUID_SUBSECTION:
         hdr.uuid = r.read(16, "the VM uuid")
     else:
         raise UnsupportedFeature(f"unknown configuration subsection {name!r}", path=r.name,
@@ -162,25 +165,68 @@ def read_footer(r: ByteReader, sh: SectionHeader) -> None:
 # -- encoders -------------------------------------------------------------------
 
 
-def encode_header(machine: str | None, capabilities: list[str] | tuple[str, ...] = ()) -> bytes:
-    """Magic, version 3 and the configuration section.
+def output_capabilities(capabilities: list[str] | tuple[str, ...]) -> list[str]:
+    """The capabilities a configuration section records: only those QEMU
+    validates, in QEMU's enum order (the destination compares the lists)."""
+    return [c for c in VALIDATED_CAPABILITIES if c in capabilities]
 
-    Only the capabilities QEMU validates are written, in QEMU's enum order,
-    because the destination rejects a file whose list differs from its own.
-    """
+
+def encode_header(machine: str | None, capabilities: list[str] | tuple[str, ...] = (),
+                  uuid: bytes | None = None) -> bytes:
+    """Magic, version 3 and the configuration section (see :func:`configuration_desc`)."""
     out = bytearray(BE32.pack(QEMU_VM_FILE_MAGIC) + BE32.pack(QEMU_VM_FILE_VERSION))
     if machine is None:
         return bytes(out)
     name = machine.encode()
     out += bytes([SectionType.CONFIGURATION]) + BE32.pack(len(name)) + name
-    caps = [c for c in VALIDATED_CAPABILITIES if c in capabilities]
+    caps = output_capabilities(capabilities)
     if caps:
-        sub = b"configuration/capabilities"
-        out += bytes([SectionType.SUBSECTION, len(sub)]) + sub + BE32.pack(1)
+        out += _subsection_head(CAPS_SUBSECTION)
         out += BE32.pack(len(caps))
         for c in caps:
             out += bytes([len(c)]) + c.encode()
+    if uuid is not None:
+        if len(uuid) != 16:
+            raise ValueError("a VM uuid is 16 bytes")
+        out += _subsection_head(UUID_SUBSECTION) + uuid
     return bytes(out)
+
+
+CAPS_SUBSECTION = "configuration/capabilities"
+UUID_SUBSECTION = "configuration/uuid"
+
+
+def _subsection_head(name: str) -> bytes:
+    n = name.encode()
+    return bytes([SectionType.SUBSECTION, len(n)]) + n + BE32.pack(1)
+
+
+def configuration_desc(machine: str, capabilities: list[str] | tuple[str, ...] = (),
+                       uuid: bytes | None = None) -> dict[str, Any]:
+    """The vmdesc entry describing what :func:`encode_header` writes.
+
+    Shaped as QEMU's vmstate description of its ``configuration`` VMSD: a
+    variable array is described by its first element's size plus
+    ``array_len`` when it has more than one element.
+    """
+    desc: dict[str, Any] = {"vmsd_name": "configuration", "version": 1, "fields": [
+        {"name": "len", "type": "uint32", "size": 4},
+        {"name": "name", "type": "buffer", "size": len(machine.encode())}]}
+    subs: list[dict[str, Any]] = []
+    caps = output_capabilities(capabilities)
+    if caps:
+        cap: dict[str, Any] = {"name": "capabilities"}
+        if len(caps) > 1:
+            cap["array_len"] = len(caps)
+        cap.update(type="capability", size=1 + len(caps[0]))
+        subs.append({"vmsd_name": CAPS_SUBSECTION, "version": 1, "fields": [
+            {"name": "caps_count", "type": "uint32", "size": 4}, cap]})
+    if uuid is not None:
+        subs.append({"vmsd_name": UUID_SUBSECTION, "version": 1, "fields": [
+            {"name": "uuid.data", "array_len": 16, "type": "uint8", "size": 1}]})
+    if subs:
+        desc["subsections"] = subs
+    return desc
 
 
 def encode_section_full(stype: int, section_id: int, idstr: str, instance_id: int,

@@ -6,6 +6,10 @@ module the reader decodes with, so the two directions cannot drift apart.
 * :class:`StreamWriter` produces a sequential stream on any byte sink (file,
   pipe, socket): START ram with the block list, PART sections of page
   records, END, device FULL sections, EOF and the vmdesc trailer.
+
+Both take a :class:`~fixedram.format.machine.MachineState` for everything
+that is not a RAM page, so the configuration section, the device sections and
+the vmdesc trailer that describes them always come from one place.
 * :class:`MappedRamWriter` lays out a seekable file exactly as QEMU does:
   each block's pages region at a 1 MiB-aligned absolute offset, zero pages
   never written (holes), the bitmap written as 64-bit little-endian words at
@@ -15,8 +19,9 @@ module the reader decodes with, so the two directions cannot drift apart.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -32,28 +37,15 @@ from .constants import (
     Command,
     SectionType,
 )
+from .machine import MachineState
 from .primitives import BE64
 from .ram import encode_block_record, encode_mapped_ram_header, mapped_ram_layout
-from .stream import (
-    encode_command,
-    encode_footer,
-    encode_header,
-    encode_section_full,
-    encode_section_part,
-)
-from .vmdesc import encode_trailer
+from .stream import encode_command, encode_footer, encode_section_full, encode_section_part
 
-__all__ = [
-    "BlockSpec",
-    "MappedRamWriter",
-    "StreamWriter",
-    "encode_device_section",
-    "mapped_ram_tail",
-]
+__all__ = ["BlockSpec", "MappedRamWriter", "StreamWriter"]
 
 EOS = BE64.pack(RAM_FLAG_EOS)
 MULTIFD_FLUSH = BE64.pack(RAM_FLAG_MULTIFD_FLUSH)
-DEFAULT_RAM_SECTION_ID = 2
 
 
 @dataclass(frozen=True)
@@ -68,12 +60,16 @@ class BlockSpec:
     def npages(self) -> int:
         return self.used_length // self.page_size
 
+    @classmethod
+    def of(cls, blocks: Iterable[_BlockLike]) -> list[BlockSpec]:
+        """Specs for the blocks of a file or guest being written out again."""
+        return [cls(b.idstr, b.used_length, b.page_size) for b in blocks]
 
-def encode_device_section(idstr: str, instance_id: int, version_id: int, section_id: int,
-                          data: bytes) -> bytes:
-    """A complete FULL section (header, data, footer)."""
-    return (encode_section_full(SectionType.FULL, section_id, idstr, instance_id, version_id)
-            + data + encode_footer(section_id))
+
+class _BlockLike(Protocol):
+    idstr: str
+    used_length: int
+    page_size: int
 
 
 def _check_blocks(blocks: Sequence[BlockSpec]) -> None:
@@ -93,24 +89,21 @@ class StreamWriter:
         ``socket.sendall``); it must write everything it is given. It may keep
         a reference and write later: this writer never reuses or changes a
         buffer once it has handed it over.
-    :param machine: resolved machine type (``pc-q35-10.0``); None omits the
-        configuration section.
-    :param capabilities: capabilities to record; only ``x-ignore-shared`` is
-        meaningful in a stream (``mapped-ram`` streams are written by
-        :class:`MappedRamWriter`).
+    :param state: the machine (configuration, devices); its capabilities
+        must not include ``mapped-ram`` (see :meth:`MachineState.with_mapped_ram`).
+        Its devices are read at :meth:`finish`, so a receiver may add them as
+        they arrive.
     """
 
-    def __init__(self, write: Callable[[bytes | memoryview], object], machine: str | None,
-                 blocks: Sequence[BlockSpec], *, capabilities: Sequence[str] = (),
-                 ram_section_id: int = DEFAULT_RAM_SECTION_ID) -> None:
+    def __init__(self, write: Callable[[bytes | memoryview], object], state: MachineState,
+                 blocks: Sequence[BlockSpec]) -> None:
         _check_blocks(blocks)
-        if "mapped-ram" in capabilities:
+        if state.mapped_ram:
             raise ValueError("a sequential stream cannot carry the mapped-ram capability")
         self._write = write
-        self.machine = machine
+        self.state = state
         self.blocks = list(blocks)
-        self.caps = list(capabilities)
-        self.sid = ram_section_id
+        self.sid = state.ram_section_id
         self._last_block: int | None = None
         self._in_section = False
         self.bytes_written = 0
@@ -127,7 +120,7 @@ class StreamWriter:
             as a socket-multifd source does after its setup sync.
         """
         total = sum(b.used_length for b in self.blocks)
-        out = bytearray(encode_header(self.machine, self.caps))
+        out = bytearray(self.state.header())
         out += encode_section_full(SectionType.START, self.sid, RAM_SECTION_NAME, 0,
                                    RAM_SECTION_VERSION)
         out += BE64.pack(total | RAM_FLAG_MEM_SIZE)
@@ -139,8 +132,14 @@ class StreamWriter:
         self._out(bytes(out))
 
     def begin_part(self, end: bool = False) -> None:
-        """Open a PART (or, for the final pass, END) ram section."""
-        self._out(encode_section_part(SectionType.END if end else SectionType.PART, self.sid))
+        """Open a PART (or, for the final pass, END) ram section.
+
+        The END section is preceded by SWITCHOVER_START when the machine sends it.
+        """
+        head = encode_section_part(SectionType.END if end else SectionType.PART, self.sid)
+        if end and self.state.switchover_start:
+            head = encode_command(Command.SWITCHOVER_START) + head
+        self._out(head)
         self._in_section = True
 
     def multifd_flush(self) -> None:
@@ -232,21 +231,13 @@ class StreamWriter:
         """The next record for block ``bi`` may omit the block name."""
         return self._last_block == bi
 
-    def command(self, cmd: int, data: bytes = b"") -> None:
-        self._out(encode_command(cmd, data))
-
-    def switchover_start(self) -> None:
-        self.command(Command.SWITCHOVER_START)
-
     def raw(self, data: bytes | memoryview) -> None:
-        """Verbatim bytes (device sections copied from another stream)."""
+        """Verbatim bytes (page records the caller built, see :meth:`continuing_records`)."""
         self._out(data)
 
-    def finish(self, vmdesc: dict[str, object] | bytes | None = None) -> None:
-        """EOF and, if given, the vmdesc trailer."""
-        self._out(bytes([SectionType.EOF]))
-        if vmdesc is not None:
-            self._out(encode_trailer(vmdesc))
+    def finish(self) -> None:
+        """Device sections, EOF and the vmdesc trailer describing them."""
+        self._out(self.state.tail())
 
 
 @dataclass(frozen=True)
@@ -265,21 +256,24 @@ class MappedRamWriter:
     from several threads for disjoint pages.
 
     :param fd: file descriptor opened for writing (positional I/O only).
+    :param state: the machine; it must have the ``mapped-ram`` capability.
+        Its devices are read at :meth:`finish`.
     :param start: absolute offset where the stream starts (``file:...,offset=N``);
         bytes before it are left alone.
     """
 
-    def __init__(self, fd: int, machine: str | None, blocks: Sequence[BlockSpec], *,
-                 start: int = 0, ram_section_id: int = DEFAULT_RAM_SECTION_ID,
-                 extra_capabilities: Sequence[str] = ()) -> None:
+    def __init__(self, fd: int, state: MachineState, blocks: Sequence[BlockSpec], *,
+                 start: int = 0) -> None:
         _check_blocks(blocks)
-        if "x-ignore-shared" in extra_capabilities:
+        if not state.mapped_ram:
+            raise ValueError("a mapped-ram file needs the mapped-ram capability")
+        if "x-ignore-shared" in state.capabilities:
             raise ValueError("mapped-ram with x-ignore-shared does not load in QEMU 10")
         self.fd = fd
         self.start = start
-        self.sid = ram_section_id
-        self.machine = machine
-        head = bytearray(encode_header(machine, ["mapped-ram", *extra_capabilities]))
+        self.state = state
+        self.sid = state.ram_section_id
+        head = bytearray(state.header())
         head += encode_section_full(SectionType.START, self.sid, RAM_SECTION_NAME, 0,
                                     RAM_SECTION_VERSION)
         total = sum(b.used_length for b in blocks)
@@ -340,33 +334,23 @@ class MappedRamWriter:
         packed = np.packbits(bits, bitorder="little")
         return packed.tobytes() + bytes(nbytes - packed.size)
 
-    def finish(self, tail: bytes, *, end_section: bool = True,
-               switchover_start: bool = False) -> int:
-        """Write bitmaps, EOS/footer and everything after the RAM region.
+    def finish(self) -> int:
+        """Write bitmaps, EOS/footer and everything after the RAM region:
+        SWITCHOVER_START if the machine sends it, an END section holding only
+        EOS (as QEMU's), the device sections, EOF and the vmdesc trailer.
 
-        :param tail: the bytes after the RAM sections: device FULL sections
-            and anything else, *without* EOF and trailer (pass those in too
-            if wanted: see :func:`mapped_ram_tail`).
         :return: the absolute end offset of the file.
         """
         for bi, p in enumerate(self.placed):
             os.pwrite(self.fd, self.encode_bitmap(bi), p.bitmap_offset)
         out = bytearray(EOS + encode_footer(self.sid))
-        if switchover_start:
+        if self.state.switchover_start:
             out += encode_command(Command.SWITCHOVER_START)
-        if end_section:
-            out += encode_section_part(SectionType.END, self.sid) + EOS + encode_footer(self.sid)
-        out += tail
+        out += encode_section_part(SectionType.END, self.sid) + EOS + encode_footer(self.sid)
+        self.tail_bytes = self.state.tail()
+        out += self.tail_bytes
         os.pwrite(self.fd, bytes(out), self.ram_end)
         end = self.ram_end + len(out)
         os.ftruncate(self.fd, end)
         self.finished = True
         return end
-
-
-def mapped_ram_tail(devices: bytes, vmdesc: dict[str, object] | bytes | None) -> bytes:
-    """Device sections + EOF + optional trailer, for :meth:`MappedRamWriter.finish`."""
-    out = devices + bytes([SectionType.EOF])
-    if vmdesc is not None:
-        out += encode_trailer(vmdesc)
-    return out

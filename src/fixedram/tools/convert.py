@@ -2,8 +2,10 @@
 
 A multi-pass stream becomes a bounded, sparse mapped-ram file (only the last
 copy of each page is kept); a mapped-ram file becomes a single-pass stream
-that any QEMU can load with mapped-ram off. Device sections, commands and the
-vmdesc trailer are copied verbatim, so the result restores the same VM.
+that any QEMU can load with mapped-ram off. Device sections are copied
+verbatim and the vmdesc trailer is rewritten for the output's configuration
+(see :class:`~fixedram.format.machine.MachineState`), so the result restores
+the same VM and describes itself truthfully.
 """
 
 from __future__ import annotations
@@ -15,43 +17,15 @@ from typing import BinaryIO
 import numpy as np
 
 from ..errors import OutputError, UnsupportedFeature
-from ..format.constants import Command
+from ..format.machine import MachineState
 from ..format.migfile import MigrationFile
-from ..format.writer import BlockSpec, MappedRamWriter, StreamWriter, mapped_ram_tail
+from ..format.writer import BlockSpec, MappedRamWriter, StreamWriter
 from ..memory.copy import RUN_PAGES, RunCopier
 from ..output import AtomicOutput, BackgroundWriter, output_error
 
-__all__ = ["convert_file", "device_bytes", "to_mapped_ram", "to_stream"]
+__all__ = ["convert_file", "to_mapped_ram", "to_stream"]
 
 Progress = Callable[[int], None]
-
-
-def device_bytes(mf: MigrationFile) -> bytes:
-    """The source's device FULL sections, byte for byte, in order."""
-    parts = []
-    for d in mf.sections:
-        n = d.end - d.offset
-        b = os.pread(mf.fd, n, d.offset)
-        if len(b) != n:
-            raise OutputError(f"{mf.path}: device section {d.idstr!r} is cut short")
-        parts.append(b)
-    return b"".join(parts)
-
-
-def _vmdesc(mf: MigrationFile) -> bytes | None:
-    return mf.summary.vmdesc.raw if mf.summary.vmdesc is not None else None
-
-
-def _had_switchover(mf: MigrationFile) -> bool:
-    return any(c == Command.SWITCHOVER_START for _, c, _ in mf.summary.commands)
-
-
-def _specs(mf: MigrationFile) -> list[BlockSpec]:
-    return [BlockSpec(b.idstr, b.used_length, b.page_size) for b in mf.blocks]
-
-
-def _ram_sid(mf: MigrationFile) -> int:
-    return mf.summary.ram_sections[0].section_id
 
 
 def _require_complete(mf: MigrationFile) -> None:
@@ -65,24 +39,21 @@ def to_mapped_ram(mf: MigrationFile, fd: int, *, start: int = 0,
                   progress: Progress | None = None) -> int:
     """Write ``mf`` as a mapped-ram file on ``fd`` from ``start``; return its end."""
     _require_complete(mf)
-    extra = [c for c in mf.capabilities if c != "mapped-ram"]
-    w = MappedRamWriter(fd, mf.machine, _specs(mf), start=start, ram_section_id=_ram_sid(mf),
-                        extra_capabilities=extra)
+    state = MachineState.from_file(mf).with_mapped_ram(True)
+    w = MappedRamWriter(fd, state, BlockSpec.of(mf.blocks), start=start)
     copier = RunCopier(mf.fd, 4096, RUN_PAGES, src_name=mf.path)
     for bi, b in enumerate(mf.blocks):
         copier.copy(b.runs(RUN_PAGES), fd, w.placed[bi].pages_offset, progress)
         w.bitmaps[bi][:] = b.present()
-    tail = mapped_ram_tail(device_bytes(mf), _vmdesc(mf))
-    return w.finish(tail, switchover_start=_had_switchover(mf))
+    return w.finish()
 
 
 def to_stream(mf: MigrationFile, write: Callable[[bytes | memoryview], object], *,
               progress: Progress | None = None) -> int:
     """Write ``mf`` as a single-pass sequential stream; return bytes written."""
     _require_complete(mf)
-    caps = [c for c in mf.capabilities if c != "mapped-ram"]
-    w = StreamWriter(write, mf.machine, _specs(mf), capabilities=caps,
-                     ram_section_id=_ram_sid(mf))
+    state = MachineState.from_file(mf).with_mapped_ram(False)
+    w = StreamWriter(write, state, BlockSpec.of(mf.blocks))
     w.begin()
     w.begin_part()
     copier = RunCopier(mf.fd, 4096, RUN_PAGES, src_name=mf.path)
@@ -100,12 +71,9 @@ def to_stream(mf: MigrationFile, write: Callable[[bytes | memoryview], object], 
         # QEMU sends every page in the first pass; zero pages as 9-byte records.
         w.zeros(bi, np.flatnonzero(~b.present()))
     w.end_part()
-    if _had_switchover(mf):
-        w.switchover_start()
     w.begin_part(end=True)
     w.end_part()
-    w.raw(device_bytes(mf))
-    w.finish(_vmdesc(mf))
+    w.finish()
     return w.bytes_written
 
 
