@@ -1,5 +1,6 @@
 """Real-QEMU test harness: our own boot-sector guest, a QMP-driven QEMU wrapper, and helpers
-that make real migration files (with the source's RAM as ground truth) and load them back."""
+that make real migration files (with the source's RAM as ground truth) and load them back;
+linux.py boots Debian's kernel with a busybox initramfs and makes saves of a real Linux guest."""
 
 from .guest import (
     DEFAULT_FILL_WORDS,
@@ -12,6 +13,15 @@ from .guest import (
     check_guest_pattern,
     read_params,
     write_bootsector,
+)
+from .linux import (
+    LinuxArtifacts,
+    LinuxGuest,
+    LinuxGuestMissing,
+    build_initramfs,
+    cpio_newc,
+    guest_files,
+    make_artifacts,
 )
 from .vm import (
     MODES,
@@ -42,21 +52,28 @@ __all__ = [
     "MODES",
     "OFFSET_FILL",
     "GuestParams",
+    "LinuxArtifacts",
+    "LinuxGuest",
+    "LinuxGuestMissing",
     "MigrationFailed",
     "PatternCheck",
     "QemuError",
     "QemuVM",
     "SavedFile",
     "build_bootsector",
+    "build_initramfs",
     "caps_for_mode",
     "check_guest_pattern",
+    "cpio_newc",
     "default_mem_end",
     "diff_pages",
     "file_uri",
     "gpa_to_ram_offset",
+    "guest_files",
     "guest_image",
     "load_error",
     "load_into_new_vm",
+    "make_artifacts",
     "qemu_binary",
     "ram_compare_ranges",
     "ram_split",

@@ -77,7 +77,7 @@ class QemuVM:
     def __init__(
         self,
         workdir: str | os.PathLike[str],
-        image: str | os.PathLike[str],
+        image: str | os.PathLike[str] | None,
         *,
         machine: str = "pc",
         memory: str | int = "128M",
@@ -89,7 +89,7 @@ class QemuVM:
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.image = Path(image)
+        self.image = Path(image) if image is not None else None  # None: no disk (-kernel boots)
         self.machine = machine
         self.ram_size = parse_size(memory)
         self.accel = accel
@@ -115,12 +115,13 @@ class QemuVM:
             "-accel", self.accel,
             "-m", str(self.ram_size >> 20) + "M",
             "-nodefaults", "-display", "none", "-vga", "none",
-            # A raw IDE disk with just our boot sector; snapshot=on so that source and destination
-            # (and parallel tests) can share the image without fighting over its write lock.
-            "-drive", f"file={self.image},format=raw,if=ide,snapshot=on",
             "-serial", f"file:{self.serial_path}",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]  # fmt: skip
+        if self.image is not None:
+            # A raw IDE disk with just our boot sector; snapshot=on so that source and destination
+            # (and parallel tests) can share the image without fighting over its write lock.
+            args += ["-drive", f"file={self.image},format=raw,if=ide,snapshot=on"]
         if self.incoming:
             args += ["-incoming", "defer"]
         if self.paused:
