@@ -127,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _load_extras() -> None:
     import importlib
 
-    for mod in ("fixedram.cli.tools", "fixedram.cli.engine", "fixedram.cli.bridge"):
+    for mod in ("fixedram.cli.tools", "fixedram.cli.engine", "fixedram.cli.bridge",
+                "fixedram.cli.state"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

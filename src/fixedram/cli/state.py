@@ -1,0 +1,109 @@
+"""``state`` subcommand: every device section decoded through the vmdesc."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ..errors import FixedramError
+from .main import _EXTRA, _size
+
+SCHEMA_VERSION = 1
+# The readable tree shows this much of a buffer; --json has all of it.
+_SHOW_BYTES = 32
+_INLINE_ITEMS = 16
+
+
+def cmd_state(a: argparse.Namespace) -> int:
+    from ..format.devstate import decode_configuration, jsonable
+    from ..format.migfile import MigrationFile
+
+    with MigrationFile(a.file, offset=a.offset) as mf:
+        config = decode_configuration(mf)
+        devices = mf.devices()
+        facts = f"{mf.format} format, stream at offset {mf.start}, machine {mf.machine}"
+    if a.device is not None:
+        names = list(dict.fromkeys(d.name for d in devices))
+        devices = [d for d in devices if d.name == a.device]
+        if not devices:
+            raise FixedramError(f"{a.file}: no device section named {a.device!r} "
+                                f"(sections: {', '.join(names) or 'none'})")
+    if a.json:
+        doc = {"schema_version": SCHEMA_VERSION, "configuration": jsonable(config),
+               "devices": [{"section_id": d.section_id, "name": d.name,
+                            "instance_id": d.instance_id, "version_id": d.version_id,
+                            "fields": jsonable(d.fields)} for d in devices]}
+        json.dump(doc, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    from rich.console import Console
+    from rich.text import Text
+    from rich.tree import Tree
+
+    root = Tree(Text(f"{a.file}: {facts}", style="bold"))
+    _add_items(root.add(Text("configuration", style="bold")), config, Text)
+    for d in devices:
+        node = root.add(Text(f"{d.name} (instance {d.instance_id}, version {d.version_id}, "
+                             f"section {d.section_id}) at 0x{d.offset:x}", style="bold"))
+        _add_items(node, d.fields, Text)
+    Console().print(root)
+    return 0
+
+
+def _scalar(v: Any) -> str | None:
+    """A value's one-line text, or None when it needs its own subtree."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return f"-0x{-v:x}" if v < 0 else f"0x{v:x}"
+    if v is None:
+        return "nullptr"
+    if isinstance(v, bytes):
+        shown = v[:_SHOW_BYTES].hex(" ")
+        return f"{shown} … ({len(v)} bytes)" if len(v) > _SHOW_BYTES else shown or "(empty)"
+    if isinstance(v, (str, float)):
+        return str(v)
+    if isinstance(v, list) and len(v) <= _INLINE_ITEMS and all(map(_short, v)):
+        return "[" + ", ".join(str(_scalar(x)) for x in v) + "]"
+    if isinstance(v, dict) and len(v) <= 4 and all(map(_short, v.values())):
+        return "{" + ", ".join(f"{k}={_scalar(x)}" for k, x in v.items()) + "}"
+    return None
+
+
+def _short(v: Any) -> bool:
+    return v is None or isinstance(v, (int, float, str))
+
+
+def _add_items(node: Any, fields: dict[str, Any], text: Any) -> None:
+    """Fields under ``node``; ``text`` is rich's Text (names like env.cr[0] are not markup)."""
+    for k, v in fields.items():
+        _add_value(node, k, v, text)
+
+
+def _add_value(node: Any, label: str, v: Any, text: Any) -> None:
+    s = _scalar(v)
+    if s is not None:
+        node.add(text(f"{label}: {s}"))
+    elif isinstance(v, dict):
+        _add_items(node.add(text(label)), v, text)
+    else:  # a long list, or one holding structs or buffers
+        sub = node.add(text(f"{label} ({len(v)} elements)"))
+        for i, x in enumerate(v):
+            _add_value(sub, f"[{i}]", x, text)
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    s = sub.add_parser("state", help="decode the device state (CPU registers, devices) "
+                       "through the vmdesc")
+    s.add_argument("file")
+    s.add_argument("--json", action="store_true", help="print one JSON object "
+                   "(buffers as hex strings)")
+    s.add_argument("--device", metavar="NAME", help="only the sections with this name (idstr)")
+    s.add_argument("--offset", type=_size, default=None,
+                   help="stream start in the file (default: found automatically)")
+    s.set_defaults(func=cmd_state)
+
+
+_EXTRA.append(register)
