@@ -1,0 +1,33 @@
+"""Fixtures of the real-Linux-guest tests: one set of saves of a booted Debian kernel per session.
+
+``linux_saves`` is a ``qemu_harness.LinuxArtifacts`` with ``dir``, ``paused_stream``,
+``paused_mapped``, ``live_stream``, ``live_mapped``, ``qemu_dump``, ``pmem``, ``serial``,
+``meta_path`` (Paths), ``info_registers`` (str), ``machine``, ``ram_size``, ``kernel_release``,
+``meta`` (dict) and ``compare_ranges``. All paused artifacts are of one paused VM state (see
+tests/qemu_harness/linux.py). Set FIXEDRAM_LINUX_ARTIFACTS=DIR to reuse a directory that
+``python tests/qemu_harness/linux.py --out DIR`` completed, instead of booting (development only).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from qemu_harness import LinuxArtifacts, make_artifacts
+from qemu_harness.guard import require_qemu
+
+
+@pytest.fixture(scope="session")
+def linux_saves(tmp_path_factory: pytest.TempPathFactory) -> LinuxArtifacts:
+    require_qemu()
+    reuse = os.environ.get("FIXEDRAM_LINUX_ARTIFACTS")
+    if reuse:
+        return LinuxArtifacts.load(reuse)
+    return make_artifacts(tmp_path_factory.mktemp("linux-saves"))
+
+
+@pytest.fixture(scope="session")
+def linux_artifacts_dir(linux_saves: LinuxArtifacts) -> Path:
+    return linux_saves.dir
