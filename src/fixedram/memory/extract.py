@@ -11,13 +11,14 @@ import hashlib
 import json
 import os
 import re
-import struct
 from collections.abc import Callable
 
 from ..errors import OutputError
 from ..format.migfile import MigrationFile
 from ..output import AtomicOutput, output_error
 from .copy import RUN_PAGES, RunCopier
+from .elfcore import build_core
+from .elfcore import log as elfcore_log
 from .layout import PhysRange, physical_ranges
 
 __all__ = ["extract_elf", "extract_physical", "extract_raw", "safe_block_filename", "total_bytes"]
@@ -125,34 +126,20 @@ def extract_physical(mf: MigrationFile, out_path: str | os.PathLike[str], *,
     return ranges
 
 
-_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
-_PHDR = struct.Struct("<IIQQQQQQ")
-PT_LOAD = 1
-ET_CORE = 4
-EM_X86_64 = 62
-
-
 def extract_elf(mf: MigrationFile, out_path: str | os.PathLike[str], *, force: bool = False,
                 progress: Progress | None = None) -> list[PhysRange]:
-    """An ELF64 core file with one PT_LOAD per guest-physical RAM range.
+    """An ELF64 core as QEMU's dump-guest-memory writes it; returns its LOAD ranges.
 
-    Segment file offsets are page-aligned so the data copy stays page-aligned
-    and sparse; physical and virtual addresses are both the guest-physical
-    address, as in the cores QEMU's dump-guest-memory writes.
+    Notes first (per-vCPU registers, QEMU's CPU state, the guest's VMCOREINFO;
+    see :mod:`.elfcore`), then one PT_LOAD per guest-physical range (RAM and
+    the BIOS), p_vaddr = p_paddr. Segment data start page-aligned, so the copy
+    stays page-aligned and sparse. When the registers cannot be decoded the
+    core has no register notes and one warning line is logged (logger
+    ``fixedram.memory.elfcore``; without logging set up it goes to stderr).
     """
-    ranges = physical_ranges(mf)
-    n = len(ranges)
-    data_start = (_EHDR.size + n * _PHDR.size + 4095) // 4096 * 4096
-    ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
-    hdr = _EHDR.pack(ident, ET_CORE, EM_X86_64, 1, 0, _EHDR.size, 0, 0, _EHDR.size,
-                     _PHDR.size, n, 0, 0, 0)
-    phdrs = b""
-    off = data_start
-    seg_offsets = []
-    for r in ranges:
-        phdrs += _PHDR.pack(PT_LOAD, 0x7, off, r.gpa, r.gpa, r.length, r.length, 4096)
-        seg_offsets.append(off)
-        off += r.length
-    _write_image(mf, out_path, force, list(zip(ranges, seg_offsets, strict=True)),
-                 hdr + phdrs, off, progress)
-    return ranges
+    core = build_core(mf)
+    for w in core.warnings:
+        elfcore_log.warning("fixedram: warning: %s: %s", mf.path, w)
+    head, placed, size = core.layout()
+    _write_image(mf, out_path, force, placed, head, size, progress)
+    return core.loads

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from ..errors import UnsupportedFeature
 from ..format.migfile import MigrationFile, RAMBlock
 
-__all__ = ["PhysRange", "main_ram_block", "physical_ranges"]
+__all__ = ["PhysRange", "main_ram_block", "physical_ranges", "x86_firmware_ranges"]
 
 GiB = 1 << 30
+# The x86 BIOS RAMBlock: pc and q35 map it so that it ends at 4 GiB (x86_bios_rom_init).
+X86_BIOS_BLOCK = "pc.bios"
 
 
 @dataclass(frozen=True)
@@ -63,3 +65,22 @@ def physical_ranges(mf: MigrationFile) -> list[PhysRange]:
     if ram.used_length > below:
         out.append(PhysRange(4 * GiB, ram, below, ram.used_length - below))
     return out
+
+
+def x86_firmware_ranges(mf: MigrationFile) -> list[PhysRange]:
+    """The BIOS ROM as x86 pc/q35 map it: ``pc.bios`` ending at 4 GiB.
+
+    QEMU's ``dump-guest-memory`` writes a LOAD for it (SeaBIOS: 0xfffc0000,
+    256 KiB). The ISA copy of its last 128 KiB below 1 MiB and ``pc.rom`` are
+    shadowed by RAM once the firmware has set up the PAM registers, so
+    neither is mapped in a running guest. Files that carry block addresses
+    (``x-ignore-shared``) already place every block in
+    :func:`physical_ranges`; an absent or oversized BIOS block gives none.
+    """
+    if any(b.record.gpa is not None for b in mf.blocks):
+        return []
+    x86_below_4g(mf.machine or "", 0)  # raises for a machine that is not pc/q35
+    for b in mf.blocks:
+        if b.idstr == X86_BIOS_BLOCK and 0 < b.used_length <= 16 << 20:
+            return [PhysRange(4 * GiB - b.used_length, b, 0, b.used_length)]
+    return []

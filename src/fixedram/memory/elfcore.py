@@ -1,0 +1,395 @@
+"""ELF cores for debuggers: the notes and LOADs of QEMU's ``dump-guest-memory``.
+
+RAM alone is not a core a debugger can use. gdb needs an ``NT_PRSTATUS``
+note per vCPU for the registers; crash reads QEMU's own CPU-state note; drgn
+needs the Linux kernel's ``VMCOREINFO`` note to know that the core is a
+kernel's and where the kernel's symbols and page tables are.
+
+What QEMU 10's ``dump-guest-memory`` (paging off, ELF) writes for x86, and
+what :func:`build_core` lays out the same way (facts from QEMU's
+``dump/dump.c`` and ``target/i386/arch_dump.c``, checked field by field
+against real dumps in ``tests/test_elf_core.py``):
+
+* one PT_NOTE, then one PT_LOAD per guest-physical block in address order,
+  ``p_vaddr == p_paddr``: RAM, and the BIOS ROM ending at 4 GiB;
+* the notes: every vCPU's ``NT_PRSTATUS`` ("CORE", type 1, ``pr_pid`` =
+  vCPU index + 1), then every vCPU's "QEMU" note (type 0, QEMUCPUState
+  version 1, 440 bytes), then the guest's VMCOREINFO note; each is a 12-byte
+  header, the name padded to 4 bytes, the descriptor padded to 4 bytes;
+* when the first vCPU is in long mode (``HF_LMA`` in its hflags) the
+  kernel's x86-64 ``elf_prstatus`` (336 bytes) and ``EM_X86_64``, else the
+  i386 one (144 bytes) and ``EM_386``, in an ELF64 file either way (the BIOS
+  ends above 32-bit addresses).
+
+Deliberate differences: segment data start on a page boundary (QEMU puts
+them right after the notes) so the copy stays page-aligned and sparse; no
+section headers (QEMU 10 writes an empty ``.shstrtab``); ``e_ehsize`` is 64
+(QEMU 10 writes 8); LOADs say RWX and 4 KiB alignment (QEMU: 0 and 0); and a
+VMCOREINFO note also when the VM had no ``vmcoreinfo`` device, found in
+guest RAM (QEMU's dump then has none, and drgn refuses it).
+
+Registers are never guessed: when the vCPU state cannot be decoded (an
+unknown CPU-state version, a machine that is not x86 pc/q35, no vmdesc) the
+core has no register notes and :attr:`ElfCore.warnings` says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import FixedramError, OutputError, TruncatedFile, UnsupportedFeature
+from ..format.x86cpu import X86CPUState
+from .layout import PhysRange, physical_ranges, x86_below_4g, x86_firmware_ranges
+
+if TYPE_CHECKING:
+    from ..format.devstate import DeviceState
+    from ..format.migfile import MigrationFile
+
+__all__ = ["ElfCore", "build_core", "cpu_notes", "find_vmcoreinfo", "note",
+           "prstatus_i386", "prstatus_x86_64", "qemu_cpu_state", "vmcoreinfo_note_at"]
+
+log = logging.getLogger(__name__)
+
+EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+PHDR = struct.Struct("<IIQQQQQQ")
+NHDR = struct.Struct("<III")
+ET_CORE = 4
+EM_386 = 3
+EM_X86_64 = 62
+PT_LOAD = 1
+PT_NOTE = 4
+PN_XNUM = 0xFFFF
+PF_RWX = 0x7
+NT_PRSTATUS = 1
+DATA_ALIGN = 4096
+
+# QEMU's hflags bit for "long mode active" (HF_LMA_SHIFT 14 in target/i386/cpu.h).
+HF_LMA_MASK = 1 << 14
+
+# The kernel's x86-64 elf_prstatus: pr_pid at 32, pr_reg (user_regs_struct,
+# 27 longs) at 112, 336 bytes.
+_PRSTATUS_X86_64 = struct.Struct("<32xI76x27Q8x")
+# i386 elf_prstatus: pr_pid at 24, pr_reg at 72 (7 longs, 4 selectors with
+# their padding halves, orig_eax, eip, cs, eflags, esp, ss), 144 bytes.
+_PRSTATUS_I386 = struct.Struct("<24xI44x7I8H2I2H2I2H4x")
+# QEMUCPUState version 1: version, size, 16 GPRs, rip, rflags; cs ds es fs gs
+# ss ldt tr gdt idt as (selector, limit, flags, pad, base); cr[5]; kernel_gs_base.
+_QEMU_SEG = struct.Struct("<IIIIQ")
+_QEMU_HEAD = struct.Struct("<II18Q")
+QEMU_CPUSTATE_VERSION = 1
+QEMU_CPUSTATE_SIZE = _QEMU_HEAD.size + 10 * _QEMU_SEG.size + 6 * 8  # 440
+
+# The Linux kernel's VMCOREINFO note (kernel/vmcore_info.c): name
+# "VMCOREINFO", type 0, text starting with OSRELEASE=.
+VMCOREINFO_NAME = b"VMCOREINFO"
+_VMCOREINFO_HEAD = NHDR.size + 12  # header + "VMCOREINFO\0" padded to 4
+_OSRELEASE = b"OSRELEASE="
+# QEMU's bound for a guest note (MAX_GUEST_NOTE_SIZE); the kernel's is one page.
+MAX_GUEST_NOTE = 1 << 20
+# The vmcoreinfo device's guest_format for an ELF note (FW_CFG_VMCOREINFO_FORMAT_ELF).
+FW_CFG_VMCOREINFO_FORMAT_ELF = 1
+_TEXT = bytes(range(0x20, 0x7F)) + b"\n\t"
+# Pages read per system call while scanning for the note (16 MiB).
+SCAN_PAGES = 4096
+_VMCO = int.from_bytes(VMCOREINFO_NAME[:4], "little")
+
+_U32 = 0xFFFFFFFF
+_U16 = 0xFFFF
+
+
+def _pad4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def note(name: bytes, ntype: int, desc: bytes) -> bytes:
+    """One ELF note: header, NUL-terminated name and descriptor, each padded to 4."""
+    n = name + b"\0"
+    return (NHDR.pack(len(n), len(desc), ntype) + n.ljust(_pad4(len(n)), b"\0")
+            + desc.ljust(_pad4(len(desc)), b"\0"))
+
+
+# -- vCPU notes -------------------------------------------------------------
+
+def prstatus_x86_64(cpu: X86CPUState) -> bytes:
+    """The x86-64 ``elf_prstatus`` descriptor, registers as QEMU fills them."""
+    g = cpu.gpr
+    regs = (g("r15"), g("r14"), g("r13"), g("r12"), g("rbp"), g("rbx"), g("r11"), g("r10"),
+            g("r9"), g("r8"), g("rax"), g("rcx"), g("rdx"), g("rsi"), g("rdi"),
+            0,  # orig_rax: QEMU has no such state and writes 0
+            cpu.rip, cpu.seg("cs").selector, cpu.rflags, g("rsp"), cpu.seg("ss").selector,
+            cpu.seg("fs").base, cpu.seg("gs").base, cpu.seg("ds").selector,
+            cpu.seg("es").selector, cpu.seg("fs").selector, cpu.seg("gs").selector)
+    return _PRSTATUS_X86_64.pack(cpu.index + 1, *regs)
+
+
+def prstatus_i386(cpu: X86CPUState) -> bytes:
+    """The i386 ``elf_prstatus`` descriptor: registers cut to 32 bits, selectors to 16."""
+    g = cpu.gpr
+
+    def sel(name: str) -> int:
+        return cpu.seg(name).selector & _U16
+
+    return _PRSTATUS_I386.pack(
+        cpu.index + 1,
+        *(g(r) & _U32 for r in ("rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rax")),
+        sel("ds"), 0, sel("es"), 0, sel("fs"), 0, sel("gs"), 0,
+        0, cpu.rip & _U32,  # orig_eax, eip
+        sel("cs"), 0,
+        cpu.rflags & _U32, g("rsp") & _U32,
+        sel("ss"), 0)
+
+
+def qemu_cpu_state(cpu: X86CPUState) -> bytes:
+    """QEMU's CPU-state note descriptor (QEMUCPUState version 1, 440 bytes)."""
+    g = cpu.gpr
+    head = _QEMU_HEAD.pack(
+        QEMU_CPUSTATE_VERSION, QEMU_CPUSTATE_SIZE,
+        *(g(r) for r in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+                         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")),
+        cpu.rip, cpu.rflags)
+    segs = [cpu.seg(n) for n in ("cs", "ds", "es", "fs", "gs", "ss")]
+    segs += [cpu.ldt, cpu.tr, cpu.gdt, cpu.idt]
+    body = b"".join(_QEMU_SEG.pack(s.selector & _U32, s.limit & _U32, s.flags & _U32, 0, s.base)
+                    for s in segs)
+    return head + body + struct.pack("<6Q", *cpu.cr, cpu.kernel_gs_base)
+
+
+def cpu_notes(cpus: Sequence[X86CPUState]) -> tuple[int, bytes]:
+    """``(e_machine, notes)``: every NT_PRSTATUS, then every QEMU note, in vCPU order.
+
+    The first vCPU decides between the x86-64 and the i386 layout, as in QEMU.
+    """
+    cpus = sorted(cpus, key=lambda c: c.index)
+    if not cpus:
+        return EM_X86_64, b""
+    long_mode = bool(cpus[0].hflags & HF_LMA_MASK)
+    pr = prstatus_x86_64 if long_mode else prstatus_i386
+    out = [note(b"CORE", NT_PRSTATUS, pr(c)) for c in cpus]
+    out += [note(b"QEMU", 0, qemu_cpu_state(c)) for c in cpus]
+    return (EM_X86_64 if long_mode else EM_386), b"".join(out)
+
+
+# -- the guest's VMCOREINFO note ----------------------------------------------
+
+GuestRead = Callable[[int, int], "bytes | None"]
+
+
+def _guest_reader(ranges: Sequence[PhysRange]) -> GuestRead:
+    """read(gpa, n): guest bytes when [gpa, gpa+n) lies in one range, else None."""
+    def read(gpa: int, n: int) -> bytes | None:
+        for r in ranges:
+            if r.gpa <= gpa and gpa + n <= r.gpa + r.length:
+                return r.block.read(r.block_offset + gpa - r.gpa, n)
+        return None
+    return read
+
+
+def vmcoreinfo_note_at(read: GuestRead, gpa: int, limit: int = MAX_GUEST_NOTE) -> bytes | None:
+    """The Linux VMCOREINFO note whose header is at ``gpa``, as its bytes, or None.
+
+    Valid means: name ``VMCOREINFO``, type 0, a descriptor of at most
+    ``limit`` bytes (with header and name) that is text starting with
+    ``OSRELEASE=``. The bytes are the note as it sits in guest memory, padding
+    included, which is what QEMU copies into its dump.
+    """
+    if gpa < 0 or gpa % 4:
+        return None
+    head = read(gpa, _VMCOREINFO_HEAD)
+    if head is None:
+        return None
+    namesz, descsz, ntype = NHDR.unpack_from(head)
+    if (namesz != len(VMCOREINFO_NAME) + 1 or ntype != 0
+            or head[NHDR.size:NHDR.size + namesz] != VMCOREINFO_NAME + b"\0"
+            or not len(_OSRELEASE) <= descsz <= limit - _VMCOREINFO_HEAD
+            or _VMCOREINFO_HEAD + _pad4(descsz) > limit):
+        return None
+    body = read(gpa + _VMCOREINFO_HEAD, _pad4(descsz))
+    if body is None:
+        return None
+    desc = body[:descsz]
+    if not desc.startswith(_OSRELEASE) or desc.translate(None, _TEXT):
+        return None
+    return head + body
+
+
+def _pread_full(fd: int, buf: memoryview, offset: int, path: str) -> None:
+    got = 0
+    while got < len(buf):
+        k = os.preadv(fd, [buf[got:]], offset + got)
+        if k == 0:
+            raise TruncatedFile("page data ends early", path=path, offset=offset + got)
+        got += k
+
+
+def _name_candidates(mf: MigrationFile, pr: PhysRange) -> Iterator[int]:
+    """Guest addresses of 4-byte-aligned ``VMCO`` words in the range's present pages.
+
+    Each run of present pages is read with one system call into a reused
+    buffer and compared as 32-bit words by numpy; stream page records (data
+    every page size + 8 bytes) are compared in place through a strided view.
+    """
+    block = pr.block
+    ps = block.page_size
+    if ps % 4 or pr.block_offset % ps or pr.length % ps:
+        return
+    wpp = ps // 4
+    lo, hi = pr.block_offset // ps, (pr.block_offset + pr.length) // ps
+    buf = np.empty(SCAN_PAGES * (ps + 8) // 4, dtype=np.uint32)
+    raw = memoryview(buf).cast("B")
+    mask = np.empty((SCAN_PAGES, wpp), dtype=bool)
+    for run in block.runs(SCAN_PAGES):
+        r = run.clip(lo, hi)
+        if r is None:
+            continue
+        st = r.stride
+        if st % 4 or st < ps or r.count * st > len(raw):
+            raise UnsupportedFeature(f"page run of stride {st} in RAMBlock {block.idstr!r}")
+        _pread_full(mf.fd, raw[:(r.count - 1) * st + ps], r.file_offset, mf.path)
+        # Words past the last page's data are stale but sliced off by [:, :wpp].
+        rows = buf[:r.count * st // 4].reshape(r.count, st // 4)[:, :wpp]
+        m = mask[:r.count]
+        np.equal(rows, _VMCO, out=m)
+        if not m.any():
+            continue
+        for i in np.flatnonzero(m).tolist():
+            page, word = divmod(i, wpp)
+            yield pr.gpa + (r.first + page) * ps - pr.block_offset + 4 * word
+
+
+def find_vmcoreinfo(mf: MigrationFile, ranges: Sequence[PhysRange]) -> tuple[int, bytes] | None:
+    """The first valid Linux VMCOREINFO note in guest RAM: ``(gpa of its header, bytes)``.
+
+    Every present page is read once, in address order; the scan stops at the
+    first valid note. Notes are 4-byte aligned (the ELF note format), so the
+    name is looked for as whole 32-bit words.
+    """
+    read = _guest_reader(ranges)
+    for pr in sorted(ranges, key=lambda r: r.gpa):
+        for name_gpa in _name_candidates(mf, pr):
+            n = vmcoreinfo_note_at(read, name_gpa - NHDR.size)
+            if n is not None:
+                return name_gpa - NHDR.size, n
+    return None
+
+
+def _device_vmcoreinfo(devices: Sequence[DeviceState], read: GuestRead) -> tuple[int, bytes] | None:
+    """The note the guest announced to QEMU's ``vmcoreinfo`` device, if valid."""
+    for d in devices:
+        if d.name != "vmcoreinfo":
+            continue
+        f = d.fields
+        size, paddr = f.get("vmcoreinfo.size"), f.get("vmcoreinfo.paddr")
+        if (not f.get("has_vmcoreinfo")
+                or f.get("vmcoreinfo.guest_format") != FW_CFG_VMCOREINFO_FORMAT_ELF
+                or not isinstance(size, int) or not isinstance(paddr, int)
+                or not NHDR.size <= size <= MAX_GUEST_NOTE):
+            return None
+        n = vmcoreinfo_note_at(read, paddr, limit=size)
+        return None if n is None else (paddr, n)
+    return None
+
+
+# -- the core -------------------------------------------------------------------
+
+@dataclass
+class ElfCore:
+    """What :func:`build_core` found, ready to be laid out.
+
+    :ivar loads: one PT_LOAD each, in address order.
+    :ivar cpus: the vCPU states the register notes come from (empty: none).
+    :ivar vmcoreinfo: ``(gpa, source)`` of the VMCOREINFO note, source being
+        ``"vmcoreinfo device"`` or ``"guest RAM"``; None when there is none.
+    :ivar warnings: one line each, e.g. why the core has no register notes.
+    """
+
+    machine: int
+    notes: bytes
+    loads: list[PhysRange]
+    cpus: list[X86CPUState] = field(default_factory=list)
+    vmcoreinfo: tuple[int, str] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def layout(self) -> tuple[bytes, list[tuple[PhysRange, int]], int]:
+        """``(head, placed, size)``: ELF header, program headers and notes to
+        write at offset 0; each LOAD's range with its page-aligned file offset;
+        the file size."""
+        nph = len(self.loads) + (1 if self.notes else 0)
+        if nph >= PN_XNUM:
+            raise OutputError(f"{len(self.loads)} memory ranges are too many for an ELF core")
+        note_off = EHDR.size + nph * PHDR.size
+        off = (note_off + len(self.notes) + DATA_ALIGN - 1) // DATA_ALIGN * DATA_ALIGN
+        ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)  # ELF64, LSB, version 1, SysV
+        head = [EHDR.pack(ident, ET_CORE, self.machine, 1, 0, EHDR.size, 0, 0, EHDR.size,
+                          PHDR.size, nph, 0, 0, 0)]
+        if self.notes:
+            head.append(PHDR.pack(PT_NOTE, 0, note_off, 0, 0, len(self.notes),
+                                  len(self.notes), 0))
+        placed = []
+        for r in self.loads:
+            head.append(PHDR.pack(PT_LOAD, PF_RWX, off, r.gpa, r.gpa, r.length, r.length,
+                                  DATA_ALIGN))
+            placed.append((r, off))
+            off += r.length
+        head.append(self.notes)
+        return b"".join(head), placed, off
+
+
+def _is_x86_pc(machine: str) -> bool:
+    try:
+        x86_below_4g(machine, 0)
+    except UnsupportedFeature:
+        return False
+    return True
+
+
+def _vcpus(mf: MigrationFile, devices: Sequence[DeviceState] | None,
+           why: str | None) -> tuple[list[X86CPUState], str | None]:
+    """The vCPU states, or no states and the reason."""
+    if not _is_x86_pc(mf.machine or ""):
+        return [], f"machine type {mf.machine!r} is not x86 pc or q35"
+    if devices is None:
+        return [], why
+    from ..format.x86cpu import x86_cpu_states
+
+    try:
+        cpus = x86_cpu_states(devices)
+    except FixedramError as e:
+        return [], str(e)
+    if not cpus:
+        return [], "the file has no x86 cpu sections"
+    return list(cpus), None
+
+
+def build_core(mf: MigrationFile) -> ElfCore:
+    """The ELF core of a migration file: LOADs, register notes and VMCOREINFO.
+
+    RAM is read here only to look for the VMCOREINFO note (once, stopping at
+    the first valid one) when the VM had no usable ``vmcoreinfo`` device.
+    """
+    ram = physical_ranges(mf)
+    loads = sorted(ram + x86_firmware_ranges(mf), key=lambda r: r.gpa)
+    devices: list[Any] | None
+    why: str | None = None
+    try:
+        devices = mf.devices()
+    except FixedramError as e:
+        devices, why = None, f"device state cannot be decoded: {e}"
+    cpus, why = _vcpus(mf, devices, why)
+    machine, notes = cpu_notes(cpus)
+    warnings = [] if cpus else [f"no register notes in the ELF core: {why}"]
+    found = _device_vmcoreinfo(devices or [], _guest_reader(ram))
+    source = "vmcoreinfo device"
+    if found is None:
+        found, source = find_vmcoreinfo(mf, ram), "guest RAM"
+    vmci = None
+    if found is not None:
+        notes += found[1]
+        vmci = (found[0], source)
+    return ElfCore(machine, notes, loads, cpus, vmci, warnings)
