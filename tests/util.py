@@ -43,3 +43,33 @@ def elf_segments(path: Path) -> list[tuple[int, int, int]]:
         if p_type == 1:
             out.append((off, pa, filesz))
     return out
+
+
+def assert_truthful_vmdesc(path: Path | str) -> dict[str, object]:
+    """The file's vmdesc describes exactly what it holds, as QEMU's would.
+
+    Every device section and the configuration section decode through it to
+    their last byte (the checks QEMU's analyze-migration makes), the
+    configuration entry names the capabilities the stream carries, and the
+    JSON is in QEMU's compact style. Returns the decoded configuration.
+    """
+    import json
+
+    from fixedram.format.devstate import decode_configuration
+    from fixedram.format.migfile import MigrationFile
+
+    with MigrationFile(path) as mf:
+        vd = mf.vmdesc
+        assert vd is not None, f"{path}: no vmdesc trailer"
+        assert list(vd.doc) == ["configuration", "page_size", "devices"]
+        assert json.dumps(vd.doc).encode() == vd.raw
+        cfg = decode_configuration(mf)
+        assert cfg["name"] == mf.machine
+        caps = cfg.get("configuration/capabilities", {}).get("capabilities", [])
+        assert caps == mf.capabilities
+        devs = mf.devices()
+        assert [(d.name, d.instance_id) for d in devs] == [
+            (s.idstr, s.instance_id) for s in mf.sections]
+        assert [(d["name"], d["instance_id"]) for d in vd.doc["devices"]] == [
+            (s.idstr, s.instance_id) for s in mf.sections]
+        return cfg

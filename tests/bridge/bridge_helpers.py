@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from qemu_harness import QemuVM, diff_pages, ram_compare_ranges, ram_split
+from util import assert_truthful_vmdesc
 
 MIB = 1 << 20
 FIXEDRAM = [sys.executable, "-m", "fixedram.cli.main"]
@@ -99,6 +100,9 @@ def assert_bounded(path: Path, ram_size: int) -> None:
         assert mf.block("pc.ram").used_length == ram_size
     size = os.path.getsize(path)
     assert size <= limit, f"{size} > {limit}"
+    # The source's vmdesc described a stream; ours describes the mapped-ram file.
+    cfg = assert_truthful_vmdesc(path)
+    assert cfg["configuration/capabilities"]["capabilities"] == ["mapped-ram"]
 
 
 def guest_continues(dst: QemuVM) -> None:

@@ -13,6 +13,7 @@ from fixedram.engine.incoming import load_file
 from fixedram.engine.precopy import Migration, dirty_runs
 from fixedram.errors import FixedramError
 from fixedram.format.migfile import MigrationFile
+from util import assert_truthful_vmdesc
 
 
 def test_dirty_runs() -> None:
@@ -44,6 +45,11 @@ def test_live_save_grows_stream_not_fixed_ram(make_guest, tmp_path) -> None:
         load_file(str(path), dst, cfg)
         assert dst.digest() == g.digest(), mode
         assert dst.seq == g.seq
+        # The engine describes its own device, decoded back to the saved values.
+        assert_truthful_vmdesc(path)
+        with MigrationFile(path) as mf:
+            (dev,) = mf.devices()
+            assert dev.fields["seq"] == g.seq and dev.fields["regs"] == g.regs
         if mode == "fixed-ram":
             with MigrationFile(path) as mf:
                 tail = mf.size - (mf.blocks[-1].record.mapped.pages_offset

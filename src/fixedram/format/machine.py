@@ -91,7 +91,7 @@ class MachineState:
         from ..errors import TruncatedFile
         from .constants import Command
 
-        descs = _device_descs(mf.summary.vmdesc)
+        descs = mf.summary.vmdesc.device_entries() if mf.summary.vmdesc else {}
         devices = []
         for d in mf.sections:
             data = os.pread(mf.fd, d.data_length, d.data_offset)
@@ -105,7 +105,8 @@ class MachineState:
                    ram_section_id=mf.summary.ram_sections[0].section_id, devices=devices,
                    switchover_start=any(c == Command.SWITCHOVER_START
                                         for _, c, _ in mf.summary.commands),
-                   page_size=_page_size(mf.summary.vmdesc),
+                   page_size=(mf.summary.vmdesc.page_size if mf.summary.vmdesc else None)
+                   or TARGET_PAGE_SIZE,
                    describe=mf.summary.vmdesc is not None)
 
     def with_mapped_ram(self, on: bool) -> MachineState:
@@ -117,10 +118,10 @@ class MachineState:
 
     def attach_descs(self, vmdesc: VMDesc | None) -> None:
         """Give each device the entry of a trailer that arrived after it (a stream)."""
-        descs = _device_descs(vmdesc)
+        descs = vmdesc.device_entries() if vmdesc is not None else {}
         self.describe = vmdesc is not None
         if vmdesc is not None:
-            self.page_size = _page_size(vmdesc)
+            self.page_size = vmdesc.page_size or TARGET_PAGE_SIZE
         self.devices = [replace(d, desc=descs.get((d.idstr, d.instance_id)))
                         for d in self.devices]
 
@@ -156,21 +157,3 @@ class MachineState:
     @property
     def mapped_ram(self) -> bool:
         return "mapped-ram" in output_capabilities(self.capabilities)
-
-
-def _device_descs(vmdesc: VMDesc | None) -> dict[tuple[str, int], Mapping[str, Any]]:
-    out: dict[tuple[str, int], Mapping[str, Any]] = {}
-    devs = vmdesc.doc.get("devices") if vmdesc is not None else None
-    if not isinstance(devs, list):
-        return out
-    for d in devs:
-        if isinstance(d, Mapping):
-            name, inst = d.get("name"), d.get("instance_id")
-            if isinstance(name, str) and isinstance(inst, int):
-                out.setdefault((name, inst), d)
-    return out
-
-
-def _page_size(vmdesc: VMDesc | None) -> int:
-    ps = vmdesc.doc.get("page_size") if vmdesc is not None else None
-    return ps if isinstance(ps, int) and ps > 0 else TARGET_PAGE_SIZE

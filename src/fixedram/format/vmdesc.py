@@ -34,21 +34,33 @@ class VMDesc:
     def end(self) -> int:
         return self.offset + 5 + len(self.raw)
 
-    def device_sizes(self) -> dict[tuple[str, int], int]:
-        """Data length of each device section, keyed by (idstr, instance_id)."""
-        out: dict[tuple[str, int], int] = {}
+    def device_entries(self) -> dict[tuple[str, int], Mapping[str, Any]]:
+        """Each well-formed device entry, keyed by (idstr, instance_id); the
+        first one wins if a key repeats."""
+        out: dict[tuple[str, int], Mapping[str, Any]] = {}
         devices = self.doc.get("devices", [])
         if not isinstance(devices, list):
             return out
         for dev in devices:
-            if not isinstance(dev, Mapping):
-                continue
-            name, inst = dev.get("name"), dev.get("instance_id")
-            if isinstance(name, str) and isinstance(inst, int):
-                size = device_data_size(dev)
-                if size is not None:
-                    out[(name, inst)] = size
+            if isinstance(dev, Mapping):
+                name, inst = dev.get("name"), dev.get("instance_id")
+                if isinstance(name, str) and isinstance(inst, int) and not isinstance(inst, bool):
+                    out.setdefault((name, inst), dev)
         return out
+
+    def device_sizes(self) -> dict[tuple[str, int], int]:
+        """Data length of each device section, keyed by (idstr, instance_id)."""
+        out: dict[tuple[str, int], int] = {}
+        for key, dev in self.device_entries().items():
+            size = device_data_size(dev)
+            if size is not None:
+                out[key] = size
+        return out
+
+    @property
+    def page_size(self) -> int | None:
+        ps = self.doc.get("page_size")
+        return ps if isinstance(ps, int) and not isinstance(ps, bool) and ps > 0 else None
 
 
 def device_data_size(desc: Mapping[str, Any], depth: int = 0) -> int | None:
