@@ -322,3 +322,54 @@ def test_scan_reads_each_page_once(paused: Callable[[str], Pair],
         assert elfcore.find_vmcoreinfo(mf, ranges) is None
     assert sum(calls) == present
     assert len(calls) <= present // (1 << 20) + 8
+
+
+def test_vmcoreinfo_device_note_equals_qemu_dump(qemu: str, tmp_path: Path,
+                                                 guest_image_factory: Callable[..., Path]
+                                                 ) -> None:
+    """With ``-device vmcoreinfo`` the note is the one the device points at, as in QEMU's dump.
+
+    The boot-sector guest cannot announce a note through fw_cfg, so the saved device state is
+    set as a Linux guest leaves it (has_vmcoreinfo, ELF format, size, address of a note we
+    plant in saved RAM); QEMU then loads that file and its own dump-guest-memory copies the
+    note into its core. A second valid note at a lower address shows the device wins over
+    the RAM scan.
+    """
+    img = guest_image_factory()
+    save = tmp_path / "vm.sav"
+    dev = ["-device", "vmcoreinfo"]
+    with QemuVM(tmp_path, img, machine="q35", memory="128M", name="src", extra_args=dev) as vm:
+        vm.wait_for_progress(2)
+        vm.stop()
+        vm.set_caps(mapped_ram=True)
+        vm.migrate(file_uri(save))
+    device_note, scan_note = 0x400000, 0x200000
+    text2 = TEXT.replace(b"6.1.0-test", b"6.1.0-other")
+    planted = tmp_path / "planted.sav"
+    _plant(save, planted, [(scan_note, _vmcoreinfo(text2)), (device_note, _vmcoreinfo(TEXT))])
+    with MigrationFile(planted) as mf:
+        vmci = next(d for d in mf.devices() if d.name == "vmcoreinfo")
+        assert vmci.fields["has_vmcoreinfo"] in (False, 0)  # nobody wrote to it
+    with open(planted, "r+b") as f:  # has, host_format, guest_format, size, paddr (BE)
+        f.seek(vmci.offset + 1 + 2)
+        f.write(struct.pack(">HIQ", 1, 0x1000, device_note))
+        f.seek(vmci.offset)
+        f.write(b"\x01")
+    with MigrationFile(planted) as mf:
+        core = elfcore.build_core(mf)
+        assert core.vmcoreinfo == (device_note, "vmcoreinfo device")
+        assert elfcore.find_vmcoreinfo(mf, elfcore.physical_ranges(mf))[0] == scan_note
+        ours = tmp_path / "ours.elf"
+        extract_elf(mf, ours)
+    qcore = tmp_path / "qemu.elf"
+    with QemuVM(tmp_path, img, machine="q35", memory="128M", name="dst", incoming=True,
+                paused=True, extra_args=dev) as vm:
+        vm.set_caps(mapped_ram=True)
+        vm.migrate_incoming(file_uri(planted))
+        vm.qmp("dump-guest-memory", paging=False, protocol=f"file:{qcore}")
+    q, o = read_core(qcore), read_core(ours)
+    assert [(n.name, n.type) for n in q.notes] == [(b"CORE", 1), (b"QEMU", 0),
+                                                   (b"VMCOREINFO", 0)]
+    assert q.notes[-1].desc == TEXT
+    assert o.note_bytes == q.note_bytes
+    assert o.loads() == q.loads()
