@@ -3,9 +3,10 @@
 # kernel (the linux-image-6.1.0-NN-amd64 that linux-image-amd64 depends on) and busybox-static.
 # The .debs are fetched with apt from the machine's own sources and unpacked with dpkg-deb;
 # nothing is installed (a kernel package's install runs boot hooks). Also installs gdb.
-# Idempotent: once DIR/vmlinuz and DIR/busybox exist, it only checks gdb.
+# Idempotent: once DIR's files exist, it only checks gdb.
 # Use: bash scripts/fetch-linux-guest.sh [DIR]     (DIR defaults to .cache/linux-guest)
-# Leaves: DIR/vmlinuz, DIR/busybox, DIR/kernel-package (name=version of the kernel package).
+# Leaves: DIR/vmlinuz, DIR/busybox, DIR/qemu_fw_cfg.ko (the kernel's fw_cfg module: it hands
+# the kernel's VMCOREINFO to QEMU's vmcoreinfo device) and DIR/kernel-package (name=version).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=${1:-$PWD/.cache/linux-guest}
@@ -24,7 +25,7 @@ if ! command -v gdb >/dev/null 2>&1; then
     apt-get install -y -qq --no-install-recommends gdb >/dev/null
 fi
 
-if [ -s "$dest/vmlinuz" ] && [ -x "$dest/busybox" ]; then
+if [ -s "$dest/vmlinuz" ] && [ -x "$dest/busybox" ] && [ -s "$dest/qemu_fw_cfg.ko" ]; then
     exit 0
 fi
 
@@ -55,19 +56,20 @@ kpkg=$(apt-cache show "linux-image-amd64=$ver" |
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/fetch-linux-guest.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
-chmod 755 "$tmp"  # apt-get download hands the files to the _apt user
-(cd "$tmp" && apt-get download -qq "$kpkg" busybox-static) || {
+(cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root "$kpkg" busybox-static) || {
     apt_update_once
-    (cd "$tmp" && apt-get download -qq "$kpkg" busybox-static)
+    (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root "$kpkg" busybox-static)
 }
 mkdir -p "$dest" "$tmp/k" "$tmp/b"
-# Only /boot of the kernel package: its ~400 MB of modules are not needed (the guest uses
-# built-in drivers only), and dpkg-deb's tar stream lets us skip them.
-dpkg-deb --fsys-tarfile "$tmp"/"$kpkg"_*.deb | tar -x -C "$tmp/k" --wildcards './boot/vmlinuz-*'
+# Only the kernel and one module of the kernel package: the rest of its ~400 MB of modules is
+# not needed (the guest uses built-in drivers), and dpkg-deb's tar stream lets us skip it.
+dpkg-deb --fsys-tarfile "$tmp"/"$kpkg"_*.deb | tar -x -C "$tmp/k" --wildcards './boot/vmlinuz-*' \
+    './lib/modules/*/kernel/drivers/firmware/qemu_fw_cfg.ko'
 dpkg-deb -x "$tmp"/busybox-static_*.deb "$tmp/b"
 vmlinuz=$(ls "$tmp"/k/boot/vmlinuz-*)
 install -m 0644 "$vmlinuz" "$dest/vmlinuz.tmp"
 install -m 0755 "$tmp/b/bin/busybox" "$dest/busybox.tmp"
+install -m 0644 "$tmp"/k/lib/modules/*/kernel/drivers/firmware/qemu_fw_cfg.ko "$dest/qemu_fw_cfg.ko"
 kver=$(dpkg-deb -f "$tmp"/"$kpkg"_*.deb Version)
 echo "$kpkg=$kver" > "$dest/kernel-package"
 mv "$dest/busybox.tmp" "$dest/busybox"

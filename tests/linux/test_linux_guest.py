@@ -59,8 +59,8 @@ def test_guest_boots_and_reaches_marker(linux_saves: LinuxArtifacts) -> None:
     assert ticks and ticks == list(range(1, len(ticks) + 1))  # the workload kept running
     assert linux_saves.meta["ticks_at_stop"] >= 2
     # The release the guest printed is that of the kernel we booted.
-    vmlinuz, _ = guest_files(Path(linux_saves.meta["kernel"]).parent, fetch=False)
-    assert linux_saves.kernel_release == _bzimage_version(vmlinuz)
+    files = guest_files(Path(linux_saves.meta["kernel"]).parent, fetch=False)
+    assert linux_saves.kernel_release == _bzimage_version(files.vmlinuz)
     assert linux_saves.machine.startswith("pc-q35-")
     assert linux_saves.ram_size == 256 << 20
     assert "nokaslr" not in linux_saves.meta["append"]
@@ -119,3 +119,20 @@ def test_kernel_release_in_guest_ram(linux_saves: LinuxArtifacts,
     data = physical("paused_mapped").read_bytes()
     found = set(re.findall(rb"Linux version (\S+) \(", data))
     assert found == {linux_saves.kernel_release.encode()}
+
+
+def test_drgn_reads_qemu_core(linux_saves: LinuxArtifacts) -> None:
+    """QEMU's core carries the guest's VMCOREINFO (vmcoreinfo device + qemu_fw_cfg), so drgn
+    takes it as a Linux kernel core and finds symbols through the kernel's own kallsyms."""
+    import drgn
+    from drgn.helpers.linux.kallsyms import load_vmlinux_kallsyms
+
+    prog = drgn.Program()
+    prog.set_core_dump(str(linux_saves.qemu_dump))
+    assert prog.flags & drgn.ProgramFlags.IS_LINUX_KERNEL
+    prog.register_symbol_finder("vmlinux_kallsyms", load_vmlinux_kallsyms(prog), enable_index=0)
+    uts = prog.symbol("init_uts_ns").address
+    # struct new_utsname: sysname, nodename, release, ... each char[65]; first in uts_namespace
+    sysname, _, release = (prog.read(uts + 65 * i, 65).split(b"\0", 1)[0] for i in range(3))
+    assert sysname == b"Linux"
+    assert release.decode() == linux_saves.kernel_release

@@ -15,6 +15,7 @@ from .guest import (
     write_bootsector,
 )
 from .linux import (
+    GuestFiles,
     LinuxArtifacts,
     LinuxGuest,
     LinuxGuestMissing,
@@ -51,6 +52,7 @@ __all__ = [
     "MAX_FILL_WORDS",
     "MODES",
     "OFFSET_FILL",
+    "GuestFiles",
     "GuestParams",
     "LinuxArtifacts",
     "LinuxGuest",

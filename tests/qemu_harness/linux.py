@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 if __package__:
     from .vm import (
@@ -92,20 +92,27 @@ def default_guest_dir() -> Path:
     return Path(os.environ.get("FIXEDRAM_LINUX_GUEST_DIR", REPO / ".cache" / "linux-guest"))
 
 
-def guest_files(directory: Path | None = None, fetch: bool = True) -> tuple[Path, Path]:
-    """(vmlinuz, busybox) in ``directory``; runs scripts/fetch-linux-guest.sh when missing."""
+class GuestFiles(NamedTuple):
+    vmlinuz: Path  # Debian's bzImage
+    busybox: Path  # busybox-static
+    fw_cfg_module: Path  # qemu_fw_cfg.ko of that kernel: gives QEMU's vmcoreinfo device the
+    # kernel's VMCOREINFO address, so dump-guest-memory (and the saves) carry it, as drgn needs
+
+
+def guest_files(directory: Path | None = None, fetch: bool = True) -> GuestFiles:
+    """The guest's files in ``directory``; runs scripts/fetch-linux-guest.sh when missing."""
     d = Path(directory) if directory else default_guest_dir()
-    vmlinuz, busybox = d / "vmlinuz", d / "busybox"
-    if fetch and not (vmlinuz.is_file() and busybox.is_file()):
+    files = GuestFiles(d / "vmlinuz", d / "busybox", d / "qemu_fw_cfg.ko")
+    if fetch and not all(p.is_file() for p in files):
         r = subprocess.run(["bash", os.fspath(FETCH_SCRIPT), os.fspath(d)],
                            capture_output=True, text=True, check=False)
         if r.returncode != 0:
             raise LinuxGuestMissing(f"{FETCH_SCRIPT.name} {d} failed ({r.returncode}):\n"
                                     f"{r.stdout}{r.stderr}")
-    for p in (vmlinuz, busybox):
+    for p in files:
         if not p.is_file():
             raise LinuxGuestMissing(f"{p} missing: run scripts/fetch-linux-guest.sh {d}")
-    return vmlinuz, busybox
+    return files
 
 
 # ---- initramfs ---------------------------------------------------------------------------------
@@ -141,6 +148,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs -o size=16m tmpfs /tmp
+for m in /lib/modules/*.ko; do insmod "$m" || echo "insmod $m failed"; done
 echo "{READY_MARKER} release=$(uname -r)"
 # The workload: re-write the same tmpfs pages without pause, so that every pass of a live save
 # finds more dirty pages than its downtime allows and a switchover waits for the harness.
@@ -153,11 +161,13 @@ done
 """
 
 
-def build_initramfs(busybox: Path, path: Path) -> Path:
-    """Write an uncompressed newc initramfs with busybox and /init to ``path``."""
+def build_initramfs(busybox: Path, path: Path, modules: Iterable[Path] = ()) -> Path:
+    """Write an uncompressed newc initramfs with busybox, /init and the modules /init loads."""
     d, reg, chr_ = stat.S_IFDIR | 0o755, stat.S_IFREG, stat.S_IFCHR | 0o600
-    entries = [(name, d, b"", 0) for name in
-               ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp")]
+    entries = [(name, d, b"", 0) for name in ("bin", "sbin", "usr", "usr/bin", "usr/sbin",
+                                              "proc", "sys", "dev", "tmp", "lib", "lib/modules")]
+    entries += [(f"lib/modules/{Path(m).name}", reg | 0o644, Path(m).read_bytes(), 0)
+                for m in modules]
     # The kernel opens /dev/console for init before devtmpfs is mounted.
     entries += [("dev/console", chr_, b"", 5 << 8 | 1),
                 ("bin/busybox", reg | 0o755, Path(busybox).read_bytes(), 0),
@@ -171,14 +181,17 @@ def build_initramfs(busybox: Path, path: Path) -> Path:
 
 # ---- the VM ------------------------------------------------------------------------------------
 class LinuxGuest(QemuVM):
-    """QemuVM booting ``-kernel vmlinuz -initrd initramfs``, no disk, serial to a file."""
+    """QemuVM booting ``-kernel vmlinuz -initrd initramfs``, no disk, serial to a file.
+
+    With QEMU's vmcoreinfo device, which the guest's qemu_fw_cfg module fills in.
+    """
 
     def __init__(self, workdir: str | os.PathLike[str], kernel: Path, initrd: Path, *,
                  machine: str = DEFAULT_MACHINE, memory: str | int = DEFAULT_MEMORY,
                  append: str = DEFAULT_APPEND, name: str = "linux",
                  extra_args: Iterable[str] = (), **kw: Any) -> None:
         args = ["-kernel", os.fspath(kernel), "-initrd", os.fspath(initrd),
-                "-append", append, "-no-reboot", *extra_args]
+                "-append", append, "-no-reboot", "-device", "vmcoreinfo", *extra_args]
         super().__init__(workdir, None, machine=machine, memory=memory, name=name,
                          extra_args=args, **kw)
 
@@ -301,8 +314,8 @@ def make_artifacts(out: str | os.PathLike[str], *, guest_dir: Path | None = None
     _unlink(out / READY_FILE)
     files = {k: out / v for k, v in ARTIFACTS.items()}
     t0 = time.monotonic()
-    vmlinuz, busybox = guest_files(guest_dir)
-    initrd = build_initramfs(busybox, out / "initramfs.cpio")
+    vmlinuz, busybox, fw_cfg = guest_files(guest_dir)
+    initrd = build_initramfs(busybox, out / "initramfs.cpio", [fw_cfg])
     with LinuxGuest(out, vmlinuz, initrd, machine=machine, memory=memory) as vm:
         release = vm.wait_ready(timeout)
         say(f"booted {release} in {time.monotonic() - t0:.1f}s")
