@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install QEMU 10 (and libvirt) from Debian's bookworm-backports suite, idempotently.
+# Install QEMU 10 (and libvirt) from Debian's bookworm-backports suite, and gdb, idempotently.
 # The suite entry is derived from the machine's own Debian sources entry, so no
 # mirror host is named here.
 set -euo pipefail
@@ -12,7 +12,8 @@ have_qemu10() {
         qemu-system-x86_64 --version | grep -Eq 'version (9|1[0-9])\.'
 }
 
-if have_qemu10 && { [ $want_libvirt = 0 ] || command -v virsh >/dev/null 2>&1; }; then
+if have_qemu10 && command -v gdb >/dev/null 2>&1 &&
+    { [ $want_libvirt = 0 ] || command -v virsh >/dev/null 2>&1; }; then
     exit 0
 fi
 
@@ -42,7 +43,7 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-pkgs="qemu-system-x86 qemu-utils"
+pkgs="qemu-system-x86 qemu-utils gdb"  # gdb: the Linux-guest tests open cores with it
 [ $want_libvirt = 1 ] && pkgs="$pkgs libvirt-daemon-system libvirt-clients"
 # shellcheck disable=SC2086
 apt-get install -y -qq -o Dpkg::Options::=--force-confold --no-install-recommends \
