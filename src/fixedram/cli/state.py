@@ -35,8 +35,7 @@ def cmd_state(a: argparse.Namespace) -> int:
                "devices": [{"section_id": d.section_id, "name": d.name,
                             "instance_id": d.instance_id, "version_id": d.version_id,
                             "fields": jsonable(d.fields)} for d in devices]}
-        json.dump(doc, sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        sys.stdout.write(json.dumps(doc, indent=1) + "\n")
         return 0
     from rich.console import Console
     from rich.text import Text
