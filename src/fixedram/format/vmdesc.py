@@ -9,9 +9,12 @@ length is the sum of its fields' sizes plus its subsections' framed sizes.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from ..errors import CorruptFile
 from .constants import MAX_VMDESC_JSON, SectionType
@@ -93,14 +96,109 @@ def device_data_size(desc: Mapping[str, Any], depth: int = 0) -> int | None:
     return total
 
 
+# The trailer is untrusted: bound what parsing it can cost. QEMU 10's own
+# trailers nest 14 levels deep, hold a few thousand objects and arrays, and
+# no number wider than a uint64.
+MAX_TRAILER_DEPTH = 64
+MAX_TRAILER_CONTAINERS = 1 << 19  # ~100 MiB of Python objects at most
+_MAX_NUMBER_CHARS = 24  # a uint64 is 20 digits
+
+
+class _BadToken(ValueError):
+    def __init__(self, what: str, token: str) -> None:
+        super().__init__(what)
+        self.what = what
+        self.token = token
+
+
+def _int(text: str) -> int:
+    if len(text) > _MAX_NUMBER_CHARS:
+        raise _BadToken(f"a {len(text)}-digit number", text)
+    return int(text)
+
+
+def _float(text: str) -> float:
+    if len(text) > _MAX_NUMBER_CHARS:
+        raise _BadToken(f"a {len(text)}-character number", text)
+    return float(text)
+
+
+def _constant(text: str) -> Any:
+    raise _BadToken(f"{text}, which is not JSON", text)
+
+
+def _check_tree(doc: Any) -> str | None:
+    """What makes the parsed document unusable (too deep, a lone surrogate), or None.
+
+    Iterative: the readers recurse into this tree, so its depth is checked
+    without recursing.
+    """
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_TRAILER_DEPTH:
+            return f"nests deeper than {MAX_TRAILER_DEPTH} levels"
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for k, v in items:
+            for s in (k, v):
+                if isinstance(s, str) and not s.isascii():
+                    try:
+                        s.encode()
+                    except UnicodeEncodeError:
+                        return f"holds an unpaired surrogate escape in {s[:40]!r}"
+            if isinstance(v, (dict, list)):
+                stack.append((v, depth + 1))
+    return None
+
+
+def _depth_offset(raw: bytes) -> int:
+    """Where the nesting first goes past the limit (for the error message)."""
+    depth = 0
+    for m in re.finditer(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', raw, re.S):
+        c = m.group()
+        if c in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_TRAILER_DEPTH:
+                return m.start()
+        elif c in (b"]", b"}"):
+            depth -= 1
+    return 0
+
+
 def parse_trailer(raw: bytes, offset: int, path: str) -> VMDesc:
+    """Parse the JSON of a trailer whose 0x06 byte is at ``offset``.
+
+    :raise CorruptFile: anything but a JSON object within the bounds above,
+        with the offset of the problem where it is known.
+    """
+    at = offset + 5
+    containers = raw.count(b"[") + raw.count(b"{")  # an upper bound: strings count too
+    if containers > MAX_TRAILER_CONTAINERS:
+        raise CorruptFile(f"vmdesc JSON trailer has {containers} objects and arrays (more "
+                          f"than {MAX_TRAILER_CONTAINERS})", path=path, offset=at)
     try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptFile(f"vmdesc JSON trailer does not parse: {e}", path=path,
-                          offset=offset + 5) from None
+        text = raw.decode("utf-8")  # QEMU writes ASCII; never guess UTF-16/32 as json does
+    except UnicodeDecodeError as e:
+        raise CorruptFile(f"vmdesc JSON trailer is not UTF-8: {e.reason}", path=path,
+                          offset=at + e.start) from None
+    try:
+        doc = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
+    except json.JSONDecodeError as e:
+        raise CorruptFile(f"vmdesc JSON trailer does not parse: {e.msg}", path=path,
+                          offset=at + len(text[:e.pos].encode())) from None
+    except _BadToken as e:
+        pos = raw.find(e.token.encode())
+        raise CorruptFile(f"vmdesc JSON trailer holds {e.what}", path=path,
+                          offset=at + max(pos, 0)) from None
+    except RecursionError:
+        raise CorruptFile(f"vmdesc JSON trailer nests deeper than {MAX_TRAILER_DEPTH} levels",
+                          path=path, offset=at + _depth_offset(raw)) from None
     if not isinstance(doc, dict):
-        raise CorruptFile("vmdesc JSON trailer is not an object", path=path, offset=offset + 5)
+        raise CorruptFile("vmdesc JSON trailer is not an object", path=path, offset=at)
+    why = _check_tree(doc)
+    if why is not None:
+        off = _depth_offset(raw) if "nests" in why else 0
+        raise CorruptFile(f"vmdesc JSON trailer {why}", path=path, offset=at + off)
     return VMDesc(offset, raw, doc)
 
 
@@ -108,19 +206,25 @@ def find_trailer(tail: bytes, tail_offset: int, path: str) -> VMDesc | None:
     """Locate ``0x06 be32 len JSON`` ending exactly at the end of ``tail``.
 
     ``tail`` is the last bytes of the file, starting at absolute ``tail_offset``.
-    The JSON is compact and ends with ``}``; we try every ``0x06`` whose length
-    field matches the distance to the end, nearest to the end first.
+    The JSON is compact and ends with ``}``; of every ``0x06`` whose length
+    field matches the distance to the end and is followed by ``{``, the one
+    nearest to the end is taken. The candidates are found in one vectorised
+    pass, so a tail full of 0x06 bytes costs no more than any other.
     """
-    if not tail.endswith(b"}"):
-        return None
     n = len(tail)
-    pos = tail.rfind(b"\x06", 0, n - 5)
-    while pos >= 0:
-        ln = BE32.unpack_from(tail, pos + 1)[0]
-        if pos + 5 + ln == n and ln <= MAX_VMDESC_JSON and tail[pos + 5:pos + 6] == b"{":
-            return parse_trailer(tail[pos + 5:], tail_offset + pos, path)
-        pos = tail.rfind(b"\x06", 0, pos)
-    return None
+    if n < 7 or not tail.endswith(b"}"):
+        return None
+    a = np.frombuffer(tail, dtype=np.uint8)
+    pos = np.flatnonzero((a[:n - 5] == SectionType.VMDESCRIPTION) & (a[5:] == ord("{")))
+    if pos.size == 0:
+        return None
+    ln = ((a[pos + 1].astype(np.int64) << 24) | (a[pos + 2].astype(np.int64) << 16)
+          | (a[pos + 3].astype(np.int64) << 8) | a[pos + 4].astype(np.int64))
+    ok = pos[(pos + 5 + ln == n) & (ln <= MAX_VMDESC_JSON)]
+    if ok.size == 0:
+        return None
+    p = int(ok[-1])
+    return parse_trailer(tail[p + 5:], tail_offset + p, path)
 
 
 def encode_trailer(doc: Mapping[str, Any] | bytes) -> bytes:
