@@ -19,17 +19,13 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _size(text: str) -> int:
-    """``4096``, ``64k``, ``1M``, ``2G`` (as QEMU's size suffixes)."""
-    t = text.strip().lower()
-    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    """``4096``, ``64k``, ``1M``, ``2G`` (QEMU's size suffixes), at most what an off_t holds."""
+    from ..sizes import SizeError, parse_size
+
     try:
-        if t and t[-1] in mult:
-            return int(float(t[:-1]) * mult[t[-1]])
-        if t.endswith(("kib", "mib", "gib")):
-            return int(float(t[:-3]) * mult[t[-3]])
-        return int(t, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}") from None
+        return parse_size(text)
+    except SizeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:

@@ -2,37 +2,20 @@
 ``exec:CMD``, ``fd:N``.
 
 Parsing follows QEMU so the same URI strings work with both: the file offset
-takes QEMU's size suffixes (``4k``, ``1M``), and bad input gets QEMU's words.
+takes QEMU's size suffixes (``4k``, ``1M``; read by :func:`fixedram.sizes.parse_size`),
+and bad input gets QEMU's words.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
 from ..errors import TransportError
+from ..sizes import SizeError, parse_size
 
 __all__ = ["MigrationURI", "parse_size", "parse_uri"]
-
-_SUFFIX = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
-           "p": 1 << 50, "e": 1 << 60}
-_SIZE_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([bkmgtpeBKMGTPE]?)$")
-
-
-def parse_size(text: str) -> int:
-    """A size the way QEMU's ``qemu_strtosz`` reads it (``4096``, ``4k``, ``1.5M``,
-    ``0x1000``; hex takes no suffix)."""
-    t = text.strip()
-    if re.fullmatch(r"0[xX][0-9a-fA-F]+", t):
-        return int(t, 16)
-    m = _SIZE_RE.match(t)
-    if not m:
-        raise ValueError(text)
-    v = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
-    if v != int(v) or v >= 1 << 64:
-        raise ValueError(text)
-    return int(v)
-
 
 @dataclass(frozen=True)
 class MigrationURI:
@@ -70,8 +53,9 @@ def parse_uri(text: str) -> MigrationURI:
         if sep:
             try:
                 off = parse_size(opt)
-            except ValueError:
-                raise TransportError(f"file URI has bad offset {opt}: Invalid argument") from None
+            except SizeError as e:
+                raise TransportError(f"file URI has bad offset {opt}: "
+                                     f"{os.strerror(e.errno)}") from None
         return MigrationURI("file", text, path=path, offset=off)
     if text.startswith("tcp:"):
         hp = text[4:]
