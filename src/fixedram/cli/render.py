@@ -1,13 +1,45 @@
-"""Human-readable rendering of inspect results (rich tables)."""
+"""Human-readable rendering of inspect results (rich tables).
+
+Names in a migration file (RAMBlocks, devices, the machine type) and names
+sent by a peer are untrusted: a name holding an escape sequence could retitle
+the terminal, move the cursor or hide text. Every such string goes through
+:func:`printable` before it is shown, and into rich as :class:`~rich.text.Text`
+(never as markup, where ``[`` would be read as style). Importing this
+module for :func:`printable` alone does not load rich.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
+if TYPE_CHECKING:
+    from rich.text import Text
 
-__all__ = ["human_bytes", "render_inspect"]
+__all__ = ["human_bytes", "printable", "render_inspect"]
+
+
+def printable(s: object) -> str:
+    """``s`` with every non-printable character (C0/C1 controls such as ESC,
+    DEL, bidi overrides, zero-width and other format characters, line
+    separators) written as a Python escape (``\\x1b``, ``\\u202e``).
+    Printable text, including non-ASCII letters, is left as it is."""
+    t = str(s)
+    if t.isprintable():
+        return t
+    return "".join(c if c.isprintable() else _escape(c) for c in t)
+
+
+def _escape(c: str) -> str:
+    o = ord(c)
+    if o < 0x100:
+        return f"\\x{o:02x}"
+    return f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+
+
+def _t(s: object, style: str = "") -> Text:
+    from rich.text import Text
+
+    return Text(printable(s), style=style)
 
 
 def human_bytes(n: int | None) -> str:
@@ -21,24 +53,32 @@ def human_bytes(n: int | None) -> str:
 
 
 def render_inspect(d: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
     c = Console()
-    c.print(f"[bold]{d['file']}[/bold]: {d['format']} migration stream at offset "
-            f"{d['stream_offset']}, machine {d['machine']}")
-    c.print(f"capabilities: {', '.join(d['capabilities']) or '(none recorded)'}; "
-            f"complete: {'yes' if d['complete'] else 'NO'}")
+    head = _t(d["file"], "bold")
+    head.append(f": {d['format']} migration stream at offset {d['stream_offset']}, machine ")
+    head.append(printable(d["machine"]))
+    c.print(head)
+    caps = ", ".join(printable(x) for x in d["capabilities"]) or "(none recorded)"
+    c.print(Text(f"capabilities: {caps}; complete: {'yes' if d['complete'] else 'NO'}"))
     if "libvirt" in d:
         lv = d["libvirt"]
-        c.print(f"libvirt save image v{lv['version']}, format {lv['image_format']}, "
-                f"{'complete' if lv['complete'] else 'UNFINISHED'}")
+        fmt = printable(lv["image_format"])
+        c.print(Text(f"libvirt save image v{lv['version']}, format {fmt}, "
+                     f"{'complete' if lv['complete'] else 'UNFINISHED'}"))
     if "error" in d:
-        c.print(f"[red]stopped early:[/red] {d['error']}")
+        c.print(Text.assemble(("stopped early:", "red"), " ", printable(d["error"])))
     t = Table(title="RAMBlocks")
     for col in ("idstr", "used_length", "pages", "present", "zero", "file offsets"):
-        t.add_column(col, justify="left" if col in ("idstr", "file offsets") else "right")
+        t.add_column(col, justify="left" if col in ("idstr", "file offsets") else "right",
+                     overflow="fold")
     for b in d["blocks"]:
         where = (f"bitmap 0x{b['bitmap_offset']:x}, pages 0x{b['pages_offset']:x}"
                  if "pages_offset" in b else f"record 0x{b['record_offset']:x}")
-        t.add_row(b["idstr"], human_bytes(b["used_length"]), str(b["pages"]),
+        t.add_row(_t(b["idstr"]), human_bytes(b["used_length"]), str(b["pages"]),
                   str(b["pages_present"]), "-" if b["zero_pages"] is None else str(b["zero_pages"]),
                   where)
     c.print(t)
