@@ -303,10 +303,13 @@ def decode_devices(mf: MigrationFile) -> list[DeviceState]:
         if desc is None:
             raise CorruptFile(f"{who}: the vmdesc does not describe this section", path=mf.path,
                               offset=s.offset)
-        dv = desc.get("version")
+        dv, size = desc.get("version"), desc.get("size")
         if _is_int(dv) and dv != s.version_id:
             raise CorruptFile(f"{who}: version {s.version_id} in the stream, {dv} in the vmdesc",
                               path=mf.path, offset=s.offset)
+        if _is_int(size) and size != s.data_length:  # old-style devices state their size
+            raise CorruptFile(f"{who}: {s.data_length} data bytes in the stream, {size} in the "
+                              "vmdesc", path=mf.path, offset=s.data_offset)
         data = _pread(mf, s.data_offset, s.data_length, f"device section {s.idstr!r}")
         fields = decode_section(desc, data, who=who, offset=s.data_offset, path=mf.path)
         out.append(DeviceState(s.section_id, s.idstr, s.instance_id, s.version_id,
