@@ -10,6 +10,10 @@ and writes into DIR, from one paused VM state: ``paused-stream.sav``, ``paused-m
 ``qemu-dump.elf`` (QMP dump-guest-memory), ``info-registers.txt`` (HMP), ``pmem.bin`` (pmemsave
 of RAM below 4 GiB); then, with the guest running its workload again, ``live-stream.sav`` and
 ``live-mapped.sav``; then ``meta.json``, ``serial.log`` and last ``READY``.
+
+QEMU 10 refuses a second ``migrate`` once the first completed ('postmigrate'), so
+``paused-mapped.sav`` is saved by a second VM that loaded ``paused-stream.sav`` and showed the
+same ``info registers`` and the same RAM (pmemsave) as the first before saving.
 """
 
 from __future__ import annotations
@@ -396,6 +400,7 @@ def make_artifacts(out: str | os.PathLike[str], *, guest_dir: Path | None = None
         "qemu_version": f"{qemu_ver['major']}.{qemu_ver['minor']}.{qemu_ver['micro']}",
         "qemu_package": version.get("package", ""),
         "ticks_at_stop": ticks_at_stop,
+        "paused_mapped_from": "paused-stream.sav loaded into a second VM, same registers and RAM",
         "files": {k: v for k, v in ARTIFACTS.items()},
         "paths": {k: os.fspath(files[k]) for k in ARTIFACTS},
         "kernel": os.fspath(vmlinuz),
