@@ -116,7 +116,7 @@ class _Receiver(StreamEvents):
         # Devices join the state as they arrive; the writer reads them at finish.
         self.state = MachineState(hdr.machine, tuple(hdr.capabilities), hdr.uuid,
                                   self.ram_sid or 2).with_mapped_ram(True)
-        self.w = MappedRamWriter(self.out.fd, self.state, specs)
+        self.w = MappedRamWriter(self.out.fd, self.state, specs, fresh=True)
         self.sends = [np.zeros(b.npages, dtype=np.uint16) for b in specs]
         self.block_index = {b.idstr: i for i, b in enumerate(specs)}
         self.ready.set()

@@ -227,7 +227,7 @@ def _send_multifd(mf: MigrationFile, u: MigrationURI, n: int, uuid: bytes) -> tu
             pkt.sync()  # the setup sync, paired with the FLUSH sent above
             w.begin_part()
             for b in mf.blocks:
-                pkt.block_pages(b.idstr, b.runs(128), np.flatnonzero(~b.present()))
+                pkt.block_pages(b.idstr, b.runs(128), b.zeroed_pages())
             pkt.sync()  # end of the (only) round
             w.multifd_flush()
             w.end_part()

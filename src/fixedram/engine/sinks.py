@@ -217,7 +217,7 @@ class MappedRamSink(Sink):
             while done < len(mv):
                 done += os.pwritev(fd, [mv[done:]], off + done)
             written += e - s
-        self.w.bitmaps[bi][first:first + count] = nz
+        self.w.bits(bi)[first:first + count] = nz
         with self._lock:
             self.normal_pages += written
             self.zero_pages += count - written

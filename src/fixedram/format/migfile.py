@@ -86,46 +86,90 @@ def _count_sends(sends: np.ndarray, idx: np.ndarray) -> None:
         np.add.at(sends, idx, 1)
 
 
-class _StreamIndex(StreamEvents):
-    """RAM sink for files: remembers where the last copy of each page is."""
+# Index memory a stream may claim: a floor for small files plus a multiple of
+# the file's size. A complete precopy stream sends every page at least once
+# (9 bytes or more each) and the index costs 12 bytes a page, so real files
+# stay far below this; a forged block length cannot make us allocate for it.
+INDEX_FLOOR = 64 << 20
+INDEX_PER_FILE_BYTE = 16
+_INDEX_BYTES_PER_PAGE = 12  # int64 location + uint32 send count
 
-    def __init__(self) -> None:
-        self.loc: list[np.ndarray] = []
-        self.sends: list[np.ndarray] = []
+
+class _StreamIndex(StreamEvents):
+    """RAM sink for files: remembers where the last copy of each page is.
+
+    A block's arrays are allocated when its first record arrives, within a
+    budget set by the file's size (see :data:`INDEX_PER_FILE_BYTE`).
+    """
+
+    def __init__(self, path: str, budget: int) -> None:
+        self.path = path
+        self.budget = budget
+        self.allocated = 0
+        self.records: list[RAMBlockRecord] = []
+        self.loc: list[np.ndarray | None] = []
+        self.sends: list[np.ndarray | None] = []
         self.page_records = 0
         self.zero_records = 0
         self.mapped = False
+        self.announced = False  # the whole RAMBlock list was read
 
     def ram_blocks(self, state: RamStreamState) -> None:
         self.mapped = state.mapped_ram
+        self.announced = True
         if not self.mapped:  # mapped-ram files need no index: the bitmap is one
-            for b in state.blocks:
-                self.loc.append(np.zeros(b.npages, dtype=np.int64))
-                self.sends.append(np.zeros(b.npages, dtype=np.uint32))
+            self.records = state.blocks
+            self.loc = [None] * len(state.blocks)
+            self.sends = [None] * len(state.blocks)
+
+    def _arrays(self, block: int) -> tuple[np.ndarray, np.ndarray]:
+        loc, sends = self.loc[block], self.sends[block]
+        if loc is not None and sends is not None:
+            return loc, sends
+        rec = self.records[block]
+        need = rec.npages * _INDEX_BYTES_PER_PAGE
+        if self.allocated + need > self.budget:
+            raise CorruptFile(f"RAMBlock {rec.idstr!r} declares {rec.npages} pages, more than "
+                              "a file of this size can hold records for", path=self.path,
+                              offset=rec.record_offset)
+        self.allocated += need
+        loc = self.loc[block] = np.zeros(rec.npages, dtype=np.int64)
+        sends = self.sends[block] = np.zeros(rec.npages, dtype=np.uint32)
+        return loc, sends
 
     def page(self, block: int, page_index: int, r: ByteReader) -> None:
-        self.loc[block][page_index] = r.tell()
-        self.sends[block][page_index] += 1
-        self.page_records += 1
+        # Skip first: a copy cut off by the end of the file must not replace
+        # the last complete one.
+        at = r.tell()
         r.skip(4096, "page data")
+        loc, sends = self._arrays(block)
+        loc[page_index] = at
+        sends[page_index] += 1
+        self.page_records += 1
 
     def zero(self, block: int, page_index: int) -> None:
-        self.loc[block][page_index] = LOC_ZERO
-        self.sends[block][page_index] += 1
+        loc, sends = self._arrays(block)
+        loc[page_index] = LOC_ZERO
+        sends[page_index] += 1
         self.zero_records += 1
 
     def pages_batch(self, block: int, page_index: np.ndarray, data: np.ndarray,
                     positions: np.ndarray) -> None:
         # Within one batch a page appears at most once in practice; if it did
         # twice, fancy assignment keeps the last, which is the right copy.
-        self.loc[block][page_index] = positions
-        _count_sends(self.sends[block], page_index)
+        loc, sends = self._arrays(block)
+        loc[page_index] = positions
+        _count_sends(sends, page_index)
         self.page_records += page_index.size
 
     def zeros_batch(self, block: int, page_index: np.ndarray) -> None:
-        self.loc[block][page_index] = LOC_ZERO
-        _count_sends(self.sends[block], page_index)
+        loc, sends = self._arrays(block)
+        loc[page_index] = LOC_ZERO
+        _count_sends(sends, page_index)
         self.zero_records += page_index.size
+
+
+_EMPTY = np.zeros(0, dtype=np.int64)
 
 
 class RAMBlock:
@@ -174,28 +218,59 @@ class RAMBlock:
         return not self._bitmap_bits[self.npages:].any()
 
     @property
-    def _loc(self) -> np.ndarray:
+    def _loc(self) -> np.ndarray | None:
+        """Stream index of this block; None when no record named it."""
         assert self._mf._index is not None
         return self._mf._index.loc[self.index]
 
     def present(self) -> np.ndarray:
-        """One bool per page: the file holds data for it (else it reads as zero)."""
+        """One bool per page: the file holds data for it (else it reads as zero).
+
+        Dense: one byte per page of the block. Prefer :meth:`present_pages`,
+        whose size follows what the file holds rather than the block's length.
+        """
         if self.record.mapped is not None:
             return self.bitmap
-        return self._loc > 0
+        loc = self._loc
+        return loc > 0 if loc is not None else np.zeros(self.npages, dtype=bool)
+
+    def present_pages(self) -> np.ndarray:
+        """Ascending indices of the pages the file holds data for."""
+        if self.record.mapped is not None:
+            return np.flatnonzero(self.bitmap)
+        loc = self._loc
+        return np.flatnonzero(loc > 0) if loc is not None else _EMPTY
+
+    def zeroed_pages(self) -> np.ndarray:
+        """Ascending indices of the pages whose last copy was a ZERO record.
+
+        Always empty for mapped-ram, which never records zero pages: a clear
+        bit means "not written", and QEMU's loader leaves such a page as it is.
+        """
+        loc = self._loc if self.record.mapped is None else None
+        return np.flatnonzero(loc == LOC_ZERO) if loc is not None else _EMPTY
 
     def data_offsets(self) -> np.ndarray:
-        """File offset of each page's data, 0 where the page reads as zero."""
+        """File offset of each page's data, 0 where the page reads as zero (dense)."""
+        return self._data_offsets(0, self.npages)
+
+    def _data_offsets(self, first: int, end: int) -> np.ndarray:
         if self.record.mapped is not None:
             m = self.record.mapped
-            off = m.pages_offset + np.arange(self.npages, dtype=np.int64) * self.page_size
-            return np.where(self.bitmap, off, 0)
+            off = m.pages_offset + np.arange(first, end, dtype=np.int64) * self.page_size
+            return np.where(self.bitmap[first:end], off, 0)
         loc = self._loc
-        return np.where(loc > 0, loc, 0)
+        if loc is None:
+            return np.zeros(end - first, dtype=np.int64)
+        part = loc[first:end]
+        return np.where(part > 0, part, 0)
 
     @property
     def pages_present(self) -> int:
-        return int(np.count_nonzero(self.present()))
+        if self.record.mapped is not None:
+            return int(np.count_nonzero(self.bitmap))
+        loc = self._loc
+        return int(np.count_nonzero(loc > 0)) if loc is not None else 0
 
     @property
     def zero_pages(self) -> int | None:
@@ -203,7 +278,7 @@ class RAMBlock:
         not tell a zero page from one never sent."""
         if self.record.mapped is not None:
             return None
-        return int(np.count_nonzero(self._loc == LOC_ZERO))
+        return int(self.zeroed_pages().size)
 
     @property
     def max_sends(self) -> int:
@@ -211,7 +286,7 @@ class RAMBlock:
             return 1 if self.pages_present else 0
         assert self._mf._index is not None
         s = self._mf._index.sends[self.index]
-        return int(s.max()) if s.size else 0
+        return int(s.max()) if s is not None and s.size else 0
 
     # -- runs ----------------------------------------------------------------
 
@@ -232,6 +307,8 @@ class RAMBlock:
                     yield Run(f, n, base + f * ps, stride)
             return
         loc = self._loc
+        if loc is None:
+            return
         idx = np.flatnonzero(loc > 0)
         if idx.size == 0:
             return
@@ -255,7 +332,7 @@ class RAMBlock:
         if length == 0:
             return bytes(out)
         first, last = offset // ps, (offset + length - 1) // ps
-        offs = self.data_offsets()[first:last + 1].tolist()
+        offs = self._data_offsets(first, last + 1).tolist()
         for k, fo in enumerate(offs):
             if not fo:
                 continue
@@ -304,7 +381,7 @@ class MigrationFile:
         self.start = offset
         self.vmdesc = read_vmdesc_at_end(self.fd, self.size, offset, self.path)
         self.error: TruncatedFile | None = None
-        index = _StreamIndex()
+        index = _StreamIndex(self.path, INDEX_FLOOR + INDEX_PER_FILE_BYTE * (self.size - offset))
         with os.fdopen(os.dup(self.fd), "rb", buffering=0) as f:
             f.seek(offset)
             r = ByteReader(f, self.path, start=offset)
@@ -312,10 +389,13 @@ class MigrationFile:
                 self.summary: StreamSummary = walk_stream(r, index, index, vmdesc=self.vmdesc)
             except TruncatedFile as e:
                 # An unfinished save still has readable RAM: keep what was found.
-                if strict or index.summary is None or not index.summary.ram.blocks:
+                if strict or index.summary is None:
                     raise
                 self.error = e
                 self.summary = index.summary
+                if not index.announced:
+                    # Cut inside the RAMBlock list: no block is known whole.
+                    self.summary.ram.blocks = []
         self._index = None if index.mapped else index
         if index.mapped:
             self._check_bitmap_layout(self.summary.header.machine)
@@ -394,7 +474,8 @@ class MigrationFile:
         """Page data bytes in the file that a later copy of the page superseded."""
         if self._index is None:
             return 0
-        latest = sum(int(np.count_nonzero(loc > 0)) for loc in self._index.loc)
+        latest = sum(int(np.count_nonzero(loc > 0)) for loc in self._index.loc
+                     if loc is not None)
         return (self._index.page_records - latest) * 4096
 
     def allocated_bytes(self) -> int:

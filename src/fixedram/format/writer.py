@@ -260,10 +260,13 @@ class MappedRamWriter:
         Its devices are read at :meth:`finish`.
     :param start: absolute offset where the stream starts (``file:...,offset=N``);
         bytes before it are left alone.
+    :param fresh: ``fd`` is a new, empty file, so regions never written read
+        as zero: all-zero parts of the bitmaps are then left as holes, and a
+        block no page was written to costs no memory at all.
     """
 
     def __init__(self, fd: int, state: MachineState, blocks: Sequence[BlockSpec], *,
-                 start: int = 0) -> None:
+                 start: int = 0, fresh: bool = False) -> None:
         _check_blocks(blocks)
         if not state.mapped_ram:
             raise ValueError("a mapped-ram file needs the mapped-ram capability")
@@ -289,7 +292,9 @@ class MappedRamWriter:
             self.placed.append(_Placed(b, pos, bmo, pgo))
             pos = nxt
         self.ram_end = pos  # EOS goes here
-        self.bitmaps = [np.zeros(b.npages, dtype=bool) for b in blocks]
+        self.fresh = fresh
+        # One bool per page, allocated at the block's first written page.
+        self.bitmaps: list[np.ndarray | None] = [None] * len(blocks)
         self.tail_offset = pos + len(EOS) + 5
         self.finished = False
 
@@ -318,21 +323,49 @@ class MappedRamWriter:
         w = self.fd if fd is None else fd
         while done < len(mv):
             done += os.pwrite(w, mv[done:], off + done)
-        self.bitmaps[bi][first:first + n] = True
+        self.bits(bi)[first:first + n] = True
+
+    def bits(self, bi: int) -> np.ndarray:
+        """The block's page bits (one bool per page), allocated on first use."""
+        b = self.bitmaps[bi]
+        if b is None:
+            b = self.bitmaps[bi] = np.zeros(self.placed[bi].spec.npages, dtype=bool)
+        return b
 
     def mark_zero(self, bi: int, pages: np.ndarray | slice | int) -> None:
         """Pages that are zero now: clear their bits, write nothing (holes)."""
-        self.bitmaps[bi][pages] = False
+        b = self.bitmaps[bi]
+        if b is not None:
+            b[pages] = False
 
     def set_present(self, bi: int, pages: np.ndarray | slice | int) -> None:
         """Mark pages written by someone else (a channel with its own fd)."""
-        self.bitmaps[bi][pages] = True
+        self.bits(bi)[pages] = True
+
+    def bitmap_bytes(self, bi: int) -> int:
+        return (self.placed[bi].spec.npages + 63) // 64 * 8
 
     def encode_bitmap(self, bi: int) -> bytes:
-        bits = self.bitmaps[bi]
-        nbytes = (bits.size + 63) // 64 * 8
+        bits = self.bits(bi)
         packed = np.packbits(bits, bitorder="little")
-        return packed.tobytes() + bytes(nbytes - packed.size)
+        return packed.tobytes() + bytes(self.bitmap_bytes(bi) - packed.size)
+
+    def _write_bitmap(self, bi: int) -> None:
+        off = self.placed[bi].bitmap_offset
+        if self.bitmaps[bi] is None and self.fresh:
+            return  # nothing set, and the region is a hole already
+        raw = self.encode_bitmap(bi)
+        if not self.fresh:
+            os.pwrite(self.fd, raw, off)
+            return
+        # Only the non-zero 64 KiB pieces: the rest stays sparse.
+        piece = 1 << 16
+        arr = np.frombuffer(raw, dtype=np.uint8)
+        padded = np.zeros(-(-arr.size // piece) * piece, dtype=np.uint8)
+        padded[:arr.size] = arr
+        mv = memoryview(raw)
+        for i in np.flatnonzero(padded.reshape(-1, piece).any(axis=1)).tolist():
+            os.pwrite(self.fd, mv[i * piece:(i + 1) * piece], off + i * piece)
 
     def finish(self) -> int:
         """Write bitmaps, EOS/footer and everything after the RAM region:
@@ -341,8 +374,8 @@ class MappedRamWriter:
 
         :return: the absolute end offset of the file.
         """
-        for bi, p in enumerate(self.placed):
-            os.pwrite(self.fd, self.encode_bitmap(bi), p.bitmap_offset)
+        for bi in range(len(self.placed)):
+            self._write_bitmap(bi)
         out = bytearray(EOS + encode_footer(self.sid))
         if self.state.switchover_start:
             out += encode_command(Command.SWITCHOVER_START)

@@ -14,8 +14,6 @@ import os
 from collections.abc import Callable
 from typing import BinaryIO
 
-import numpy as np
-
 from ..errors import OutputError, UnsupportedFeature
 from ..format.machine import MachineState
 from ..format.migfile import MigrationFile
@@ -40,11 +38,11 @@ def to_mapped_ram(mf: MigrationFile, fd: int, *, start: int = 0,
     """Write ``mf`` as a mapped-ram file on ``fd`` from ``start``; return its end."""
     _require_complete(mf)
     state = MachineState.from_file(mf).with_mapped_ram(True)
-    w = MappedRamWriter(fd, state, BlockSpec.of(mf.blocks), start=start)
+    w = MappedRamWriter(fd, state, BlockSpec.of(mf.blocks), start=start, fresh=True)
     copier = RunCopier(mf.fd, 4096, RUN_PAGES, src_name=mf.path)
     for bi, b in enumerate(mf.blocks):
         copier.copy(b.runs(RUN_PAGES), fd, w.placed[bi].pages_offset, progress)
-        w.bitmaps[bi][:] = b.present()
+        w.set_present(bi, b.present_pages())
     return w.finish()
 
 
@@ -68,8 +66,11 @@ def to_stream(mf: MigrationFile, write: Callable[[bytes | memoryview], object], 
                 w.pages(bi, run.first, copier.read_run(run))
             if progress is not None:
                 progress(run.count * b.page_size)
-        # QEMU sends every page in the first pass; zero pages as 9-byte records.
-        w.zeros(bi, np.flatnonzero(~b.present()))
+        # Pages the source knows are zero become ZERO records. Pages it has no
+        # copy of (never sent; a clear mapped-ram bit) get none: QEMU's loader
+        # leaves those as they are, so the destination ends in the same state,
+        # and a block length read from the file never sets the output's size.
+        w.zeros(bi, b.zeroed_pages())
     w.end_part()
     w.begin_part(end=True)
     w.end_part()
