@@ -244,6 +244,32 @@ def test_cpu_registers_equal_info_registers(tmp_path: Path, guest_image: Path, m
         check_against_hmp(cpu_fields(c), regs)
 
 
+def test_configuration_uuid_and_two_capabilities(tmp_path: Path, guest_image: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The capability array is described by its first element only (array_len 2, size 16
+    for 'x-ignore-shared'), so each name is read by its own length byte."""
+    uuid = "12345678-9abc-def0-1122-334455667788"
+    path = tmp_path / "uuid.mig"
+    with QemuVM(tmp_path, guest_image, machine="q35", name="uuid",
+                extra_args=["-uuid", uuid]).launch() as vm:
+        vm.wait_for_progress(1, timeout=30)
+        vm.stop()
+        vm.set_caps(**{"validate-uuid": True, "x-ignore-shared": True, "mapped-ram": True})
+        vm.migrate(file_uri(path))
+    with MigrationFile(path) as mf:
+        assert mf.vmdesc is not None
+        caps_desc = mf.vmdesc.doc["configuration"]["subsections"][0]["fields"][1]
+        assert (caps_desc["array_len"], caps_desc["size"]) == (2, 1 + len("x-ignore-shared"))
+        conf = decode_configuration(mf)
+        mf.devices()
+    assert conf["configuration/capabilities"] == {
+        "caps_count": 2, "capabilities": ["x-ignore-shared", "mapped-ram"]}
+    assert conf["configuration/uuid"] == {"uuid.data": bytes.fromhex(uuid.replace("-", ""))}
+    rc, doc, err = cli_state(str(path), "--json", "--device", "timer", capsys=capsys)
+    assert rc == 0, err
+    assert doc["configuration"]["configuration/uuid"]["uuid.data"] == uuid.replace("-", "")
+
+
 def test_qemu72_file(tmp_path: Path, guest_image: Path,
                      capsys: pytest.CaptureFixture[str]) -> None:
     """QEMU 7.2 writes no vmdesc ``configuration`` entry: the header's facts stand in."""
