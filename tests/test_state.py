@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import re
+import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -318,6 +319,32 @@ def vmdesc_doc(path: Path) -> dict[str, Any]:
     with MigrationFile(path) as mf:
         assert mf.vmdesc is not None
         return copy.deepcopy(mf.vmdesc.doc)
+
+
+def test_libvirt_raw_image(real_files: dict[str, SavedFile], tmp_path: Path,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A stream behind a libvirt save header (raw format, as ``virsh save`` writes): the same
+    fields, at offsets shifted by the header, XML and padding."""
+    src = real_files["stream"].path
+    xml = b"<domain type='qemu'><name>x</name></domain>\n\0"
+    data_len = 4096 - 92  # the QEMU stream then starts at 4096
+    img = tmp_path / "vm.save"
+    with open(img, "wb") as f:
+        f.write(struct.pack("<16s5I56x", b"LibvirtQemudSave", 2, data_len, 0, 0, len(xml)))
+        f.write(xml.ljust(data_len, b"\0"))
+        f.write(src.read_bytes())
+    with MigrationFile(src) as mf:
+        plain = mf.devices()
+        plain_conf = decode_configuration(mf)
+    with MigrationFile(img) as mf:
+        assert mf.libvirt is not None and mf.start == 4096
+        devs = mf.devices()
+        assert decode_configuration(mf) == plain_conf
+    assert [(d.name, d.offset - 4096, d.fields) for d in devs] == [
+        (d.name, d.offset, d.fields) for d in plain]
+    rc, doc, err = cli_state(str(img), "--json", capsys=capsys)
+    assert rc == 0, err
+    assert len(doc["devices"]) == len(plain)
 
 
 def test_configuration_subsection_missing_from_vmdesc(real_files: dict[str, SavedFile],
