@@ -321,7 +321,7 @@ def test_scan_reads_each_page_once(paused: Callable[[str], Pair],
         monkeypatch.setattr(elfcore.os, "preadv", counting)
         assert elfcore.find_vmcoreinfo(mf, ranges) is None
     assert sum(calls) == present
-    assert len(calls) <= present // (1 << 20) + 8
+    assert present // len(calls) >= 512 << 10  # reads of 1 MiB runs, not page by page
 
 
 def test_vmcoreinfo_device_note_equals_qemu_dump(qemu: str, tmp_path: Path,

@@ -40,7 +40,7 @@ import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -91,13 +91,21 @@ QEMU_CPUSTATE_SIZE = _QEMU_HEAD.size + 10 * _QEMU_SEG.size + 6 * 8  # 440
 VMCOREINFO_NAME = b"VMCOREINFO"
 _VMCOREINFO_HEAD = NHDR.size + 12  # header + "VMCOREINFO\0" padded to 4
 _OSRELEASE = b"OSRELEASE="
-# QEMU's bound for a guest note (MAX_GUEST_NOTE_SIZE); the kernel's is one page.
+# QEMU's bound for a guest note (MAX_GUEST_NOTE_SIZE), used for the note the
+# vmcoreinfo device points at.
 MAX_GUEST_NOTE = 1 << 20
+# Bound for a note found by scanning RAM: the kernel's text is at most one page
+# (VMCOREINFO_BYTES = PAGE_SIZE); 64 KiB allows for 64 KiB pages. A core whose
+# RAM is still being scanned keeps this much room for the note (a hole in the
+# file when it is shorter or absent), so RAM can be copied during the scan.
+MAX_SCANNED_NOTE = 64 << 10
 # The vmcoreinfo device's guest_format for an ELF note (FW_CFG_VMCOREINFO_FORMAT_ELF).
 FW_CFG_VMCOREINFO_FORMAT_ELF = 1
 _TEXT = bytes(range(0x20, 0x7F)) + b"\n\t"
-# Pages read per system call while scanning for the note (16 MiB).
-SCAN_PAGES = 4096
+# Pages read per system call while scanning for the note: 1 MiB, so the buffer
+# stays in the CPU cache between the read and the compare (measured 1.5x faster
+# than 16 MiB reads).
+SCAN_PAGES = 256
 _VMCO = int.from_bytes(VMCOREINFO_NAME[:4], "little")
 
 _U32 = 0xFFFFFFFF
@@ -228,7 +236,8 @@ def _pread_full(fd: int, buf: memoryview, offset: int, path: str) -> None:
         got += k
 
 
-def _name_candidates(mf: MigrationFile, pr: PhysRange) -> Iterator[int]:
+def _name_candidates(mf: MigrationFile, pr: PhysRange,
+                     cancel: Callable[[], bool] | None = None) -> Iterator[int]:
     """Guest addresses of 4-byte-aligned ``VMCO`` words in the range's present pages.
 
     Each run of present pages is read with one system call into a reused
@@ -248,6 +257,8 @@ def _name_candidates(mf: MigrationFile, pr: PhysRange) -> Iterator[int]:
         r = run.clip(lo, hi)
         if r is None:
             continue
+        if cancel is not None and cancel():
+            return
         st = r.stride
         if st % 4 or st < ps or r.count * st > len(raw):
             raise UnsupportedFeature(f"page run of stride {st} in RAMBlock {block.idstr!r}")
@@ -263,17 +274,19 @@ def _name_candidates(mf: MigrationFile, pr: PhysRange) -> Iterator[int]:
             yield pr.gpa + (r.first + page) * ps - pr.block_offset + 4 * word
 
 
-def find_vmcoreinfo(mf: MigrationFile, ranges: Sequence[PhysRange]) -> tuple[int, bytes] | None:
+def find_vmcoreinfo(mf: MigrationFile, ranges: Sequence[PhysRange],
+                    cancel: Callable[[], bool] | None = None) -> tuple[int, bytes] | None:
     """The first valid Linux VMCOREINFO note in guest RAM: ``(gpa of its header, bytes)``.
 
     Every present page is read once, in address order; the scan stops at the
-    first valid note. Notes are 4-byte aligned (the ELF note format), so the
-    name is looked for as whole 32-bit words.
+    first valid note (of at most :data:`MAX_SCANNED_NOTE` bytes), or gives up
+    when ``cancel()`` turns true. Notes are 4-byte aligned (the ELF note
+    format), so the name is looked for as whole 32-bit words.
     """
     read = _guest_reader(ranges)
     for pr in sorted(ranges, key=lambda r: r.gpa):
-        for name_gpa in _name_candidates(mf, pr):
-            n = vmcoreinfo_note_at(read, name_gpa - NHDR.size)
+        for name_gpa in _name_candidates(mf, pr, cancel):
+            n = vmcoreinfo_note_at(read, name_gpa - NHDR.size, MAX_SCANNED_NOTE)
             if n is not None:
                 return name_gpa - NHDR.size, n
     return None
@@ -300,45 +313,86 @@ def _device_vmcoreinfo(devices: Sequence[DeviceState], read: GuestRead) -> tuple
 
 @dataclass
 class ElfCore:
-    """What :func:`build_core` found, ready to be laid out.
+    """What :func:`build_core` found, and its layout.
 
     :ivar loads: one PT_LOAD each, in address order.
+    :ivar ram: the RAM ranges (where the VMCOREINFO note is looked for).
     :ivar cpus: the vCPU states the register notes come from (empty: none).
     :ivar vmcoreinfo: ``(gpa, source)`` of the VMCOREINFO note, source being
         ``"vmcoreinfo device"`` or ``"guest RAM"``; None when there is none.
+    :ivar scan_pending: RAM is still to be scanned (:meth:`scan_ram`); the
+        layout keeps room for the note meanwhile.
     :ivar warnings: one line each, e.g. why the core has no register notes.
     """
 
     machine: int
     notes: bytes
     loads: list[PhysRange]
+    ram: list[PhysRange]
     cpus: list[X86CPUState] = field(default_factory=list)
     vmcoreinfo: tuple[int, str] | None = None
+    scan_pending: bool = False
     warnings: list[str] = field(default_factory=list)
+    _room: int = 0
 
-    def layout(self) -> tuple[bytes, list[tuple[PhysRange, int]], int]:
-        """``(head, placed, size)``: ELF header, program headers and notes to
-        write at offset 0; each LOAD's range with its page-aligned file offset;
-        the file size."""
-        nph = len(self.loads) + (1 if self.notes else 0)
+    def __post_init__(self) -> None:
+        # Fixed now, so the data offsets hold whatever a later scan adds.
+        extra = _VMCOREINFO_HEAD + MAX_SCANNED_NOTE if self.scan_pending else 0
+        self._room = len(self.notes) + extra
+
+    @property
+    def _nph(self) -> int:
+        return len(self.loads) + (1 if self._room else 0)
+
+    @property
+    def data_start(self) -> int:
+        end = EHDR.size + self._nph * PHDR.size + self._room
+        return (end + DATA_ALIGN - 1) // DATA_ALIGN * DATA_ALIGN
+
+    def placed(self) -> list[tuple[PhysRange, int]]:
+        """Each LOAD's range with the (page-aligned) file offset of its data."""
+        out, off = [], self.data_start
+        for r in self.loads:
+            out.append((r, off))
+            off += r.length
+        return out
+
+    @property
+    def size(self) -> int:
+        return self.data_start + sum(r.length for r in self.loads)
+
+    def scan_ram(self, mf: MigrationFile, cancel: Callable[[], bool] | None = None) -> None:
+        """Look for the VMCOREINFO note in RAM (see :func:`find_vmcoreinfo`)."""
+        if not self.scan_pending:
+            return
+        found = find_vmcoreinfo(mf, self.ram, cancel)
+        if cancel is not None and cancel():
+            return
+        self.scan_pending = False
+        if found is not None:
+            self.notes += found[1]
+            self.vmcoreinfo = (found[0], "guest RAM")
+
+    def head(self) -> bytes:
+        """ELF header, program headers (PT_NOTE first) and notes, written at offset 0."""
+        if self.scan_pending:
+            raise RuntimeError("the RAM scan for VMCOREINFO has not finished")
+        nph = self._nph
         if nph >= PN_XNUM:
             raise OutputError(f"{len(self.loads)} memory ranges are too many for an ELF core")
+        assert len(self.notes) <= self._room
         note_off = EHDR.size + nph * PHDR.size
-        off = (note_off + len(self.notes) + DATA_ALIGN - 1) // DATA_ALIGN * DATA_ALIGN
         ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)  # ELF64, LSB, version 1, SysV
         head = [EHDR.pack(ident, ET_CORE, self.machine, 1, 0, EHDR.size, 0, 0, EHDR.size,
                           PHDR.size, nph, 0, 0, 0)]
-        if self.notes:
+        if self._room:
             head.append(PHDR.pack(PT_NOTE, 0, note_off, 0, 0, len(self.notes),
                                   len(self.notes), 0))
-        placed = []
-        for r in self.loads:
+        for r, off in self.placed():
             head.append(PHDR.pack(PT_LOAD, PF_RWX, off, r.gpa, r.gpa, r.length, r.length,
                                   DATA_ALIGN))
-            placed.append((r, off))
-            off += r.length
         head.append(self.notes)
-        return b"".join(head), placed, off
+        return b"".join(head)
 
 
 def _is_x86_pc(machine: str) -> bool:
@@ -359,7 +413,7 @@ def _vcpus(mf: MigrationFile, devices: Sequence[DeviceState] | None,
     from ..format.x86cpu import x86_cpu_states
 
     try:
-        cpus = x86_cpu_states(devices)
+        cpus = x86_cpu_states(list(devices))
     except FixedramError as e:
         return [], str(e)
     if not cpus:
@@ -367,15 +421,16 @@ def _vcpus(mf: MigrationFile, devices: Sequence[DeviceState] | None,
     return list(cpus), None
 
 
-def build_core(mf: MigrationFile) -> ElfCore:
+def build_core(mf: MigrationFile, *, scan_ram: bool = True) -> ElfCore:
     """The ELF core of a migration file: LOADs, register notes and VMCOREINFO.
 
-    RAM is read here only to look for the VMCOREINFO note (once, stopping at
-    the first valid one) when the VM had no usable ``vmcoreinfo`` device.
+    The VMCOREINFO note is the one the ``vmcoreinfo`` device points at, else
+    the first found in RAM. With ``scan_ram=False`` that scan is left to
+    :meth:`ElfCore.scan_ram` (``scan_pending``), e.g. to run while RAM is copied.
     """
     ram = physical_ranges(mf)
     loads = sorted(ram + x86_firmware_ranges(mf), key=lambda r: r.gpa)
-    devices: list[Any] | None
+    devices: list[DeviceState] | None
     why: str | None = None
     try:
         devices = mf.devices()
@@ -386,10 +441,11 @@ def build_core(mf: MigrationFile) -> ElfCore:
     warnings = [] if cpus else [f"no register notes in the ELF core: {why}"]
     found = _device_vmcoreinfo(devices or [], _guest_reader(ram))
     source = "vmcoreinfo device"
-    if found is None:
+    if found is None and scan_ram:
         found, source = find_vmcoreinfo(mf, ram), "guest RAM"
     vmci = None
     if found is not None:
         notes += found[1]
         vmci = (found[0], source)
-    return ElfCore(machine, notes, loads, cpus, vmci, warnings)
+    return ElfCore(machine, notes, loads, ram, cpus, vmci,
+                   scan_pending=found is None and not scan_ram, warnings=warnings)

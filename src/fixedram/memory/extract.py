@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 from collections.abc import Callable
 
 from ..errors import OutputError
@@ -101,14 +102,19 @@ def _write_ranges(mf: MigrationFile, placed: list[tuple[PhysRange, int]], fd: in
 
 
 def _write_image(mf: MigrationFile, out_path: str | os.PathLike[str], force: bool,
-                 placed: list[tuple[PhysRange, int]], head: bytes, size: int,
-                 progress: Progress | None) -> None:
-    """An atomic output of ``size`` bytes: ``head`` at 0, then each range at its offset."""
+                 placed: list[tuple[PhysRange, int]], head: bytes | Callable[[], bytes],
+                 size: int, progress: Progress | None) -> None:
+    """An atomic output of ``size`` bytes: each range at its offset, then ``head`` at 0.
+
+    ``head`` may be a function, called once the ranges are written (an ELF
+    core's notes can depend on a scan that runs during the copy).
+    """
     out = AtomicOutput(out_path, force=force)
     try:
-        if head:
-            os.pwrite(out.fd, head, 0)
         _write_ranges(mf, placed, out.fd, progress)
+        data = head() if callable(head) else head
+        if data:
+            os.pwrite(out.fd, data, 0)
         out.commit(size)
     except OSError as e:
         raise output_error(out.path, e) from e
@@ -136,10 +142,37 @@ def extract_elf(mf: MigrationFile, out_path: str | os.PathLike[str], *, force: b
     stays page-aligned and sparse. When the registers cannot be decoded the
     core has no register notes and one warning line is logged (logger
     ``fixedram.memory.elfcore``; without logging set up it goes to stderr).
+
+    RAM is scanned for the VMCOREINFO note by a second thread while the main
+    one copies it (both are system calls and numpy loops that release the GIL).
     """
-    core = build_core(mf)
+    core = build_core(mf, scan_ram=False)
     for w in core.warnings:
         elfcore_log.warning("fixedram: warning: %s: %s", mf.path, w)
-    head, placed, size = core.layout()
-    _write_image(mf, out_path, force, placed, head, size, progress)
+    stop = threading.Event()
+    failed: list[BaseException] = []
+
+    def scan() -> None:
+        try:
+            core.scan_ram(mf, stop.is_set)
+        except BaseException as e:  # re-raised by the main thread
+            failed.append(e)
+
+    scanner = threading.Thread(target=scan, name="fixedram-vmcoreinfo-scan", daemon=True)
+
+    def head() -> bytes:
+        if scanner.ident is not None:
+            scanner.join()
+        if failed:
+            raise failed[0]
+        return core.head()
+
+    if core.scan_pending:
+        scanner.start()
+    try:
+        _write_image(mf, out_path, force, core.placed(), head, core.size, progress)
+    finally:
+        stop.set()  # an error in the copy: the scan must not outlive the input's fd
+        if scanner.ident is not None:
+            scanner.join()
     return core.loads
