@@ -135,13 +135,17 @@ class Pair:
 @pytest.fixture(scope="module")
 def paused(tmp_path_factory: pytest.TempPathFactory, qemu: str,
            guest_image_factory: Callable[..., Path]) -> Callable[[str], Pair]:
-    """pc: a stream save; q35: a mapped-ram save (both page layouts are read)."""
+    """pc: a stream save; q35: a mapped-ram save (both page layouts are read);
+    'q35-smp2': two vCPUs (the second one waits for its start-up IPI)."""
     cache: dict[str, Pair] = {}
 
-    def get(machine: str) -> Pair:
-        if machine not in cache:
-            d = tmp_path_factory.mktemp(f"elfcore-{machine}")
-            with QemuVM(d, guest_image_factory(), machine=machine, memory="128M") as vm:
+    def get(key: str) -> Pair:
+        if key not in cache:
+            machine, _, smp = key.partition("-smp")
+            extra = ["-smp", smp] if smp else []
+            d = tmp_path_factory.mktemp(f"elfcore-{key}")
+            with QemuVM(d, guest_image_factory(), machine=machine, memory="128M",
+                        extra_args=extra) as vm:
                 vm.wait_for_progress(2)
                 vm.stop()
                 qcore = d / "qemu.elf"
@@ -149,8 +153,8 @@ def paused(tmp_path_factory: pytest.TempPathFactory, qemu: str,
                 mapped = machine == "q35"
                 vm.set_caps(mapped_ram=mapped)
                 vm.migrate(file_uri(d / "vm.sav"))
-            cache[machine] = Pair(machine, d / "vm.sav", qcore)
-        return cache[machine]
+            cache[key] = Pair(machine, d / "vm.sav", qcore)
+        return cache[key]
 
     return get
 
@@ -182,7 +186,7 @@ def test_note_writer_matches_qemu_layout(paused: Callable[[str], Pair], machine:
     assert regs[17] == c.seg("cs").selector and regs[18] == c.rflags
 
 
-@pytest.mark.parametrize("machine", MACHINES)
+@pytest.mark.parametrize("machine", [*MACHINES, "q35-smp2"])
 def test_core_matches_qemu_dump(paused: Callable[[str], Pair], machine: str,
                                 tmp_path: Path) -> None:
     p = paused(machine)
@@ -191,6 +195,8 @@ def test_core_matches_qemu_dump(paused: Callable[[str], Pair], machine: str,
         extract_elf(mf, ours)
     q, o = read_core(p.qemu_core), read_core(ours)
     assert o.machine == q.machine
+    ncpu = 2 if machine.endswith("smp2") else 1
+    assert [n.name for n in q.notes] == [b"CORE"] * ncpu + [b"QEMU"] * ncpu
     # Notes: the same, byte for byte (the boot-sector guest has no VMCOREINFO).
     assert [(n.name, n.type) for n in o.notes] == [(n.name, n.type) for n in q.notes]
     for a, b in zip(o.notes, q.notes, strict=True):
@@ -214,31 +220,50 @@ def test_core_matches_qemu_dump(paused: Callable[[str], Pair], machine: str,
                                                                        "pc sp eax eflags cs")
 
 
-def _patch_cpu_version(src: Path, dst: Path, version: int) -> None:
-    """A copy of ``src`` whose ``cpu`` section claims another version_id."""
+def _patch_cpu_version(src: Path, dst: Path, version: int, vmdesc: bool = True) -> None:
+    """A copy of ``src`` whose ``cpu`` section is of another version_id: in the section
+    header and (``vmdesc``) in its vmdesc entry alike, as if a future QEMU had saved it."""
+    assert 10 <= version <= 99  # two digits, like 12: the vmdesc keeps its length
     shutil.copyfile(src, dst)
     with MigrationFile(src) as mf:
         sec = next(s for s in mf.sections if s.idstr == "cpu")
     at = sec.offset + 1 + 4 + 1 + len(sec.idstr) + 4  # type, section id, idstr, instance
+    size = dst.stat().st_size
     with open(dst, "r+b") as f:
         f.seek(at)
         assert struct.unpack(">I", f.read(4))[0] == sec.version_id
         f.seek(at)
         f.write(struct.pack(">I", version))
+        if not vmdesc:
+            return
+        tail_at = max(0, size - (4 << 20))
+        f.seek(tail_at)
+        tail = f.read()
+        old = b'"vmsd_name": "cpu", "version": %d,' % sec.version_id
+        assert tail.count(old) == 1
+        f.seek(tail_at + tail.index(old))
+        f.write(old.replace(b"%d," % sec.version_id, b"%d," % version))
 
 
+@pytest.mark.parametrize("vmdesc", [True, False], ids=["new-version", "vmdesc-disagrees"])
 def test_unknown_cpu_state_gives_core_without_registers(paused: Callable[[str], Pair],
-                                                        tmp_path: Path) -> None:
+                                                        tmp_path: Path, vmdesc: bool) -> None:
+    """A cpu section x86_cpu_states does not know, or device state that does not decode:
+    a core without register notes (never guessed registers) and one warning line."""
     p = paused("q35")
     odd = tmp_path / "odd.sav"
-    _patch_cpu_version(p.save, odd, 0x7FFF)
+    _patch_cpu_version(p.save, odd, 99, vmdesc)
     out = tmp_path / "core.elf"
     r = subprocess.run([sys.executable, "-m", "fixedram.cli.main", "extract", str(odd), "-o",
                         str(out), "--format", "elf"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fixedram: warning: ")
-    assert "no register notes" in lines[0] and "cpu" in lines[0]
+    assert "no register notes in the ELF core" in lines[0]
+    if vmdesc:
+        assert "cpu section (vCPU 0, version 99): unknown section version" in lines[0]
+    else:
+        assert "device state cannot be decoded" in lines[0] and "'cpu'" in lines[0]
     core = read_core(out)
     assert not any(n.name in (b"CORE", b"QEMU") for n in core.notes)
     assert core.loads() == read_core(p.qemu_core).loads()

@@ -61,6 +61,7 @@ EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 PHDR = struct.Struct("<IIQQQQQQ")
 NHDR = struct.Struct("<III")
 ET_CORE = 4
+PT_NULL = 0
 EM_386 = 3
 EM_X86_64 = 62
 PT_LOAD = 1
@@ -386,7 +387,9 @@ class ElfCore:
         head = [EHDR.pack(ident, ET_CORE, self.machine, 1, 0, EHDR.size, 0, 0, EHDR.size,
                           PHDR.size, nph, 0, 0, 0)]
         if self._room:
-            head.append(PHDR.pack(PT_NOTE, 0, note_off, 0, 0, len(self.notes),
+            # A scan that found nothing leaves the slot kept for PT_NOTE unused: PT_NULL.
+            kind = PT_NOTE if self.notes else PT_NULL
+            head.append(PHDR.pack(kind, 0, note_off if self.notes else 0, 0, 0, len(self.notes),
                                   len(self.notes), 0))
         for r, off in self.placed():
             head.append(PHDR.pack(PT_LOAD, PF_RWX, off, r.gpa, r.gpa, r.length, r.length,
