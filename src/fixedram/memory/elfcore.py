@@ -398,6 +398,12 @@ class ElfCore:
         return b"".join(head)
 
 
+def _reason(e: FixedramError, path: str) -> str:
+    """The error's text without the file name the warning already starts with."""
+    text, prefix = str(e), f"{path}: "
+    return text[len(prefix):] if text.startswith(prefix) else text
+
+
 def _is_x86_pc(machine: str) -> bool:
     try:
         x86_below_4g(machine, 0)
@@ -418,7 +424,7 @@ def _vcpus(mf: MigrationFile, devices: Sequence[DeviceState] | None,
     try:
         cpus = x86_cpu_states(list(devices))
     except FixedramError as e:
-        return [], str(e)
+        return [], _reason(e, mf.path)
     if not cpus:
         return [], "the file has no x86 cpu sections"
     return list(cpus), None
@@ -438,7 +444,7 @@ def build_core(mf: MigrationFile, *, scan_ram: bool = True) -> ElfCore:
     try:
         devices = mf.devices()
     except FixedramError as e:
-        devices, why = None, f"device state cannot be decoded: {e}"
+        devices, why = None, f"device state cannot be decoded: {_reason(e, mf.path)}"
     cpus, why = _vcpus(mf, devices, why)
     machine, notes = cpu_notes(cpus)
     warnings = [] if cpus else [f"no register notes in the ELF core: {why}"]
