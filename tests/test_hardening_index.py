@@ -159,3 +159,43 @@ def test_index_budget_follows_file_size(tmp_path: Path) -> None:
     with MigrationFile(p) as mf:
         assert mf.blocks[0].pages_present == 1 and mf.blocks[0].zero_pages == (1 << 18) - 1
     convert_file(str(p), str(tmp_path / "m.mig"), "mapped-ram")
+
+
+def _ignore_shared(path: Path, blocks: list[tuple[str, int, int]]) -> None:
+    """A stream with x-ignore-shared: each block record carries its guest address."""
+    out = bytearray(MachineState("pc-q35-10.0", ("x-ignore-shared",)).header())
+    out += b"\x01" + (2).to_bytes(4, "big") + b"\x03ram" + (0).to_bytes(4, "big")
+    out += (4).to_bytes(4, "big")
+    out += BE64.pack(sum(n for _, n, _ in blocks) | RAM_FLAG_MEM_SIZE)
+    for name, n, gpa in blocks:
+        out += encode_block_record(name, n, gpa=gpa)
+    out += BE64.pack(RAM_FLAG_EOS) + b"\x7e" + (2).to_bytes(4, "big")
+    out += b"\x03" + (2).to_bytes(4, "big")
+    out += BE64.pack(0 | 0x08) + b"\x01a" + bytes([5]) * PS
+    out += BE64.pack(RAM_FLAG_EOS) + b"\x7e" + (2).to_bytes(4, "big") + b"\x00"
+    path.write_bytes(bytes(out))
+
+
+@pytest.mark.parametrize("blocks,what", [
+    ([("a", 16 * PS, (1 << 64) - PS)], "beyond a 52-bit"),
+    ([("a", 16 * PS, 0x1000), ("b", 16 * PS, 0x8000)], "overlap"),
+    ([("a", 16 * PS, 0x123)], "unaligned"),
+])
+def test_ignore_shared_addresses_checked(tmp_path: Path, blocks: list[tuple[str, int, int]],
+                                         what: str) -> None:
+    """Block addresses from the file are checked before any image is laid out, and
+    `verify` reports them instead of passing the file."""
+    p = tmp_path / "s.mig"
+    _ignore_shared(p, blocks)
+    for fmt in ("physical", "elf"):
+        r = _cli("extract", str(p), "-o", str(tmp_path / f"out.{fmt}"), "--format", fmt)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert what in r.stderr and not (tmp_path / f"out.{fmt}").exists()
+    r = _cli("verify", str(p))
+    assert r.returncode == 1 and what in r.stdout, r.stdout + r.stderr
+    ok = tmp_path / "ok.mig"
+    _ignore_shared(ok, [("a", 16 * PS, 0x100000), ("b", 16 * PS, 0x110000)])
+    r = _cli("extract", str(ok), "-o", str(tmp_path / "ok.img"), "--format", "physical")
+    assert r.returncode == 0, r.stderr
+    img = (tmp_path / "ok.img").read_bytes()
+    assert img[0x100000:0x101000] == bytes([5]) * PS

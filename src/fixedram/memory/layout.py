@@ -9,14 +9,18 @@ block's address and need no such knowledge.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
-from ..errors import UnsupportedFeature
+from ..errors import CorruptFile, UnsupportedFeature
 from ..format.migfile import MigrationFile, RAMBlock
 
 __all__ = ["PhysRange", "main_ram_block", "physical_ranges", "x86_firmware_ranges"]
 
 GiB = 1 << 30
+# x86-64 guest-physical addresses have at most 52 bits; a block placed beyond
+# that is not a guest's memory.
+MAX_GPA = 1 << 52
 # The x86 BIOS RAMBlock: pc and q35 map it so that it ends at 4 GiB (x86_bios_rom_init).
 X86_BIOS_BLOCK = "pc.bios"
 
@@ -33,6 +37,9 @@ class PhysRange:
 
 def main_ram_block(mf: MigrationFile) -> RAMBlock:
     """The guest's main RAM: ``pc.ram`` on x86, else the largest block."""
+    if not mf.blocks:
+        raise CorruptFile("the file holds no RAMBlock to place in guest memory", path=mf.path,
+                          offset=mf.start)
     for b in mf.blocks:
         if b.idstr in ("pc.ram", "mach-virt.ram"):
             return b
@@ -53,17 +60,40 @@ def x86_below_4g(machine: str, ram_size: int) -> int:
 
 
 def physical_ranges(mf: MigrationFile) -> list[PhysRange]:
-    """Guest-physical ranges of the file's RAM, in address order."""
+    """Guest-physical ranges of the file's RAM, in address order.
+
+    :raise CorruptFile: ``x-ignore-shared`` addresses that are unaligned, lie
+        beyond a 52-bit address space, or make two blocks overlap.
+    """
     blocks_with_gpa = [b for b in mf.blocks if b.record.gpa is not None]
     if blocks_with_gpa:
-        return sorted((PhysRange(b.record.gpa or 0, b, 0, b.used_length)
-                       for b in blocks_with_gpa), key=lambda r: r.gpa)
+        return _placed_blocks(mf, blocks_with_gpa)
     ram = main_ram_block(mf)
     machine = mf.machine or ""
     below = x86_below_4g(machine, ram.used_length)
     out = [PhysRange(0, ram, 0, below)]
     if ram.used_length > below:
         out.append(PhysRange(4 * GiB, ram, below, ram.used_length - below))
+    return out
+
+
+def _placed_blocks(mf: MigrationFile, blocks: list[RAMBlock]) -> list[PhysRange]:
+    out = []
+    for b in blocks:
+        gpa = b.record.gpa or 0
+        # The address field follows the name and the length in the block record.
+        at = b.record.record_offset + 1 + len(b.idstr.encode()) + 8
+        if gpa % b.page_size or gpa + b.used_length > MAX_GPA:
+            raise CorruptFile(f"RAMBlock {b.idstr!r} at guest address 0x{gpa:x} (length "
+                              f"0x{b.used_length:x}) is unaligned or beyond a 52-bit address "
+                              "space", path=mf.path, offset=at)
+        out.append(PhysRange(gpa, b, 0, b.used_length))
+    out.sort(key=lambda r: r.gpa)
+    for a, c in itertools.pairwise(out):
+        if c.gpa < a.gpa + a.length:
+            raise CorruptFile(f"RAMBlocks {a.block.idstr!r} and {c.block.idstr!r} overlap in "
+                              f"guest-physical memory at 0x{c.gpa:x}", path=mf.path,
+                              offset=c.block.record.record_offset)
     return out
 
 
