@@ -9,8 +9,10 @@ held in memory: readers get coalesced runs and copy them with positional I/O.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -360,10 +362,24 @@ class MigrationFile:
     def __init__(self, path: str | os.PathLike[str], *, offset: int | None = None,
                  strict: bool = True) -> None:
         self.path = os.fspath(path)
-        self.fd = os.open(self.path, os.O_RDONLY)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below.
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            self.size = os.fstat(self.fd).st_size
+            st = os.fstat(self.fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, "Is a directory", self.path)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise OSError(errno.ESPIPE, "not a file (a FIFO, socket or device cannot be "
+                              "read at offsets; save the stream to a file first)", self.path)
+            regular = stat.S_ISREG(st.st_mode)
+            self.size = st.st_size if regular else os.lseek(self.fd, 0, os.SEEK_END)
+            os.set_blocking(self.fd, True)
             self._open(offset, strict)
+        except OSError as e:
+            os.close(self.fd)
+            if e.filename is None:  # every I/O error names the file
+                raise OSError(e.errno, e.strerror or str(e), self.path) from e
+            raise
         except BaseException:
             os.close(self.fd)
             raise
