@@ -22,7 +22,7 @@ def _ram_start(blocks: bytes, total: int, caps: tuple[str, ...] = ()) -> bytes:
 
 
 def _walk(b: bytes) -> StreamSummary:
-    idx = _StreamIndex()
+    idx = _StreamIndex("mem", 1 << 30)
     return walk_stream(ByteReader(io.BytesIO(b), "unit.mig"), idx, idx)
 
 

@@ -92,8 +92,10 @@ def test_read_matches_pmemsave(saved: Callable[[str, str], SavedFile], machine: 
         _check_physical(sf, tmp_path / "raw" / "pc.ram.bin")
         if variant in ("stream-live", "mapped-live"):
             segs = extract_elf(mf, tmp_path / "core.elf")
-            (off, pa, size), = elf_segments(tmp_path / "core.elf")
-            assert pa == 0 and size == sf.ram_size and len(segs) == 1
+            # RAM, then the BIOS ending at 4 GiB (as QEMU's dump-guest-memory lays it out)
+            (off, pa, size), (_, bpa, bsize) = elf_segments(tmp_path / "core.elf")
+            assert pa == 0 and size == sf.ram_size and len(segs) == 2
+            assert bpa + bsize == 1 << 32
             _check_physical(sf, tmp_path / "core.elf", base=off)
     # The bytes QEMU keeps before a file: offset are untouched by reading.
     if sf.offset:

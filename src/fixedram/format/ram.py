@@ -75,7 +75,9 @@ class RAMBlockRecord:
     record_offset: int  # absolute offset of the idlen byte
     page_size: int
     postcopy_page_size: int | None = None
-    gpa: int | None = None  # x-ignore-shared only
+    # x-ignore-shared only: the memory region's offset in its parent container
+    # (QEMU's mr->addr), which is not the guest-physical address of the block.
+    gpa: int | None = None
     mapped: MappedRamHeader | None = None
 
     @property

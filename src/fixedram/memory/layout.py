@@ -3,13 +3,11 @@
 A migration file names RAMBlocks, not addresses. For the x86 machine types
 the split of main RAM below and above 4 GiB is fixed by QEMU's board code
 (hw/i386/pc_piix.c and pc_q35.c), so it can be computed from the machine
-type and the RAM size. Files saved with ``x-ignore-shared`` carry each
-block's address and need no such knowledge.
+type and the RAM size.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 from ..errors import CorruptFile, UnsupportedFeature
@@ -18,9 +16,6 @@ from ..format.migfile import MigrationFile, RAMBlock
 __all__ = ["PhysRange", "main_ram_block", "physical_ranges", "x86_firmware_ranges"]
 
 GiB = 1 << 30
-# x86-64 guest-physical addresses have at most 52 bits; a block placed beyond
-# that is not a guest's memory.
-MAX_GPA = 1 << 52
 # The x86 BIOS RAMBlock: pc and q35 map it so that it ends at 4 GiB (x86_bios_rom_init).
 X86_BIOS_BLOCK = "pc.bios"
 
@@ -60,14 +55,13 @@ def x86_below_4g(machine: str, ram_size: int) -> int:
 
 
 def physical_ranges(mf: MigrationFile) -> list[PhysRange]:
-    """Guest-physical ranges of the file's RAM, in address order.
+    """Guest-physical ranges of the file's main RAM, in address order.
 
-    :raise CorruptFile: ``x-ignore-shared`` addresses that are unaligned, lie
-        beyond a 52-bit address space, or make two blocks overlap.
+    Placed by the machine type's board layout. The per-block address that
+    ``x-ignore-shared`` files carry is the memory region's offset inside its
+    parent container (``pc.ram`` and ``pc.bios`` alike can say 0), not where
+    the guest sees the block, so it is never used for placement.
     """
-    blocks_with_gpa = [b for b in mf.blocks if b.record.gpa is not None]
-    if blocks_with_gpa:
-        return _placed_blocks(mf, blocks_with_gpa)
     ram = main_ram_block(mf)
     machine = mf.machine or ""
     below = x86_below_4g(machine, ram.used_length)
@@ -77,38 +71,15 @@ def physical_ranges(mf: MigrationFile) -> list[PhysRange]:
     return out
 
 
-def _placed_blocks(mf: MigrationFile, blocks: list[RAMBlock]) -> list[PhysRange]:
-    out = []
-    for b in blocks:
-        gpa = b.record.gpa or 0
-        # The address field follows the name and the length in the block record.
-        at = b.record.record_offset + 1 + len(b.idstr.encode()) + 8
-        if gpa % b.page_size or gpa + b.used_length > MAX_GPA:
-            raise CorruptFile(f"RAMBlock {b.idstr!r} at guest address 0x{gpa:x} (length "
-                              f"0x{b.used_length:x}) is unaligned or beyond a 52-bit address "
-                              "space", path=mf.path, offset=at)
-        out.append(PhysRange(gpa, b, 0, b.used_length))
-    out.sort(key=lambda r: r.gpa)
-    for a, c in itertools.pairwise(out):
-        if c.gpa < a.gpa + a.length:
-            raise CorruptFile(f"RAMBlocks {a.block.idstr!r} and {c.block.idstr!r} overlap in "
-                              f"guest-physical memory at 0x{c.gpa:x}", path=mf.path,
-                              offset=c.block.record.record_offset)
-    return out
-
-
 def x86_firmware_ranges(mf: MigrationFile) -> list[PhysRange]:
     """The BIOS ROM as x86 pc/q35 map it: ``pc.bios`` ending at 4 GiB.
 
     QEMU's ``dump-guest-memory`` writes a LOAD for it (SeaBIOS: 0xfffc0000,
     256 KiB). The ISA copy of its last 128 KiB below 1 MiB and ``pc.rom`` are
     shadowed by RAM once the firmware has set up the PAM registers, so
-    neither is mapped in a running guest. Files that carry block addresses
-    (``x-ignore-shared``) already place every block in
-    :func:`physical_ranges`; an absent or oversized BIOS block gives none.
+    neither is mapped in a running guest. An absent or oversized BIOS block
+    gives none.
     """
-    if any(b.record.gpa is not None for b in mf.blocks):
-        return []
     x86_below_4g(mf.machine or "", 0)  # raises for a machine that is not pc/q35
     for b in mf.blocks:
         if b.idstr == X86_BIOS_BLOCK and 0 < b.used_length <= 16 << 20:
