@@ -1,23 +1,62 @@
 """Safe output files: written under a temporary name, renamed when complete.
 
-An interrupted run (error, ENOSPC, Ctrl-C, a peer that disconnects) must never
-leave a file that looks complete, so every output goes to a hidden temporary
-in the destination directory and is fsynced and renamed only on success.
+An interrupted run (error, ENOSPC, Ctrl-C, SIGTERM, a peer that disconnects)
+must never leave a file that looks complete, so every output goes to a hidden
+temporary in the destination directory and is fsynced and renamed only on
+success. It must not leave the temporary either: every temporary is listed
+from before it exists until it is renamed or removed, and
+:func:`remove_temporaries` (run at exit, and by the command line on a second
+signal) removes whatever is still listed.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import os
 import queue
-import tempfile
+import secrets
+import shutil
 import threading
 from types import TracebackType
 
 from .errors import OutputError
 
-__all__ = ["AtomicOutput", "BackgroundWriter", "output_error"]
+__all__ = ["AtomicOutput", "BackgroundWriter", "output_error", "register_temporary",
+           "remove_temporaries", "unregister_temporary"]
+
+_temporaries: set[str] = set()
+_temporaries_lock = threading.Lock()
+
+
+def register_temporary(path: str) -> None:
+    """List ``path`` (a file or a directory) as a temporary to remove if the
+    process ends before it is unregistered. Register before creating it."""
+    with _temporaries_lock:
+        _temporaries.add(path)
+
+
+def unregister_temporary(path: str) -> None:
+    """``path`` was renamed into place or removed: no longer a temporary."""
+    with _temporaries_lock:
+        _temporaries.discard(path)
+
+
+def remove_temporaries() -> None:
+    """Remove every listed temporary (interrupted run, interpreter exit)."""
+    with _temporaries_lock:
+        paths = list(_temporaries)
+        _temporaries.clear()
+    for p in paths:
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+
+
+atexit.register(remove_temporaries)
 
 
 def output_error(path: str, e: OSError) -> OutputError:
@@ -26,6 +65,33 @@ def output_error(path: str, e: OSError) -> OutputError:
     if e.errno == errno.EDQUOT:
         return OutputError(f"{path}: disk quota exceeded; nothing was written", e)
     return OutputError(f"{path}: {e.strerror or e}", e)
+
+
+def _create_temporary(path: str, mode: int) -> tuple[int, str]:
+    """A new hidden file next to ``path``, listed before it exists, so that an
+    exception (a signal) at any point after cannot orphan it."""
+    d, base = os.path.split(path)
+    for _ in range(100):
+        tmp = os.path.join(d, f".{base}.{secrets.token_hex(4)}.partial")
+        register_temporary(tmp)
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            unregister_temporary(tmp)
+            continue
+        except BaseException:
+            unregister_temporary(tmp)
+            raise
+        try:
+            os.fchmod(fd, mode)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            unregister_temporary(tmp)
+            raise
+        return fd, tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary name", path)
 
 
 class AtomicOutput:
@@ -45,14 +111,13 @@ class AtomicOutput:
             raise OutputError(f"{self.path}: already exists (use --force to replace it)")
         if os.path.isdir(self.path):
             raise OutputError(f"{self.path}: is a directory")
-        d = os.path.dirname(self.path)
+        self.fd = -1
+        self.done = False
+        self.tmp = ""
         try:
-            self.fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.",
-                                                 suffix=".partial", dir=d)
-            os.fchmod(self.fd, mode)
+            self.fd, self.tmp = _create_temporary(self.path, mode)
         except OSError as e:
             raise output_error(self.path, e) from e
-        self.done = False
 
     def commit(self, size: int | None = None) -> None:
         """Set the final size (sparse tail), fsync, rename into place."""
@@ -61,6 +126,7 @@ class AtomicOutput:
                 os.ftruncate(self.fd, size)
             os.fsync(self.fd)
             os.rename(self.tmp, self.path)
+            unregister_temporary(self.tmp)
             dfd = os.open(os.path.dirname(self.path), os.O_RDONLY)
             try:
                 os.fsync(dfd)
@@ -77,9 +143,10 @@ class AtomicOutput:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        if not self.done:
+        if not self.done and self.tmp:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.tmp)
+            unregister_temporary(self.tmp)
 
     def __enter__(self) -> AtomicOutput:
         return self

@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..errors import CapabilityError, TransportError
+from ..errors import CapabilityError, MigrationError, TransportError
+from ..output import register_temporary, unregister_temporary
 from .main import _EXTRA, _size
 
 __all__ = ["register"]
@@ -145,7 +146,13 @@ def cmd_restore(a: argparse.Namespace) -> int:
         raise TransportError("--ram is needed to restore from a non-file transport")
     g = BuiltinGuest(ram, fill=0)
     t = time.monotonic()
-    inc = Incoming(g, cfg, uri, autostart=False).run()
+    inc = Incoming(g, cfg, uri, autostart=False)
+    try:
+        inc.run()
+    except MigrationError:
+        if isinstance(inc.exc, KeyboardInterrupt):  # a signal: exit as interrupted
+            raise inc.exc from None
+        raise
     dt = time.monotonic() - t
     out = {"status": inc.status, "ram_bytes": ram, "pages_loaded": inc.pages,
            "time_s": round(dt, 3), "ram-digest": g.digest()}
@@ -174,6 +181,7 @@ def cmd_guest(a: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         srv.close()
     finally:
+        m.shutdown()  # a save in progress removes its temporary file
         g.shutdown()
     return 0
 
@@ -230,6 +238,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     workdir = a.dir or tempfile.mkdtemp(prefix="fixedram-demo-", dir=".")
     made = a.dir is None
+    if made and not a.keep:
+        register_temporary(os.path.abspath(workdir))  # removed even on a second signal
     os.makedirs(workdir, exist_ok=True)
     note = ""
     if a.direct_io:
@@ -242,12 +252,16 @@ def cmd_demo(a: argparse.Namespace) -> int:
     try:
         for mode in ("stream", "fixed-ram"):
             path = os.path.join(workdir, f"demo-{mode}.mig")
-            runs.append(_demo_run(a, mode, path))
-            if not a.keep:
-                os.unlink(path)
+            try:
+                runs.append(_demo_run(a, mode, path))
+            finally:
+                if not a.keep:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
     finally:
         if made and not a.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+            unregister_temporary(os.path.abspath(workdir))
     out = {
         "ram_bytes": a.ram,
         "ram_blocks": 2,

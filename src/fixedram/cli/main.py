@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..errors import FixedramError
 
@@ -99,25 +102,98 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA: list[Callable[[argparse._SubParsersAction], None]] = []  # type: ignore[type-arg]
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C's KeyboardInterrupt.
+
+    Being a KeyboardInterrupt, it unwinds through every ``finally`` and
+    ``except BaseException`` cleanup (temporary outputs removed, worker
+    threads stopped) and is never taken for an ordinary error.
+    """
+
+    def __init__(self, signo: int) -> None:
+        super().__init__(signal.Signals(signo).name)
+        self.signo = signo
+
+
+_CAUGHT = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _SignalGuard:
+    """While a command runs: the first SIGINT/SIGTERM/SIGHUP raises in the main
+    thread; a second one, if cleanup has not finished, removes the listed
+    temporaries at once and exits."""
+
+    def __init__(self) -> None:
+        self.prev: dict[int, Any] = {}
+        self.hit = False
+
+    def __enter__(self) -> _SignalGuard:
+        for sig in _CAUGHT:
+            try:
+                if signal.getsignal(sig) == signal.SIG_IGN:
+                    continue  # nohup, or a shell's background job: stay ignored
+                self.prev[sig] = signal.signal(sig, self._handle)
+            except (ValueError, OSError):  # not the main thread: leave signals alone
+                break
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, h in self.prev.items():
+            signal.signal(sig, h)
+
+    def _handle(self, signo: int, frame: object) -> None:
+        if self.hit:
+            from ..output import remove_temporaries
+
+            remove_temporaries()
+            sys.stderr.write(f"fixedram: {signal.Signals(signo).name} again; stopped\n")
+            sys.stderr.flush()
+            os._exit(128 + signo)
+        self.hit = True
+        if signo == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Terminated(signo)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _load_extras()
     p = build_parser()
     a = p.parse_args(argv)
+    with _SignalGuard():
+        try:
+            return _run(a)
+        except KeyboardInterrupt as e:  # a signal just after the command ended
+            return _interrupted(e)
+
+
+def _run(a: argparse.Namespace) -> int:
+    from .render import printable
+
     try:
         rc: int = a.func(a)
         return rc
     except FixedramError as e:
-        print(f"fixedram: error: {e}", file=sys.stderr)
+        print(f"fixedram: error: {printable(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("fixedram: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
     except BrokenPipeError:
         return 1
     except OSError as e:
         name = f"{e.filename}: " if e.filename else ""
-        print(f"fixedram: error: {name}{e.strerror or e}", file=sys.stderr)
+        print(f"fixedram: error: {printable(name)}{e.strerror or e}", file=sys.stderr)
         return 1
+
+
+def _interrupted(e: KeyboardInterrupt) -> int:
+    """Exit status 128 + signal number, after removing any temporary left."""
+    from ..output import remove_temporaries
+
+    remove_temporaries()
+    signo = getattr(e, "signo", signal.SIGINT)
+    print(f"fixedram: interrupted ({signal.Signals(signo).name}); temporary files removed",
+          file=sys.stderr)
+    return 128 + signo
 
 
 def _load_extras() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FixedramError, MigrationError
+from ..errors import FixedramError, MigrationError, TransportError
 from ..transports.channels import FileOut, open_outgoing
 from ..transports.uri import MigrationURI, parse_uri
 from .capabilities import MigrationConfig
@@ -121,7 +121,10 @@ class Migration:
         """Run in the calling thread; raise on failure or cancel."""
         self._run()
         if self.status != "completed":
-            if self.exc is not None and isinstance(self.exc, FixedramError):
+            # A signal or Ctrl-C (KeyboardInterrupt) stays what it is, once the
+            # output has been cleaned up, so the caller exits as interrupted.
+            if self.exc is not None and (isinstance(self.exc, FixedramError)
+                                         or not isinstance(self.exc, Exception)):
                 raise self.exc
             raise MigrationError(self.error or f"migration {self.status}")
         return self
@@ -150,7 +153,9 @@ class Migration:
         ch = open_outgoing(self.uri)
         try:
             if self.cfg.caps["mapped-ram"]:
-                assert isinstance(ch, FileOut)
+                if not isinstance(ch, FileOut) or not ch.seekable:
+                    raise TransportError(f"{self.uri.text}: mapped-ram needs a seekable file "
+                                         "(not a FIFO or a terminal)")
                 ch_n = self.cfg.channels if self.cfg.caps["multifd"] else 0
                 return MappedRamSink(self.g, ch, channels=ch_n, direct_io=self.cfg.direct_io,
                                      detect_zero=detect)
