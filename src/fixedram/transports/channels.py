@@ -2,10 +2,14 @@
 
 Sending side: every channel buffers small writes (a stream is mostly 8-byte
 record headers between 4 KiB pages) and passes large ones straight through.
-A ``file:`` output is written under a temporary name and renamed when the
-migration completes, so a failed or cancelled save never looks complete;
-with ``offset=N`` the file is written in place (QEMU keeps the bytes before
-N) and cut back to N on failure.
+A ``file:`` output that is a new or regular file (a symlink is followed: the
+link stays, its target is written) is written under a temporary name and
+renamed when the migration completes, so a failed or cancelled save never
+looks complete. With ``offset=N`` the file is written in place (QEMU keeps
+the bytes before N) and cut back to N on failure. Anything else (a character
+or block device, a FIFO) is written in place and never replaced; a FIFO or a
+terminal takes the stream sequentially. (QEMU 10 refuses those targets:
+"failed to truncate migration file to offset 0: Invalid argument".)
 
 Receiving side: a channel yields a binary file object for
 :class:`~fixedram.format.primitives.ByteReader`; ``file:`` also exposes its
@@ -15,8 +19,10 @@ path and offset for positional (mapped-ram) loading.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
+import stat
 import subprocess
 from typing import BinaryIO
 
@@ -84,29 +90,57 @@ def _write_all(fd: int, mv: memoryview, what: str) -> None:
 
 class FileOut(OutChannel):
     """``file:PATH[,offset=N]``; pages may also be written positionally via :attr:`fd`
-    and by re-opening :attr:`write_path` (multifd channels)."""
+    and by re-opening :attr:`write_path` (multifd channels).
+
+    :ivar seekable: pages can be written at offsets (false for a FIFO or a
+        terminal, which only a sequential stream can go to).
+    """
 
     kind = "file"
-    seekable = True
 
     def __init__(self, uri: MigrationURI) -> None:
         super().__init__(uri)
         self.offset = uri.offset
         self._ao: AtomicOutput | None = None
-        if self.offset == 0:
-            self._ao = AtomicOutput(uri.path, force=True)
+        self.fd = -1
+        # The link stays a link: its target is what gets written.
+        target = os.path.realpath(uri.path)
+        try:
+            st: os.stat_result | None = os.stat(target)
+        except FileNotFoundError:
+            st = None
+        except OSError as e:
+            raise TransportError(f"{uri.path}: {e.strerror or e}", e) from e
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise TransportError(f"{uri.path}: Is a directory")
+        self.regular = st is None or stat.S_ISREG(st.st_mode)
+        self.seekable = True
+        if self.regular and self.offset == 0:
+            self._ao = AtomicOutput(target, force=True)
             self.fd = self._ao.fd
             self.write_path = self._ao.tmp
         else:
             try:
-                self.fd = os.open(uri.path, os.O_WRONLY | os.O_CREAT, 0o600)
-                os.ftruncate(self.fd, self.offset)
+                self.fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC
+                                  | (os.O_CREAT if self.regular else 0), 0o600)
+                if self.regular:
+                    os.ftruncate(self.fd, self.offset)
+                else:
+                    self.seekable = _can_seek(self.fd)
+                    if self.offset and not self.seekable:
+                        raise OSError(errno.ESPIPE, f"cannot start at offset {self.offset}: "
+                                      "not seekable")
             except OSError as e:
+                self.close()
                 raise TransportError(f"{uri.path}: {e.strerror or e}", e) from e
-            self.write_path = uri.path
+            self.write_path = target
         self.pos = self.offset
 
     def _raw(self, mv: memoryview) -> None:
+        if not self.seekable:
+            _write_all(self.fd, mv, self.uri.path)
+            self.pos += len(mv)
+            return
         done = 0
         try:
             while done < len(mv):
@@ -121,9 +155,14 @@ class FileOut(OutChannel):
             self._ao.commit(size)
             return
         try:
-            if size is not None:
+            if size is not None and self.regular:
                 os.ftruncate(self.fd, size)
-            os.fsync(self.fd)
+            try:
+                os.fsync(self.fd)
+            except OSError as e:
+                # Devices and FIFOs may not sync (EINVAL); that is not a failure.
+                if self.regular or e.errno not in (errno.EINVAL, errno.EROFS):
+                    raise
         except OSError as e:
             raise TransportError(f"{self.uri.path}: {e.strerror or e}", e) from e
         finally:
@@ -134,7 +173,7 @@ class FileOut(OutChannel):
         if self._ao is not None:
             self._ao.abort()
             return
-        if self.fd >= 0:
+        if self.fd >= 0 and self.regular:
             with contextlib.suppress(OSError):
                 os.ftruncate(self.fd, self.offset)  # nothing past N: not a save
         self.close()
@@ -147,6 +186,14 @@ class FileOut(OutChannel):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _can_seek(fd: int) -> bool:
+    try:
+        os.lseek(fd, 0, os.SEEK_CUR)
+    except OSError:
+        return False
+    return True
 
 
 class SocketOut(OutChannel):
@@ -291,7 +338,8 @@ class InChannel:
                 self._f = self._conn.makefile("rb", buffering=0)
             elif u.kind == "file":
                 f = open(u.path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
-                f.seek(u.offset)
+                if u.offset:  # a FIFO can be read from its start only
+                    f.seek(u.offset)
                 self._f = f
             elif u.kind == "exec":
                 self._proc = subprocess.Popen(["/bin/sh", "-c", u.command],
