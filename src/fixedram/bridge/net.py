@@ -2,7 +2,9 @@
 
 The receiver accepts every connection QEMU makes to one address (the main
 stream and, with multifd, one connection per channel) and tells them apart
-by their first four bytes, as QEMU's own destination does.
+by their first four bytes, as QEMU's own destination does. Anyone who can
+reach the address can connect: a connection that does not start like QEMU's,
+or stays silent for :data:`PEEK_TIMEOUT` seconds, is closed and forgotten.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ import os
 import select
 import socket
 import threading
+import time
 
 from ..errors import TransportError
 from ..transports.uri import parse_uri
 
-__all__ = ["FdReader", "Listener", "SocketReader", "Splicer", "recv_exact"]
+__all__ = ["FdReader", "Listener", "SocketReader", "Splicer", "peek4", "peer_name",
+           "recv_exact"]
 
-PEEK_TIMEOUT = 30.0
+# QEMU writes its first bytes as soon as it connects; a silent peer is not QEMU.
+PEEK_TIMEOUT = 10.0
 
 
 class SocketReader:
@@ -237,16 +242,55 @@ def _is_socket(path: str) -> bool:
         return False
 
 
-def peek4(sock: socket.socket) -> bytes:
-    """The first four bytes of a new connection, left in the socket."""
-    sock.settimeout(PEEK_TIMEOUT)
+def peek4(sock: socket.socket, timeout: float = PEEK_TIMEOUT,
+          magics: tuple[bytes, ...] = ()) -> bytes:
+    """The first four bytes of a new connection, left in the socket (fewer if
+    the peer closed, sent fewer and then nothing more until ``timeout``, or
+    sent a start that none of ``magics`` has).
+
+    :raise TransportError: nothing at all came within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    head = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            if head:
+                return head
+            raise TransportError(f"the peer sent nothing for {timeout:g} s")
+        if not head:
+            try:
+                select.select([sock], [], [], left)
+            except (OSError, ValueError) as e:
+                raise TransportError(f"receive failed: {e}", e) from e
+        else:
+            time.sleep(min(left, 0.02))  # a prefix arrived: the socket stays readable
+        got = peek_now(sock)
+        if got is None:
+            continue
+        if len(got) == 4 or not got or (magics and not any(m.startswith(got) for m in magics)):
+            return got
+        head = got
+
+
+def peek_now(sock: socket.socket) -> bytes | None:
+    """The bytes (at most four) a connection has sent so far, without waiting:
+    None if nothing yet, ``b""`` if the peer closed."""
     try:
-        b = sock.recv(4, socket.MSG_PEEK | socket.MSG_WAITALL)
-    except TimeoutError as e:
-        raise TransportError("a peer connected but sent nothing for "
-                             f"{PEEK_TIMEOUT:.0f} s") from e
-    except OSError as e:
-        raise TransportError(f"receive failed: {e.strerror or e}", e) from e
-    finally:
-        sock.settimeout(None)
-    return b
+        return sock.recv(4, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
+def peer_name(sock: socket.socket) -> str:
+    """``HOST:PORT`` of a TCP peer, ``a unix socket peer`` otherwise."""
+    try:
+        addr = sock.getpeername()
+    except OSError:
+        return "a peer"
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = addr[0]
+        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+    return "a unix socket peer"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import socket
 import sys
 import threading
@@ -48,12 +49,29 @@ from ..format.stream import SectionHeader
 from ..format.walker import DeviceSection, StreamEvents, walk_stream
 from ..format.writer import BlockSpec, MappedRamWriter
 from ..output import AtomicOutput, output_error
-from .net import FdReader, Listener, SocketReader, Splicer, peek4, recv_exact
+from .net import (
+    PEEK_TIMEOUT,
+    FdReader,
+    Listener,
+    SocketReader,
+    Splicer,
+    peek4,
+    peek_now,
+    peer_name,
+    recv_exact,
+)
 
 __all__ = ["ReceiveSummary", "receive"]
 
 # After the main stream ends, channels must finish within this time.
 DRAIN_TIMEOUT = 60.0
+# Connections accepted but not yet identified by their first bytes.
+MAX_PENDING = 64
+# At the end, how long unidentified connections may still turn into channels.
+JOIN_GRACE = 1.0
+# A multifd channel sends its init message when it connects: a connection
+# silent for longer is not counted as a channel at the first SYNC.
+CHANNEL_GRACE = 2.0
 
 
 @dataclass
@@ -186,12 +204,19 @@ class _Multifd:
     """The multifd side: channel threads, the SYNC barrier, errors."""
 
     def __init__(self, rx: _Receiver, listener: Listener, expected: int | None,
-                 on_error: Callable[[BaseException], None]) -> None:
+                 on_error: Callable[[BaseException], None], *,
+                 peer_timeout: float = PEEK_TIMEOUT,
+                 on_dropped: Callable[[str, str], None] | None = None) -> None:
         self.rx = rx
         self.listener = listener
         self.expected = expected
         self.on_error = on_error
+        self.peer_timeout = peer_timeout
+        self.on_dropped = on_dropped
         self.lock = threading.Lock()
+        self.classified = threading.Condition(self.lock)
+        self._pending_socks: dict[socket.socket, float] = {}  # -> when it was accepted
+        self.sealed = False  # no channel may be added any more (the end was reached)
         self.threads: list[threading.Thread] = []
         self.socks: list[socket.socket] = []
         self.barrier: threading.Barrier | None = (
@@ -215,38 +240,83 @@ class _Multifd:
 
         QEMU connects every channel before it sends the first SYNC on any of
         them, so once a SYNC has arrived all channels are in the listen
-        backlog or already accepted.
+        backlog or already accepted. A channel sends its init message as soon
+        as it connects, so connections still being classified are waited for
+        while they have data or are younger than :data:`CHANNEL_GRACE`; older
+        silent ones cannot be channels and are left out of the count (and
+        dropped when their turn comes), so only real channels are counted.
         """
         with self.lock:
             if self.barrier is None:
                 for c in self.listener.drain():
                     self._classify_later(c)
-                n = len(self.threads) + self._pending
-                self.barrier = threading.Barrier(n, action=self._round_done)
+                deadline = time.monotonic() + self.peer_timeout + 1.0
+                while not self.failed and any(
+                        _has_data(c) or time.monotonic() - t < CHANNEL_GRACE
+                        for c, t in self._pending_socks.items()):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.classified.wait(min(left, 0.1))
+                self.barrier = threading.Barrier(len(self.threads), action=self._round_done)
             return self.barrier
 
     _pending = 0
 
-    def _classify_later(self, c: socket.socket) -> None:
-        # Called under self.lock: the connection is a multifd one (the main
-        # channel was accepted before any SYNC could be sent).
+    def _full(self) -> str | None:
+        """Why a new connection cannot be a channel now (called under the lock)."""
+        if self.barrier is not None or self.sealed or self.failed:
+            return "it connected after the multifd channels were counted"
+        if self._pending >= MAX_PENDING:
+            return f"{MAX_PENDING} connections are already waiting to be identified"
+        return None
+
+    def adopt(self, c: socket.socket) -> None:
+        """A connection already seen to start with the multifd magic."""
+        with self.lock:
+            late = self.barrier is not None or self.sealed or self.failed
+            t = None if late else self._add_locked(c)
+        if t is None:
+            self._drop(c, "it connected after the multifd channels were counted")
+            return
+        t.start()
+
+    def _classify_later(self, c: socket.socket, accepted: float | None = None) -> None:
+        # Called under self.lock, for a connection accepted after the main one.
+        why = self._full()
+        if why is not None:
+            self._drop(c, why)
+            return
         self._pending += 1
-        threading.Thread(target=self._classify, args=(c,), daemon=True).start()
+        self._pending_socks[c] = time.monotonic() if accepted is None else accepted
+        threading.Thread(target=self._classify, args=(c,), daemon=True,
+                         name="multifd-classify").start()
+
+    def _drop(self, c: socket.socket, why: str) -> None:
+        if self.on_dropped is not None:
+            self.on_dropped(peer_name(c), why)
+        with contextlib.suppress(OSError):
+            c.close()
 
     def _classify(self, c: socket.socket) -> None:
+        why: str | None = None
         try:
-            head = peek4(c)
+            head = peek4(c, self.peer_timeout, (MULTIFD_MAGIC_BYTES,))
             if head != MULTIFD_MAGIC_BYTES:
-                raise TransportError(f"unexpected connection (first bytes {head!r}) while "
-                                     "receiving multifd channels")
-        except BaseException as e:
-            c.close()
-            self.on_error(e)
-            return
+                why = _not_qemu(head)
+        except TransportError as e:
+            why = str(e)
         with self.lock:
             # One step, so a count taken meanwhile sees it as pending or as a thread.
             self._pending -= 1
-            t = self._add_locked(c)
+            self._pending_socks.pop(c, None)
+            if why is None and (self.barrier is not None or self.sealed or self.failed):
+                why = "it connected after the multifd channels were counted"
+            t = self._add_locked(c) if why is None else None
+            self.classified.notify_all()
+        if t is None:
+            self._drop(c, why or "not a multifd channel")
+            return
         t.start()
 
     def _round_done(self) -> None:
@@ -347,21 +417,37 @@ class _Multifd:
                 s.shutdown(socket.SHUT_RDWR)
 
     def join(self, timeout: float) -> bool:
+        """Wait for the channel threads to end; then no channel can be added.
+
+        Connections still unidentified once every channel has ended get a
+        short grace: a QEMU channel shows its magic at once, so a silent one
+        is not a channel and must not hold up the end of the migration.
+        """
         deadline = time.monotonic() + timeout
+        grace_end: float | None = None
         while True:
             with self.lock:
                 if self.barrier is None:
                     for c in self.listener.drain():
                         self._classify_later(c)
                 threads = list(self.threads)
-                pending = self._pending
             for t in threads:
                 t.join(max(0.0, deadline - time.monotonic()))
+            now = time.monotonic()
             with self.lock:
-                done = pending == 0 and self._pending == 0 and len(self.threads) == len(threads)
-            if done and not any(t.is_alive() for t in threads):
-                return True
-            if time.monotonic() > deadline:
+                settled = len(self.threads) == len(threads) and not any(
+                    t.is_alive() for t in threads)
+                if settled and (self._pending == 0 or (grace_end is not None
+                                                       and now >= grace_end)):
+                    self.sealed = True
+                    return True
+                if settled:
+                    if grace_end is None:
+                        grace_end = now + JOIN_GRACE
+                    self.classified.wait(0.1)
+            if now > deadline:
+                with self.lock:
+                    self.sealed = True
                 return False
 
     def close(self) -> None:
@@ -425,12 +511,22 @@ class _Ticker:
 
 def receive(source: str, output: str, *, force: bool = False,
             multifd_channels: int | None = None, stdin_fd: int = 0,
-            on_listening: Callable[[str], None] | None = None) -> ReceiveSummary:
+            on_listening: Callable[[str], None] | None = None,
+            accept_timeout: float | None = None, peer_timeout: float = PEEK_TIMEOUT,
+            on_dropped: Callable[[str, str], None] | None = None) -> ReceiveSummary:
     """Receive one migration from ``source`` (``tcp:``/``unix:`` URI or ``-``) into ``output``.
+
+    Connections that do not start like QEMU's (the stream magic, or the
+    multifd magic) or send nothing within ``peer_timeout`` seconds are closed
+    and the receiver keeps listening, like QEMU's ``-incoming``, until a
+    migration arrives or ``accept_timeout`` seconds pass.
 
     :param multifd_channels: the source's channel count, if known; by
         default it is found at the first SYNC packet.
     :param on_listening: called with the bound address (``tcp:127.0.0.1:PORT``).
+    :param accept_timeout: give up if no migration has started after this
+        many seconds (default: wait for ever).
+    :param on_dropped: called with (peer, reason) for each connection closed.
     :raise TransportError: the peer disconnected or a socket failed.
     :raise FormatError: the peer sent something that is not a migration stream.
     Nothing is left under ``output`` unless the whole migration arrived.
@@ -468,8 +564,10 @@ def receive(source: str, output: str, *, force: bool = False,
             listener = Listener(source)
             if on_listening is not None:
                 on_listening(listener.address)
-            main_sock = _accept_main(listener)
-            mfd = _Multifd(rx, listener, multifd_channels, on_error)
+            mfd = _Multifd(rx, listener, multifd_channels, on_error,
+                           peer_timeout=peer_timeout, on_dropped=on_dropped)
+            main_sock = _accept_main(listener, mfd, peer_timeout=peer_timeout,
+                                     accept_timeout=accept_timeout)
             f = SocketReader(main_sock, main_count)
             name = listener.address
             threading.Thread(target=_accept_rest, args=(listener, mfd, on_error),
@@ -522,30 +620,101 @@ def receive(source: str, output: str, *, force: bool = False,
     finally:
         if ticker is not None:
             ticker.close()
+        if listener is not None:
+            listener.close()
         if mfd is not None:
             mfd.abort()
+            # Channel threads write into the output: they must be gone before
+            # its descriptor is closed (the number could be reused) and removed.
+            mfd.join(5.0)
             mfd.close()
         if main_sock is not None:
             main_sock.close()
-        if listener is not None:
-            listener.close()
         if not out.done:
             out.abort()
 
 
-def _accept_main(listener: Listener) -> socket.socket:
-    while True:
-        c = listener.accept(None)
-        if c is None:
-            continue
-        head = peek4(c)
-        if head == STREAM_MAGIC_BYTES[:4]:
-            return c
-        c.close()
-        if head == MULTIFD_MAGIC_BYTES:
-            raise TransportError("a multifd channel connected before the main migration "
-                                 "stream")
-        raise TransportError(f"the peer is not a QEMU migration source (first bytes {head!r})")
+def _has_data(c: socket.socket) -> bool:
+    """The peer has sent something (or closed) already."""
+    return peek_now(c) is not None
+
+
+def _not_qemu(head: bytes) -> str:
+    if not head:
+        return "it closed without sending anything"
+    return f"it is not a QEMU migration source (first bytes {head!r})"
+
+
+def _accept_main(listener: Listener, mfd: _Multifd, *, peer_timeout: float,
+                 accept_timeout: float | None) -> socket.socket:
+    """The first connection that starts with the stream magic.
+
+    Connections are watched together, so a silent one cannot hold up the
+    others: each must show its first four bytes within ``peer_timeout``.
+    Early multifd channels are handed to ``mfd``; anything else is dropped.
+    """
+    start = time.monotonic()
+    pending: dict[socket.socket, float] = {}  # connection -> when it was accepted
+    partial: set[socket.socket] = set()  # sent a prefix of a magic, not all of it
+    found: socket.socket | None = None
+    try:
+        while found is None:
+            now = time.monotonic()
+            waits = [t + peer_timeout - now for t in pending.values()]
+            if accept_timeout is not None:
+                waits.append(start + accept_timeout - now)
+            if partial:
+                waits.append(0.05)  # readable already: poll them, do not spin
+            timeout = max(0.0, min(waits)) if waits else None
+            watch = [listener.sock, *(c for c in pending if c not in partial)]
+            try:
+                ready, _, _ = select.select(watch, [], [], timeout)
+            except (OSError, ValueError) as e:
+                raise TransportError(f"listening on {listener.address} failed: {e}", e) from e
+            now = time.monotonic()
+            if listener.sock in ready:
+                for c in listener.drain():
+                    if len(pending) >= MAX_PENDING:
+                        oldest = min(pending, key=pending.__getitem__)
+                        del pending[oldest]
+                        partial.discard(oldest)
+                        mfd._drop(oldest, "too many connections waiting to be identified")
+                    pending[c] = now
+            for c in [c for c in pending if c in ready or c in partial]:
+                head = peek_now(c)
+                if head is None:
+                    continue
+                if len(head) < 4 and head and (STREAM_MAGIC_BYTES.startswith(head)
+                                               or MULTIFD_MAGIC_BYTES.startswith(head)):
+                    partial.add(c)
+                    continue
+                del pending[c]
+                partial.discard(c)
+                if head == STREAM_MAGIC_BYTES[:4]:
+                    found = c
+                    break
+                if head == MULTIFD_MAGIC_BYTES:
+                    mfd.adopt(c)  # QEMU may connect a channel before the main stream
+                else:
+                    mfd._drop(c, _not_qemu(head))
+            for c, t in list(pending.items()):
+                if c is not found and t + peer_timeout <= now:
+                    del pending[c]
+                    partial.discard(c)
+                    mfd._drop(c, f"it sent nothing like QEMU's for {peer_timeout:g} s")
+            if found is None and accept_timeout is not None and now - start >= accept_timeout:
+                raise TransportError(f"no QEMU migration source connected to "
+                                     f"{listener.address} within {accept_timeout:g} s")
+        # The rest may be channels that have not shown their magic yet.
+        with mfd.lock:
+            for c, t in pending.items():
+                mfd._classify_later(c, t)
+        pending.clear()
+        return found
+    finally:
+        for c in pending:
+            with contextlib.suppress(OSError):
+                c.close()
 
 
 def _accept_rest(listener: Listener, mfd: _Multifd, on_error: Callable[[BaseException], None]

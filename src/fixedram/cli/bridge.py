@@ -6,23 +6,30 @@ import argparse
 import json
 import sys
 
+from ..bridge.net import PEEK_TIMEOUT
 from ..errors import TransportError
 from .main import _EXTRA, _size
 
 
 def cmd_receive(a: argparse.Namespace) -> int:
     from ..bridge.receive import receive
+    from .render import printable
 
     def listening(addr: str) -> None:
         print(f"fixedram: listening on {addr}", file=sys.stderr, flush=True)
 
+    def dropped(peer: str, why: str) -> None:
+        print(f"fixedram: closed a connection from {peer}: {printable(why)}", file=sys.stderr,
+              flush=True)
+
     s = receive(a.source, a.output, force=a.force, multifd_channels=a.multifd_channels,
-                on_listening=listening)
+                on_listening=listening, accept_timeout=a.accept_timeout,
+                peer_timeout=a.peer_timeout, on_dropped=dropped)
     if a.json:
         json.dump(s.as_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print(f"{a.output}: {s.machine}, {s.ram_bytes >> 20} MiB RAM; received "
+        print(f"{a.output}: {printable(s.machine)}, {s.ram_bytes >> 20} MiB RAM; received "
               f"{s.bytes_received / (1 << 20):.1f} MiB in {s.seconds:.1f} s, {s.passes} passes, "
               f"{s.pages_rewritten} pages rewritten; file {s.apparent_size / (1 << 20):.1f} MiB "
               f"({s.allocated_size / (1 << 20):.1f} MiB allocated)", file=sys.stderr)
@@ -50,6 +57,16 @@ def cmd_send(a: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0 < v <= 10**7:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 < s <= 1e7)")
+    return v
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s = sub.add_parser("receive", help="receive a live QEMU migration into a mapped-ram file")
     s.add_argument("source", metavar="URI",
@@ -59,6 +76,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--force", action="store_true", help="replace an existing output")
     s.add_argument("--multifd-channels", type=int, default=None, metavar="N",
                    help="the source's multifd-channels (default: detected)")
+    s.add_argument("--accept-timeout", type=_seconds, default=None, metavar="SECONDS",
+                   help="give up if no migration has started after this long (default: keep "
+                        "listening, like QEMU's -incoming)")
+    s.add_argument("--peer-timeout", type=_seconds, default=PEEK_TIMEOUT, metavar="SECONDS",
+                   help="close a connection that sends nothing like QEMU's first bytes "
+                        f"within this long (default {PEEK_TIMEOUT:g})")
     s.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     s.set_defaults(func=cmd_receive)
 
