@@ -12,7 +12,7 @@ have_qemu10() {
         qemu-system-x86_64 --version | grep -Eq 'version (9|1[0-9])\.'
 }
 
-if have_qemu10 && command -v gdb >/dev/null 2>&1 &&
+if have_qemu10 && command -v gdb >/dev/null 2>&1 && command -v lzop >/dev/null 2>&1 &&
     { [ $want_libvirt = 0 ] || command -v virsh >/dev/null 2>&1; }; then
     exit 0
 fi
@@ -43,7 +43,9 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-pkgs="qemu-system-x86 qemu-utils gdb"  # gdb: the Linux-guest tests open cores with it
+# gdb: the Linux-guest tests open cores with it; lzop: libvirt's lzop save images are decoded
+# by the lzop program (no maintained Python binding reads lzop's file format).
+pkgs="qemu-system-x86 qemu-utils gdb lzop"
 [ $want_libvirt = 1 ] && pkgs="$pkgs libvirt-daemon-system libvirt-clients"
 # shellcheck disable=SC2086
 apt-get install -y -qq -o Dpkg::Options::=--force-confold --no-install-recommends \

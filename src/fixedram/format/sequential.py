@@ -1,0 +1,760 @@
+"""One sequential pass over a stream: pipes, compressed libvirt images, compressed files.
+
+A random-access reader (:class:`~fixedram.format.migfile.MigrationFile`) needs
+a seekable file. Some inputs only come as a byte stream: standard input, and
+compressed saves, which libvirt writes by piping QEMU's stream through
+``gzip``/``bzip2``/``xz``/``lzop``/``zstd`` (header format 1-5). They are read
+here in one pass, never decompressed to a temporary file:
+
+* :func:`open_sequential` opens the input, reads a libvirt header and the
+  domain XML if there is one, and gives a reader of the QEMU stream
+  (decoded by a thread as it is read, so decompression and parsing share
+  the two CPUs).
+* :func:`scan` walks it with the one stream walker and records, per page,
+  whether its last copy was data or a ZERO record and how often it was sent:
+  memory in proportion to the RAMBlocks' page count, never to the stream's
+  length. A :class:`PageTarget` receives each page as it arrives (extract
+  writes it at its final offset; convert writes a mapped-ram file).
+
+The result, :class:`OnePassFile`, answers what a :class:`MigrationFile`
+answers about structure (blocks, passes, devices, vmdesc, completeness). Its
+``fd`` is an in-memory file holding the stream's configuration and device
+sections at their stream offsets, with holes where RAM was, so the device
+decoders and :class:`~fixedram.format.machine.MachineState` read it as they
+read a file.
+
+Stream offsets in errors are those of the QEMU stream: absolute file offsets
+for an uncompressed input, offsets in the decompressed stream for a
+compressed one (the reader's name says which).
+"""
+
+from __future__ import annotations
+
+import bz2
+import contextlib
+import fcntl
+import gzip
+import lzma
+import os
+import queue
+import stat
+import subprocess
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, Any, Protocol
+
+import numpy as np
+
+from ..errors import (
+    CorruptFile,
+    FixedramError,
+    FormatError,
+    TruncatedFile,
+    UnsupportedFeature,
+)
+from .libvirt import HEADER_SIZE, MAGIC_DONE, MAGIC_PART, LibvirtHeader, parse_libvirt, with_body
+from .primitives import ByteReader
+from .ram import RAMBlockRecord, RamStreamState
+from .stream import StreamHeader
+from .walker import DeviceSection, StreamEvents, StreamSummary, walk_stream
+
+__all__ = ["COMPRESSION_MAGIC", "OnePassBlock", "OnePassFile", "PageTarget",
+           "SequentialInput", "is_one_pass", "open_sequential", "scan", "seekable_path"]
+
+# Bare compressed files (not in a libvirt image) are recognised by their magic.
+COMPRESSION_MAGIC = {
+    "zstd": b"\x28\xb5\x2f\xfd",
+    "gzip": b"\x1f\x8b",
+    "xz": b"\xfd7zXZ\x00",
+    "bzip2": b"BZh",
+    "lzop": b"\x89LZO\x00\r\n\x1a\n",
+}
+# Decoded bytes handed over per queue item, and items queued ahead of the parser.
+CHUNK = 1 << 20
+QUEUE_DEPTH = 8
+# Compressed bytes read per system call.
+READ_SIZE = 1 << 20
+# The stream's first bytes kept for the configuration section (far below this).
+HEAD_KEEP = 64 << 10
+# Pipes are enlarged to this (Linux' default limit for unprivileged users).
+PIPE_SIZE = 1 << 20
+_F_SETPIPE_SZ = 1031
+# lzop as libvirt runs it to read its images (qemuSaveImageGetCompressionCommand).
+LZOP_COMMAND = ("lzop", "-dc", "--ignore-warn")
+
+
+def _sniff_compression(head: bytes) -> str | None:
+    for name, magic in COMPRESSION_MAGIC.items():
+        if head.startswith(magic):
+            return name
+    return None
+
+
+def seekable_path(path: str, stdin_fd: int = 0) -> str | None:
+    """The path a random-access reader can open for ``path``, or None.
+
+    ``-`` is standard input: a regular file behind it (``< vm.sav``) is
+    opened again through ``/dev/fd``; a pipe has no such path.
+    """
+    if path != "-":
+        return path
+    try:
+        st = os.fstat(stdin_fd)
+    except OSError:
+        return None
+    return f"/dev/fd/{stdin_fd}" if stat.S_ISREG(st.st_mode) else None
+
+
+def is_one_pass(path: str, stdin_fd: int = 0) -> bool:
+    """True when ``path`` must be read in one sequential pass: a pipe, a
+    compressed libvirt image, or a compressed file."""
+    real = seekable_path(path, stdin_fd)
+    if real is None:
+        return True
+    try:
+        with open(real, "rb") as f:
+            head = f.read(HEADER_SIZE)
+    except OSError:
+        return False  # the random-access reader reports it
+    if head[:16] in (MAGIC_DONE, MAGIC_PART) and len(head) == HEADER_SIZE:
+        try:
+            hdr, _n = parse_libvirt(head, path)
+        except FormatError:
+            return False  # reported by the random-access reader, with its offset
+        return hdr.compressed
+    return _sniff_compression(head) is not None
+
+
+# -- byte sources ------------------------------------------------------------------
+
+
+class _Raw:
+    """The input file or pipe, read with plain ``read`` calls; counts bytes."""
+
+    def __init__(self, fd: int, name: str, close: bool) -> None:
+        self.fd = fd
+        self.name = name
+        self._close = close
+        self.pos = 0
+        self.is_pipe = not stat.S_ISREG(os.fstat(fd).st_mode)
+        if self.is_pipe:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            n = READ_SIZE
+        b = os.read(self.fd, n)
+        self.pos += len(b)
+        return b
+
+    def read_exact(self, n: int) -> bytes:
+        parts, got = [], 0
+        while got < n:
+            b = self.read(n - got)
+            if not b:
+                break
+            parts.append(b)
+            got += len(b)
+        return b"".join(parts)
+
+    def readinto(self, buf: Any) -> int:
+        b = self.read(len(buf))
+        buf[:len(b)] = b
+        return len(b)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self._close and self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+
+
+class _Prefixed:
+    """``prefix`` then the rest of ``raw``: bytes already read to recognise the input."""
+
+    def __init__(self, prefix: bytes, raw: _Raw) -> None:
+        self.prefix = prefix
+        self.raw = raw
+
+    def read(self, n: int = -1) -> bytes:
+        if self.prefix:
+            k = len(self.prefix) if n < 0 else min(n, len(self.prefix))
+            b, self.prefix = self.prefix[:k], self.prefix[k:]
+            return b
+        return self.raw.read(n)
+
+    def readinto(self, buf: Any) -> int:
+        b = self.read(len(buf))
+        buf[:len(b)] = b
+        return len(b)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+
+class _Decoded:
+    """The decompressed stream, produced by a thread and read in order.
+
+    The thread decodes ``CHUNK`` bytes at a time into a bounded queue, so
+    memory stays at a few MiB however large the image and however well it
+    compressed. A decoding error reaches the reader after every byte decoded
+    before it, so its offset is where the stream broke.
+    """
+
+    def __init__(self, kind: str, src: _Prefixed, name: str, path: str) -> None:
+        self.kind = kind
+        self.name = name
+        self.path = path
+        self.pos = 0  # decoded bytes handed over
+        self._buf = b""
+        self._q: queue.Queue[bytes | BaseException | None] = queue.Queue(QUEUE_DEPTH)
+        self._stop = threading.Event()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._feeder: threading.Thread | None = None
+        self._dec = self._open(kind, src)
+        self._eof = False
+        self._t = threading.Thread(target=self._run, name=f"fixedram-{kind}-decoder",
+                                   daemon=True)
+        self._t.start()
+
+    def _open(self, kind: str, src: _Prefixed) -> Any:
+        if kind == "gzip":
+            return gzip.GzipFile(fileobj=src, mode="rb")  # type: ignore[arg-type]
+        if kind == "bzip2":
+            return bz2.BZ2File(src)  # type: ignore[arg-type]
+        if kind == "xz":
+            return lzma.LZMAFile(src)  # type: ignore[arg-type]
+        if kind == "zstd":
+            import zstandard
+
+            return zstandard.ZstdDecompressor().stream_reader(
+                src, read_size=READ_SIZE, read_across_frames=True)
+        if kind == "lzop":
+            return self._open_lzop(src)
+        raise ValueError(kind)
+
+    def _open_lzop(self, src: _Prefixed) -> IO[bytes]:
+        # No maintained Python binding reads lzop's file format (python-lzo
+        # only handles single LZO blocks): run the lzop tool, as libvirt does.
+        direct = not src.prefix
+        try:
+            proc = subprocess.Popen(LZOP_COMMAND, stdin=src.raw.fd if direct else subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except FileNotFoundError:
+            raise UnsupportedFeature("reading an lzop-compressed image needs the lzop program "
+                                     "(Debian package lzop)", path=self.path) from None
+        self._proc = proc
+        if not direct:
+            self._feeder = threading.Thread(target=self._feed, args=(src, proc), daemon=True,
+                                            name="fixedram-lzop-feeder")
+            self._feeder.start()
+        assert proc.stdout is not None
+        return proc.stdout
+
+    @staticmethod
+    def _feed(src: _Prefixed, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdin is not None
+        try:
+            while True:
+                b = src.read(READ_SIZE)
+                if not b:
+                    break
+                proc.stdin.write(b)
+        except (OSError, ValueError):
+            pass  # lzop stopped reading: its exit status says why
+        finally:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                b = self._dec.read(CHUNK)
+                if not b:
+                    self._finish_lzop()
+                    break
+                self._q.put(b)
+            self._q.put(None)
+        except BaseException as e:  # handed to the reader, in order
+            self._q.put(e)
+
+    def _finish_lzop(self) -> None:
+        if self._proc is None:
+            return
+        assert self._proc.stderr is not None
+        err = self._proc.stderr.read().decode("utf-8", "replace").strip()
+        rc = self._proc.wait()
+        if rc not in (0, 2):  # 2: warnings only, which libvirt ignores too
+            raise _LzopError(err.splitlines()[-1] if err else f"lzop exit status {rc}")
+
+    def _error(self, e: BaseException) -> FixedramError:
+        if isinstance(e, FixedramError):
+            return e
+        if isinstance(e, EOFError):
+            return TruncatedFile(f"the {self.kind} data end before their end-of-stream marker "
+                                 "(the image is cut short)", path=self.name, offset=self.pos)
+        if isinstance(e, _LzopError) and "unexpected end of file" in str(e):
+            return TruncatedFile(f"the {self.kind} data are cut short ({e})", path=self.name,
+                                 offset=self.pos)
+        if isinstance(e, (OSError, lzma.LZMAError, zlib.error, _LzopError)) or \
+                type(e).__name__ == "ZstdError":
+            return CorruptFile(f"corrupt {self.kind} data: {e}", path=self.name,
+                               offset=self.pos)
+        raise e
+
+    def read(self, n: int = -1) -> bytes:
+        if not self._buf:
+            if self._eof:
+                return b""
+            item = self._q.get()
+            if item is None:
+                self._eof = True
+                return b""
+            if isinstance(item, BaseException):
+                self._eof = True
+                raise self._error(item)
+            self._buf = item
+        if n < 0 or n >= len(self._buf):
+            b, self._buf = self._buf, b""
+        else:
+            b, self._buf = self._buf[:n], self._buf[n:]
+        self.pos += len(b)
+        return b
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._t.is_alive():  # unblock a put() on a full queue
+            with contextlib.suppress(queue.Empty):
+                self._q.get(timeout=0.05)
+        if self._proc is not None:
+            with contextlib.suppress(OSError):
+                self._proc.kill()
+            self._proc.wait()
+            for f in (self._proc.stdout, self._proc.stderr, self._proc.stdin):
+                if f is not None:
+                    with contextlib.suppress(OSError):
+                        f.close()
+        with contextlib.suppress(Exception):
+            self._dec.close()
+
+
+class _LzopError(Exception):
+    pass
+
+
+class _Head:
+    """Passes reads through and keeps the first ``HEAD_KEEP`` bytes."""
+
+    def __init__(self, src: Any) -> None:
+        self.src = src
+        self.head = bytearray()
+
+    def read(self, n: int = -1) -> bytes:
+        b: bytes = self.src.read(n)
+        if len(self.head) < HEAD_KEEP:
+            self.head += b[:HEAD_KEEP - len(self.head)]
+        return b
+
+    def seekable(self) -> bool:
+        return False
+
+
+@dataclass
+class SequentialInput:
+    """An opened one-pass input: a reader at the QEMU stream's first byte.
+
+    :ivar name: how errors name the stream (says "decompressed" for a
+        compressed one, whose offsets are in the decompressed stream).
+    :ivar start: stream offset of the magic (the libvirt data offset for an
+        uncompressed image; 0 in a decompressed stream).
+    :ivar input_size: the input file's size, None for a pipe.
+    """
+
+    path: str
+    name: str
+    reader: ByteReader
+    start: int
+    libvirt: LibvirtHeader | None
+    compression: str | None
+    input_size: int | None
+    input_allocated: int | None
+    _raw: _Raw
+    _head: _Head
+    _decoded: _Decoded | None = None
+
+    @property
+    def head(self) -> bytes:
+        return bytes(self._head.head)
+
+    @property
+    def bytes_read(self) -> int:
+        """Input bytes read so far (compressed bytes for a compressed input)."""
+        return self._raw.pos
+
+    def close(self) -> None:
+        if self._decoded is not None:
+            self._decoded.close()
+        self._raw.close()
+
+    def __enter__(self) -> SequentialInput:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_sequential(path: str, *, offset: int | None = None,
+                    stdin_fd: int = 0) -> SequentialInput:
+    """Open ``path`` (``-``: standard input) for one pass over its QEMU stream.
+
+    A libvirt header and its XML are read first; a compressed image or a bare
+    compressed file is decoded as it is read.
+
+    :param offset: where the stream starts (skipped by reading); by default
+        after a libvirt header, else 0.
+    :raise FormatError: a bad libvirt header, or a sparse (mapped-ram)
+        image on a pipe.
+    """
+    if path == "-":
+        fd, name, close = stdin_fd, "stdin", False
+    else:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise FixedramError(f"{path}: {e.strerror}") from e
+        name, close = path, True
+    raw = _Raw(fd, name, close)
+    try:
+        return _open(raw, path, name, offset)
+    except BaseException:
+        raw.close()
+        raise
+
+
+def _open(raw: _Raw, path: str, name: str, offset: int | None) -> SequentialInput:
+    st = os.fstat(raw.fd)
+    size = None if raw.is_pipe else st.st_size
+    alloc = None if raw.is_pipe else st.st_blocks * 512
+    lv: LibvirtHeader | None = None
+    kind: str | None = None
+    head = raw.read_exact(16)
+    if offset is None and head in (MAGIC_DONE, MAGIC_PART):
+        fixed = head + raw.read_exact(HEADER_SIZE - 16)
+        hdr, n = parse_libvirt(fixed, name, size)
+        body = raw.read_exact(n)
+        if len(body) < n:
+            raise TruncatedFile("the input ends inside the libvirt header's XML and padding",
+                                path=name, offset=HEADER_SIZE + len(body))
+        lv = with_body(hdr, body)
+        start, prefix = lv.data_offset, b""
+        if lv.format == "sparse":
+            raise UnsupportedFeature("this libvirt image is sparse (mapped-ram), and mapped-ram "
+                                     "needs a seekable file, not a pipe", path=name,
+                                     offset=lv.data_offset)
+        if lv.compressed:
+            kind = lv.format
+    elif offset is not None:
+        if offset < len(head):
+            prefix, start = head[offset:], offset
+        else:
+            left = offset - len(head)
+            while left:
+                b = raw.read(min(left, READ_SIZE))
+                if not b:
+                    raise TruncatedFile(f"the input ends before the stream offset {offset}",
+                                        path=name, offset=raw.pos)
+                left -= len(b)
+            prefix, start = b"", offset
+    else:
+        prefix, start = head, 0
+        kind = _sniff_compression(head)
+    src = _Prefixed(prefix, raw)
+    decoded: _Decoded | None = None
+    if kind is not None:
+        where = "compressed image" if lv is not None else "compressed file"
+        sname = f"{name} ({kind}-decompressed stream of the {where})"
+        decoded = _Decoded(kind, src, sname, name)
+        tap = _Head(decoded)
+        start = 0
+    else:
+        sname = name
+        tap = _Head(src)
+    r = ByteReader(tap, sname, start=start, bufsize=CHUNK)  # type: ignore[arg-type]
+    return SequentialInput(path, sname, r, start, lv, kind, size, alloc, raw, tap, decoded)
+
+
+# -- one pass ----------------------------------------------------------------------
+
+
+class PageTarget(Protocol):
+    """Where pages go as they arrive (extract's outputs, a mapped-ram writer)."""
+
+    def begin(self, f: OnePassFile) -> None:
+        """The RAMBlock list is known; no page has arrived yet."""
+
+    def pages(self, bi: int, idx: np.ndarray, data: np.ndarray) -> None:
+        """Pages ``idx`` (ascending or not, int64) of block ``bi`` now hold ``data``
+        (an (n, page_size) view, valid only during the call)."""
+
+    def zeros(self, bi: int, idx: np.ndarray, had_data: np.ndarray) -> None:
+        """Pages ``idx`` are zero now; ``had_data`` marks those whose previous
+        copy was data (the rest were never sent or were zero already)."""
+
+
+# Per-page state of the last copy.
+NEVER, DATA, ZERO = 0, 1, 2
+
+
+class OnePassBlock:
+    """A RAMBlock seen in one pass: what its pages' last copies were."""
+
+    def __init__(self, index: int, rec: RAMBlockRecord) -> None:
+        self.index = index
+        self.record = rec
+        self.idstr = rec.idstr
+        self.used_length = rec.used_length
+        self.page_size = rec.page_size
+        self.npages = rec.npages
+        self._last: np.ndarray | None = None
+        self._sends: np.ndarray | None = None
+
+    def __repr__(self) -> str:
+        return f"<OnePassBlock {self.idstr!r} 0x{self.used_length:x}>"
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(last-copy state, send count) per page, allocated at the first record
+        (zero-filled memory is only committed where it is touched)."""
+        if self._last is None or self._sends is None:
+            self._last = np.zeros(self.npages, dtype=np.uint8)
+            self._sends = np.zeros(self.npages, dtype=np.uint32)
+        return self._last, self._sends
+
+    def present_pages(self) -> np.ndarray:
+        return (np.flatnonzero(self._last == DATA) if self._last is not None
+                else np.zeros(0, dtype=np.int64))
+
+    def zeroed_pages(self) -> np.ndarray:
+        return (np.flatnonzero(self._last == ZERO) if self._last is not None
+                else np.zeros(0, dtype=np.int64))
+
+    @property
+    def pages_present(self) -> int:
+        return int(np.count_nonzero(self._last == DATA)) if self._last is not None else 0
+
+    @property
+    def zero_pages(self) -> int:
+        return int(np.count_nonzero(self._last == ZERO)) if self._last is not None else 0
+
+    @property
+    def max_sends(self) -> int:
+        return int(self._sends.max()) if self._sends is not None and self._sends.size else 0
+
+
+class OnePassFile:
+    """What one pass over a stream found; answers like a MigrationFile.
+
+    :ivar fd: an in-memory file holding the stream's configuration and device
+        sections at their stream offsets (RAM left as holes), for the
+        decoders that read device state by offset.
+    """
+
+    def __init__(self, src: SequentialInput) -> None:
+        self.src = src
+        self.path = src.name
+        self.input_path = src.path
+        self.libvirt = src.libvirt
+        self.compression = src.compression
+        self.start = src.start
+        self.fd = os.memfd_create("fixedram-stream-state", os.MFD_CLOEXEC)
+        self.size = src.start
+        self.error: TruncatedFile | None = None
+        self.summary: StreamSummary | None = None  # type: ignore[assignment]
+        self.blocks: list[OnePassBlock] = []
+        self.page_records = 0
+        self.zero_records = 0
+
+    # -- like MigrationFile ----------------------------------------------------
+
+    @property
+    def header(self) -> StreamHeader:
+        assert self.summary is not None
+        return self.summary.header
+
+    @property
+    def vmdesc(self) -> Any:
+        return self.summary.vmdesc if self.summary is not None else None
+
+    @property
+    def format(self) -> str:
+        return "mapped-ram" if "mapped-ram" in self.header.capabilities else "stream"
+
+    @property
+    def machine(self) -> str | None:
+        return self.header.machine
+
+    @property
+    def capabilities(self) -> list[str]:
+        return list(self.header.capabilities)
+
+    @property
+    def complete(self) -> bool:
+        if self.libvirt is not None and not self.libvirt.complete:
+            return False
+        return self.error is None and self.summary is not None and self.summary.complete
+
+    @property
+    def sections(self) -> list[DeviceSection]:
+        return self.summary.devices if self.summary is not None else []
+
+    def devices(self) -> list[Any]:
+        from .devstate import decode_devices
+
+        return decode_devices(self)  # type: ignore[arg-type]
+
+    def block(self, idstr: str) -> OnePassBlock:
+        for b in self.blocks:
+            if b.idstr == idstr:
+                return b
+        raise KeyError(idstr)
+
+    @property
+    def passes(self) -> int:
+        return max((b.max_sends for b in self.blocks), default=0)
+
+    @property
+    def resent_bytes(self) -> int:
+        latest = sum(b.pages_present for b in self.blocks)
+        return max(0, self.page_records - latest) * 4096
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.src.close()
+
+    def __enter__(self) -> OnePassFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Pass(StreamEvents):
+    """RAM sink and stream events of one pass: tracks pages, keeps device state."""
+
+    def __init__(self, f: OnePassFile, target: PageTarget | None) -> None:
+        self.f = f
+        self.target = target
+        self.ps = 4096
+
+    def ram_blocks(self, state: RamStreamState) -> None:
+        if state.mapped_ram:  # the walker needs a seek before it gets here on a pipe
+            raise _mapped_ram_refused(self.f)
+        self.ps = state.page_size
+        self.f.blocks = [OnePassBlock(i, rec) for i, rec in enumerate(state.blocks)]
+        if self.target is not None:
+            self.target.begin(self.f)
+
+    def device(self, dev: DeviceSection, r: ByteReader) -> None:
+        data = r.read(dev.data_length, f"device section {dev.idstr!r}")
+        os.pwrite(self.f.fd, data, dev.data_offset)
+
+    # -- RAM sink ----------------------------------------------------------------
+
+    def page(self, block: int, page_index: int, r: ByteReader) -> None:
+        if self.target is None:
+            r.skip(self.ps, "page data")
+        else:
+            data = np.frombuffer(r.view(self.ps, "page data"), dtype=np.uint8)
+            self.target.pages(block, np.array([page_index], dtype=np.int64),
+                              data.reshape(1, self.ps))
+        last, sends = self.f.blocks[block].arrays()
+        last[page_index] = DATA
+        sends[page_index] += 1
+        self.f.page_records += 1
+
+    def zero(self, block: int, page_index: int) -> None:
+        self.zeros_batch(block, np.array([page_index], dtype=np.int64))
+
+    def pages_batch(self, block: int, page_index: np.ndarray, data: np.ndarray,
+                    positions: np.ndarray) -> None:
+        if self.target is not None:
+            self.target.pages(block, page_index, data)
+        last, sends = self.f.blocks[block].arrays()
+        last[page_index] = DATA
+        _count(sends, page_index)
+        self.f.page_records += page_index.size
+
+    def zeros_batch(self, block: int, page_index: np.ndarray) -> None:
+        last, sends = self.f.blocks[block].arrays()
+        if self.target is not None:
+            self.target.zeros(block, page_index, last[page_index] == DATA)
+        last[page_index] = ZERO
+        _count(sends, page_index)
+        self.f.zero_records += page_index.size
+
+
+def _count(sends: np.ndarray, idx: np.ndarray) -> None:
+    if idx.size < 2 or bool((idx[1:] > idx[:-1]).all()):
+        sends[idx] += 1
+    else:
+        np.add.at(sends, idx, 1)
+
+
+def _mapped_ram_refused(f: OnePassFile) -> UnsupportedFeature:
+    return UnsupportedFeature("this is a mapped-ram file, and mapped-ram needs a seekable file "
+                              "(its pages are found through offsets), not a pipe or a "
+                              "compressed stream", path=f.path, offset=f.start)
+
+
+def scan(src: SequentialInput, target: PageTarget | None = None, *,
+         strict: bool = False, on_progress: Callable[[int], None] | None = None) -> OnePassFile:
+    """Walk ``src`` once; hand its pages to ``target``.
+
+    :param strict: raise when the stream ends early; otherwise the result
+        has ``complete = False`` and ``error`` set, and holds what arrived.
+    :raise FormatError: anything malformed (a truncated stream too, with
+        ``strict``).
+    """
+    f = OnePassFile(src)
+    ev = _Pass(f, target)
+    try:
+        f.summary = walk_stream(src.reader, ev, ev)
+    except TruncatedFile as e:
+        if ev.summary is not None and "mapped-ram" in ev.summary.header.capabilities:
+            f.close()
+            raise _mapped_ram_refused(f) from None
+        if strict or ev.summary is None or not f.blocks:
+            f.close()
+            raise
+        f.error = e
+        f.summary = ev.summary
+    except CorruptFile as e:
+        f.close()
+        if ev.summary is not None and "mapped-ram" in ev.summary.header.capabilities:
+            raise _mapped_ram_refused(f) from None
+        raise e
+    except BaseException:
+        f.close()
+        raise
+    hdr = f.summary.header
+    # The configuration section, for the decoders that read it by offset.
+    cfg = src.head[:hdr.end - src.start]
+    os.pwrite(f.fd, cfg, hdr.offset)
+    f.size = max(f.summary.end_offset, src.reader.tell())
+    os.ftruncate(f.fd, f.size)
+    return f
