@@ -153,9 +153,10 @@ class Migration:
         ch = open_outgoing(self.uri)
         try:
             if self.cfg.caps["mapped-ram"]:
-                if not isinstance(ch, FileOut) or not ch.seekable:
-                    raise TransportError(f"{self.uri.text}: mapped-ram needs a seekable file "
-                                         "(not a FIFO or a terminal)")
+                if not isinstance(ch, FileOut) or not ch.regular:
+                    # Its layout is cut to size at the end, which only a file allows.
+                    raise TransportError(f"{self.uri.text}: mapped-ram needs a regular file "
+                                         "(not a FIFO or a device)")
                 ch_n = self.cfg.channels if self.cfg.caps["multifd"] else 0
                 return MappedRamSink(self.g, ch, channels=ch_n, direct_io=self.cfg.direct_io,
                                      detect_zero=detect)
