@@ -6,13 +6,23 @@ import os
 from typing import Any
 
 from .format.migfile import MigrationFile
+from .format.sequential import OnePassFile
 
 __all__ = ["describe"]
 
 
-def describe(mf: MigrationFile) -> dict[str, Any]:
-    """The ``fixedram inspect --json`` object."""
-    st = os.fstat(mf.fd)
+def describe(mf: MigrationFile | OnePassFile) -> dict[str, Any]:
+    """The ``fixedram inspect --json`` object, for a file or a one-pass input.
+
+    For a one-pass input (a pipe, a compressed image) ``compression`` names
+    the compressor, offsets are in the (decompressed) QEMU stream, and the
+    sizes are the input's (None for a pipe).
+    """
+    if isinstance(mf, OnePassFile):
+        apparent, allocated = mf.src.input_size, mf.src.input_allocated
+    else:
+        st = os.fstat(mf.fd)
+        apparent, allocated = st.st_size, st.st_blocks * 512
     blocks = []
     for b in mf.blocks:
         e: dict[str, Any] = {
@@ -53,8 +63,10 @@ def describe(mf: MigrationFile) -> dict[str, Any]:
         "commands": [{"offset": o, "cmd": c} for o, c, _ in mf.summary.commands],
         "eof_offset": mf.summary.eof_offset,
         "vmdesc": mf.summary.vmdesc is not None,
-        "apparent_bytes": st.st_size,
-        "allocated_bytes": st.st_blocks * 512,
+        "apparent_bytes": apparent,
+        "allocated_bytes": allocated,
+        "compression": mf.compression if isinstance(mf, OnePassFile) else None,
+        "one_pass": isinstance(mf, OnePassFile),
     }
     if mf.error is not None:
         out["error"] = str(mf.error)
@@ -62,5 +74,8 @@ def describe(mf: MigrationFile) -> dict[str, Any]:
         lv = mf.libvirt
         out["libvirt"] = {"complete": lv.complete, "version": lv.version,
                           "image_format": lv.format, "was_running": lv.was_running,
-                          "data_offset": lv.data_offset, "xml_bytes": len(lv.xml)}
+                          "data_len": lv.data_len, "data_offset": lv.data_offset,
+                          "cookie_offset": lv.cookie_offset, "xml_bytes": len(lv.xml_raw),
+                          "cookie_bytes": None if lv.cookie is None else len(lv.cookie),
+                          "big_endian": lv.big_endian}
     return out

@@ -34,9 +34,17 @@ def _size(text: str) -> int:
 def cmd_inspect(a: argparse.Namespace) -> int:
     from ..describe import describe
     from ..format.migfile import MigrationFile
+    from ..format.sequential import is_one_pass, open_sequential, scan, seekable_path
 
-    with MigrationFile(a.file, offset=a.offset, strict=False) as mf:
-        d = describe(mf)
+    if a.xml:
+        return _print_xml(a.file)
+    real = seekable_path(a.file)
+    if real is None or is_one_pass(a.file):
+        with open_sequential(a.file, offset=a.offset) as si, scan(si) as f:
+            d = describe(f)
+    else:
+        with MigrationFile(real, offset=a.offset, strict=False) as mf:
+            d = describe(mf)
     if a.json:
         json.dump(d, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -47,12 +55,33 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+def _print_xml(path: str) -> int:
+    """The domain XML of a libvirt image, as stored (``virsh save-image-dumpxml``)."""
+    from ..format.sequential import open_sequential
+
+    with open_sequential(path) as si:
+        if si.libvirt is None:
+            raise FixedramError(f"{si.name}: not a libvirt save image, so it holds no domain XML")
+        xml = si.libvirt.xml_raw
+    sys.stdout.buffer.write(xml if xml.endswith(b"\n") else xml + b"\n")
+    return 0
+
+
 def cmd_extract(a: argparse.Namespace) -> int:
     from ..format.migfile import MigrationFile
+    from ..format.sequential import is_one_pass, open_sequential, seekable_path
     from ..memory import extract
     from .progress import progress_bar
 
-    with MigrationFile(a.file, offset=a.offset, strict=False) as mf:
+    real = seekable_path(a.file)
+    if real is None or is_one_pass(a.file):
+        from ..memory.stream_extract import extract_one_pass
+
+        with open_sequential(a.file, offset=a.offset) as si:
+            extract_one_pass(si, a.output, a.format, force=a.force,
+                             allow_incomplete=a.allow_incomplete).close()
+        return 0
+    with MigrationFile(real, offset=a.offset, strict=False) as mf:
         if not mf.complete and not a.allow_incomplete:
             raise FixedramError(f"{a.file}: the save is incomplete ({mf.error or 'unfinished'}); "
                                 "use --allow-incomplete to extract what it holds")
@@ -72,14 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("inspect", help="describe a migration or save file")
-    s.add_argument("file")
+    s.add_argument("file", help="the file (a libvirt image in any format), or - for stdin")
     s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--xml", action="store_true",
+                   help="print the domain XML of a libvirt image (as virsh save-image-dumpxml)")
     s.add_argument("--offset", type=_size, default=None,
                    help="stream start in the file (default: found automatically)")
     s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("extract", help="write guest RAM out of a migration file")
-    s.add_argument("file")
+    s.add_argument("file", help="the file (a libvirt image in any format), or - for stdin")
     s.add_argument("-o", "--output", required=True,
                    help="directory (raw) or file (physical, elf)")
     s.add_argument("--format", choices=("raw", "physical", "elf"), default="raw")

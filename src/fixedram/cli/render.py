@@ -67,8 +67,17 @@ def render_inspect(d: dict[str, Any]) -> None:
     if "libvirt" in d:
         lv = d["libvirt"]
         fmt = printable(lv["image_format"])
+        cookie = "no cookie" if lv["cookie_bytes"] is None else f"cookie {lv['cookie_bytes']} B"
         c.print(Text(f"libvirt save image v{lv['version']}, format {fmt}, "
-                     f"{'complete' if lv['complete'] else 'UNFINISHED'}"))
+                     f"{'complete' if lv['complete'] else 'UNFINISHED'}, "
+                     f"{'was running' if lv['was_running'] else 'was paused'}; domain XML "
+                     f"{lv['xml_bytes']} B, {cookie}, data_len {lv['data_len']}, QEMU data at "
+                     f"byte {lv['data_offset']}"))
+    if d.get("compression"):
+        c.print(Text(f"{printable(d['compression'])}-compressed: read in one pass; offsets "
+                     "are in the decompressed stream"))
+    elif d.get("one_pass"):
+        c.print(Text("read in one pass from a pipe"))
     if "error" in d:
         c.print(Text.assemble(("stopped early:", "red"), " ", printable(d["error"])))
     t = Table(title="RAMBlocks")
@@ -88,5 +97,6 @@ def render_inspect(d: dict[str, Any]) -> None:
                 f"{human_bytes(d['resent_bytes'])}")
     c.print(f"devices: {len(d['devices'])} sections; vmdesc trailer: "
             f"{'yes' if d['vmdesc'] else 'no'}")
-    c.print(f"file size: {human_bytes(d['apparent_bytes'])} apparent, "
-            f"{human_bytes(d['allocated_bytes'])} allocated")
+    if d["apparent_bytes"] is not None:
+        c.print(f"file size: {human_bytes(d['apparent_bytes'])} apparent, "
+                f"{human_bytes(d['allocated_bytes'])} allocated")

@@ -19,11 +19,21 @@ _INLINE_ITEMS = 16
 def cmd_state(a: argparse.Namespace) -> int:
     from ..format.devstate import decode_configuration, jsonable
     from ..format.migfile import MigrationFile
+    from ..format.sequential import is_one_pass, open_sequential, scan, seekable_path
 
-    with MigrationFile(a.file, offset=a.offset) as mf:
-        config = decode_configuration(mf)
-        devices = mf.devices()
-        facts = f"{mf.format} format, stream at offset {mf.start}, machine {mf.machine}"
+    real = seekable_path(a.file)
+    if real is None or is_one_pass(a.file):  # a pipe or a compressed image: one pass
+        with open_sequential(a.file, offset=a.offset) as si, scan(si, strict=True) as f:
+            config = decode_configuration(f)  # type: ignore[arg-type]
+            devices = f.devices()
+            facts = (f"{f.format} format, read in one pass"
+                     f"{f' ({f.compression}-compressed)' if f.compression else ''}, machine "
+                     f"{f.machine}")
+    else:
+        with MigrationFile(real, offset=a.offset) as mf:
+            config = decode_configuration(mf)
+            devices = mf.devices()
+            facts = f"{mf.format} format, stream at offset {mf.start}, machine {mf.machine}"
     if a.device is not None:
         names = list(dict.fromkeys(d.name for d in devices))
         devices = [d for d in devices if d.name == a.device]
@@ -96,7 +106,7 @@ def _add_value(node: Any, label: str, v: Any, text: Any) -> None:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s = sub.add_parser("state", help="decode the device state (CPU registers, devices) "
                        "through the vmdesc")
-    s.add_argument("file")
+    s.add_argument("file", help="the file (a libvirt image in any format), or - for stdin")
     s.add_argument("--json", action="store_true", help="print one JSON object "
                    "(buffers as hex strings)")
     s.add_argument("--device", metavar="NAME", help="only the sections with this name (idstr)")

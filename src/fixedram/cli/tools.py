@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from ..errors import FixedramError
 from .main import _EXTRA, _size
@@ -17,36 +18,38 @@ def cmd_convert(a: argparse.Namespace) -> int:
     total = 0
     if a.output != "-" and sys.stderr.isatty():  # the size is needed only for a bar
         from ..format.migfile import MigrationFile
+        from ..format.sequential import is_one_pass, seekable_path
         from ..memory.extract import total_bytes
 
-        with MigrationFile(a.input, offset=a.input_offset) as mf:
-            total = total_bytes(mf)
+        real = seekable_path(a.input)
+        if real is not None and not is_one_pass(a.input):  # one pass: no size beforehand
+            with MigrationFile(real, offset=a.input_offset) as mf:
+                total = total_bytes(mf)
     with progress_bar("converting", total) as prog:
         convert_file(a.input, a.output, a.to, offset=a.offset, src_offset=a.input_offset,
-                     force=a.force, progress=prog, stdout=sys.stdout.buffer)
+                     force=a.force, progress=prog, stdout=sys.stdout.buffer, bare=a.bare)
     if a.output == "-":
         sys.stdout.buffer.flush()
     return 0
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    from ..tools.verify import compare, open_checked
+    from ..format.sequential import is_one_pass
 
-    mf, probs = open_checked(a.file)
-    result: dict[str, object] = {"file": a.file, "problems": probs, "sound": not probs}
-    diffs = []
+    one_a = is_one_pass(a.file)
+    one_b = a.against is not None and is_one_pass(a.against)
+    result: dict[str, object] = {"file": a.file}
+    if one_a or one_b:
+        probs, probs_b, diff_objs = _verify_one_pass(a.file, a.against, one_a, one_b)
+    else:
+        probs, probs_b, diff_objs = _verify_files(a.file, a.against)
+    result.update(problems=probs, sound=not probs)
+    diffs = [d.as_dict() for d in diff_objs]
     if a.against:
-        other, probs_b = open_checked(a.against)
         result["against"] = a.against
         result["against_problems"] = probs_b
-        if mf is None or other is None:
-            raise FixedramError("cannot compare: " + "; ".join(probs + probs_b))
-        with mf, other:
-            diffs = [d.as_dict() for d in compare(mf, other)]
         result["differences"] = diffs
         result["equal"] = not diffs
-    elif mf is not None:
-        mf.close()
     ok = not probs and not diffs
     if a.json:
         json.dump(result, sys.stdout, indent=2)
@@ -72,20 +75,85 @@ def cmd_verify(a: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _verify_files(path: str, against: str | None) -> tuple[list[str], list[str], list[Any]]:
+    from ..format.sequential import seekable_path
+    from ..tools.verify import compare, open_checked
+
+    mf, probs = open_checked(seekable_path(path) or path)
+    if against is None:
+        if mf is not None:
+            mf.close()
+        return probs, [], []
+    other, probs_b = open_checked(seekable_path(against) or against)
+    if mf is None or other is None:
+        for m in (mf, other):
+            if m is not None:
+                m.close()
+        raise FixedramError("cannot compare: " + "; ".join(probs + probs_b))
+    with mf, other:
+        return probs, probs_b, compare(mf, other)
+
+
+def _verify_one_pass(path: str, against: str | None, one_a: bool,
+                     one_b: bool) -> tuple[list[str], list[str], list[Any]]:
+    """``path`` or ``against`` read in one pass (a pipe, a compressed image),
+    compared page by page with the other, a file, as the pages arrive."""
+    from ..errors import FormatError
+    from ..format.sequential import open_sequential, scan, seekable_path
+    from ..memory.stream_extract import OnePassCompare
+    from ..tools.verify import open_checked, structural_problems
+
+    if one_a and one_b:
+        raise FixedramError(f"cannot compare {path} with {against}: both must be read in one "
+                            "pass (pipes or compressed images); make one of them a file")
+    seq, other_path = (path, against) if one_a else (against, path)
+    assert seq is not None
+    other = None
+    other_probs: list[str] = []
+    if other_path is not None:
+        other, other_probs = open_checked(seekable_path(other_path) or other_path)
+        if other is None:
+            raise FixedramError("cannot compare: " + "; ".join(other_probs))
+    diffs: list[Any] = []
+    try:
+        target = OnePassCompare(other) if other is not None else None
+        try:
+            with open_sequential(seq) as si, scan(si, target) as f:
+                probs = structural_problems(f)  # type: ignore[arg-type]
+                if target is not None:
+                    diffs = target.result(f)
+        except FormatError as e:
+            if other is not None:
+                raise FixedramError(f"cannot compare: {e}") from e
+            probs = [str(e)]
+    finally:
+        if other is not None:
+            other.close()
+    if one_a:
+        return probs, other_probs, diffs
+    for d in diffs:  # the roles were swapped: FILE is "a"
+        d.only_in = {"a": "b", "b": "a"}.get(d.only_in or "")
+        d.length_a, d.length_b = d.length_b, d.length_a
+    return other_probs, probs, diffs
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s = sub.add_parser("convert", help="convert between sequential stream and mapped-ram")
-    s.add_argument("input")
-    s.add_argument("output", help="output file, or - for stdout (stream only)")
+    s.add_argument("input", help="the file (a libvirt image in any format), or - for stdin")
+    s.add_argument("output", help="output file, or - for stdout (stream only, bare)")
     s.add_argument("--to", required=True, choices=("mapped-ram", "stream"))
     s.add_argument("--offset", type=_size, default=0,
                    help="write the stream at this offset of OUT (like file:PATH,offset=N)")
     s.add_argument("--input-offset", type=_size, default=None,
                    help="stream start in IN (default: found automatically)")
     s.add_argument("--force", action="store_true", help="replace an existing OUT")
+    s.add_argument("--bare", action="store_true",
+                   help="from a libvirt image, write the plain QEMU file (default: a libvirt "
+                   "image with the same domain XML, format raw or sparse)")
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("verify", help="check a save file; compare guest RAM of two files")
-    s.add_argument("file")
+    s.add_argument("file", help="the file (a libvirt image in any format), or - for stdin")
     s.add_argument("--against", metavar="OTHER", help="compare guest RAM with this file")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_verify)

@@ -40,6 +40,7 @@ import queue
 import stat
 import subprocess
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -337,13 +338,17 @@ class _Decoded:
 
     def close(self) -> None:
         self._stop.set()
-        while self._t.is_alive():  # unblock a put() on a full queue
-            with contextlib.suppress(queue.Empty):
-                self._q.get(timeout=0.05)
         if self._proc is not None:
             with contextlib.suppress(OSError):
                 self._proc.kill()
             self._proc.wait()
+        # Unblock a put() on a full queue. A thread blocked reading a pipe
+        # whose writer stalls is left behind (a daemon): it holds no output.
+        deadline = time.monotonic() + 2.0
+        while self._t.is_alive() and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                self._q.get(timeout=0.05)
+        if self._proc is not None:
             for f in (self._proc.stdout, self._proc.stderr, self._proc.stdin):
                 if f is not None:
                     with contextlib.suppress(OSError):
@@ -357,16 +362,20 @@ class _LzopError(Exception):
 
 
 class _Head:
-    """Passes reads through and keeps the first ``HEAD_KEEP`` bytes."""
+    """Passes reads through, keeps the first ``HEAD_KEEP`` bytes and hands
+    every byte to ``sink`` when one is set (a copy of the stream)."""
 
     def __init__(self, src: Any) -> None:
         self.src = src
         self.head = bytearray()
+        self.sink: Callable[[bytes], object] | None = None
 
     def read(self, n: int = -1) -> bytes:
         b: bytes = self.src.read(n)
         if len(self.head) < HEAD_KEEP:
             self.head += b[:HEAD_KEEP - len(self.head)]
+        if self.sink is not None and b:
+            self.sink(b)
         return b
 
     def seekable(self) -> bool:
@@ -399,6 +408,14 @@ class SequentialInput:
     @property
     def head(self) -> bytes:
         return bytes(self._head.head)
+
+    def tee(self, write: Callable[[bytes], object]) -> None:
+        """Hand every stream byte read from now on to ``write`` (before any is read).
+
+        The reader reads ahead, so ``write`` may get bytes past the stream's
+        end: the pass's ``size`` says where it ended.
+        """
+        self._head.sink = write
 
     @property
     def bytes_read(self) -> int:
@@ -486,7 +503,7 @@ def _open(raw: _Raw, path: str, name: str, offset: int | None) -> SequentialInpu
     decoded: _Decoded | None = None
     if kind is not None:
         where = "compressed image" if lv is not None else "compressed file"
-        sname = f"{name} ({kind}-decompressed stream of the {where})"
+        sname = f"{name} (decompressed {kind} stream of the {where})"
         decoded = _Decoded(kind, src, sname, name)
         tap = _Head(decoded)
         start = 0
@@ -665,6 +682,7 @@ class _Pass(StreamEvents):
         if state.mapped_ram:  # the walker needs a seek before it gets here on a pipe
             raise _mapped_ram_refused(self.f)
         self.ps = state.page_size
+        self.f.summary = self.summary  # filled in as the walk goes
         self.f.blocks = [OnePassBlock(i, rec) for i, rec in enumerate(state.blocks)]
         if self.target is not None:
             self.target.begin(self.f)

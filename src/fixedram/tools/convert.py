@@ -6,6 +6,19 @@ that any QEMU can load with mapped-ram off. Device sections are copied
 verbatim and the vmdesc trailer is rewritten for the output's configuration
 (see :class:`~fixedram.format.machine.MachineState`), so the result restores
 the same VM and describes itself truthfully.
+
+A libvirt save image stays one: the output gets the input's header, domain
+XML and cookie, with the header's format saying what follows (``raw`` for a
+stream, ``sparse`` for mapped-ram, whose offsets are then absolute in the
+image as libvirt 11 writes them), so ``virsh restore`` takes it. ``bare``
+writes the plain QEMU file instead.
+
+Inputs that can only be read in one pass (a pipe, a compressed image) are
+converted as they are read (:mod:`fixedram.format.sequential`): to mapped-ram,
+each page is written at its fixed offset as it arrives, through the same
+writer and run writes as ``fixedram receive``; to a stream, the stream is
+copied as it is, and checked record by record on the way (rewriting it as a
+single pass would need each page's last copy, known only at the end).
 """
 
 from __future__ import annotations
@@ -14,9 +27,20 @@ import os
 from collections.abc import Callable
 from typing import BinaryIO
 
+import numpy as np
+
 from ..errors import OutputError, UnsupportedFeature
+from ..format.libvirt import LibvirtHeader
 from ..format.machine import MachineState
 from ..format.migfile import MigrationFile
+from ..format.sequential import (
+    OnePassFile,
+    SequentialInput,
+    is_one_pass,
+    open_sequential,
+    scan,
+    seekable_path,
+)
 from ..format.writer import BlockSpec, MappedRamWriter, StreamWriter
 from ..memory.copy import RUN_PAGES, RunCopier
 from ..output import AtomicOutput, BackgroundWriter, output_error
@@ -26,11 +50,14 @@ __all__ = ["convert_file", "to_mapped_ram", "to_stream"]
 Progress = Callable[[int], None]
 
 
-def _require_complete(mf: MigrationFile) -> None:
+def _require_complete(mf: MigrationFile | OnePassFile) -> None:
     if not mf.complete:
         raise UnsupportedFeature("the input save is incomplete (no EOF marker, or an unfinished "
                                  "libvirt image); refusing to convert it", path=mf.path,
                                  offset=mf.size)
+
+
+LIBVIRT_FORMAT_OF = {"stream": "raw", "mapped-ram": "sparse"}
 
 
 def to_mapped_ram(mf: MigrationFile, fd: int, *, start: int = 0,
@@ -80,8 +107,11 @@ def to_stream(mf: MigrationFile, write: Callable[[bytes | memoryview], object], 
 
 def convert_file(src: str, dst: str, to: str, *, offset: int = 0, src_offset: int | None = None,
                  force: bool = False, progress: Progress | None = None,
-                 stdout: BinaryIO | None = None) -> int:
-    """Convert ``src`` into ``dst`` (``-`` for stdout with ``to='stream'``).
+                 stdout: BinaryIO | None = None, bare: bool = False, stdin_fd: int = 0) -> int:
+    """Convert ``src`` (``-``: standard input) into ``dst`` (``-``: stdout, stream only).
+
+    A libvirt image in gives a libvirt image out unless ``bare`` (or the
+    output is stdout, where a QEMU ``exec:`` reads a plain stream).
 
     :return: bytes of the output.
     :raise OutputError: the output exists (without ``force``) or cannot be
@@ -89,30 +119,126 @@ def convert_file(src: str, dst: str, to: str, *, offset: int = 0, src_offset: in
     """
     if to not in ("mapped-ram", "stream"):
         raise ValueError(to)
-    with MigrationFile(src, offset=src_offset) as mf:
+    if dst == "-" and to != "stream":
+        raise OutputError("mapped-ram output needs a seekable file, not stdout")
+    real = seekable_path(src, stdin_fd)
+    if real is None or is_one_pass(src, stdin_fd):
+        with open_sequential(src, offset=src_offset, stdin_fd=stdin_fd) as si:
+            return _convert_one_pass(si, dst, to, offset=offset, force=force, bare=bare,
+                                     stdout=stdout)
+    with MigrationFile(real, offset=src_offset) as mf:
+        lv = _libvirt_out(mf.libvirt, dst, offset, bare)
         if dst == "-":
-            if to != "stream":
-                raise OutputError("mapped-ram output needs a seekable file, not stdout")
             out = stdout
             assert out is not None
             return to_stream(mf, out.write, progress=progress)
-        if os.path.lexists(dst) and os.path.samefile(src, dst):
+        if os.path.lexists(dst) and os.path.samefile(real, dst):
             raise OutputError(f"{dst}: output is the input file")
+        start = lv.data_offset if lv is not None else offset
         ao = AtomicOutput(dst, force=force)
         try:
             if to == "mapped-ram":
-                end = to_mapped_ram(mf, ao.fd, start=offset, progress=progress)
+                end = to_mapped_ram(mf, ao.fd, start=start, progress=progress)
             else:
-                bw = BackgroundWriter(ao.fd, offset)
+                bw = BackgroundWriter(ao.fd, start)
                 try:
                     n = to_stream(mf, bw.write, progress=progress)
                 finally:
                     bw.close()
-                end = offset + n
-            ao.commit(end)
+                end = start + n
+            _finish(ao, end, lv, to)
             return end
         except OSError as e:
             raise output_error(dst, e) from e
         finally:
             if not ao.done:
                 ao.abort()
+
+
+def _libvirt_out(lv: LibvirtHeader | None, dst: str, offset: int,
+                 bare: bool) -> LibvirtHeader | None:
+    """The header to write, or None for a bare QEMU file."""
+    if lv is None or bare or dst == "-":
+        return None
+    if offset:
+        raise OutputError("--offset places a bare QEMU file; in a libvirt image the QEMU data "
+                          "start after its header (use --bare for a bare file at an offset)")
+    return lv
+
+
+def _finish(ao: AtomicOutput, end: int, lv: LibvirtHeader | None, to: str) -> None:
+    """Write the libvirt header last (the image is whole only now) and commit."""
+    if lv is not None:
+        os.pwrite(ao.fd, lv.with_format(LIBVIRT_FORMAT_OF[to]).encode(), 0)
+    ao.commit(end)
+
+
+class _MappedRamTarget:
+    """Pages of a one-pass input written at their mapped-ram offsets as they arrive."""
+
+    def __init__(self, fd: int, start: int) -> None:
+        self.fd = fd
+        self.start = start
+        self.w: MappedRamWriter | None = None
+
+    def begin(self, f: OnePassFile) -> None:
+        if any(b.record.gpa is not None for b in f.blocks):
+            raise UnsupportedFeature("x-ignore-shared streams cannot become mapped-ram files "
+                                     "that QEMU 10 loads", path=f.path, offset=f.start)
+        assert f.summary is not None
+        hdr = f.header
+        # Devices arrive after RAM: the full machine state replaces this one at the end.
+        state = MachineState(hdr.machine, tuple(hdr.capabilities), hdr.uuid,
+                             f.summary.ram_sections[0].section_id).with_mapped_ram(True)
+        self.w = MappedRamWriter(self.fd, state, BlockSpec.of(f.blocks), start=self.start,
+                                 fresh=True)
+
+    def pages(self, bi: int, idx: np.ndarray, data: np.ndarray) -> None:
+        from ..bridge.receive import write_runs
+
+        assert self.w is not None
+        write_runs(self.w, bi, idx, data)
+
+    def zeros(self, bi: int, idx: np.ndarray, had_data: np.ndarray) -> None:
+        assert self.w is not None
+        self.w.mark_zero(bi, idx)
+
+
+def _convert_one_pass(si: SequentialInput, dst: str, to: str, *, offset: int, force: bool,
+                      bare: bool, stdout: BinaryIO | None) -> int:
+    lv = _libvirt_out(si.libvirt, dst, offset, bare)
+    if dst == "-":
+        assert stdout is not None
+        si.tee(stdout.write)
+        with scan(si, strict=True) as f:
+            _require_complete(f)
+            return f.size - f.start
+    if si.path != "-" and os.path.lexists(dst) and os.path.samefile(si.path, dst):
+        raise OutputError(f"{dst}: output is the input file")
+    start = lv.data_offset if lv is not None else offset
+    ao = AtomicOutput(dst, force=force)
+    try:
+        if to == "mapped-ram":
+            target = _MappedRamTarget(ao.fd, start)
+            with scan(si, target, strict=True) as f:
+                _require_complete(f)
+                assert target.w is not None
+                target.w.state = MachineState.from_file(f).with_mapped_ram(True)  # type: ignore[arg-type]
+                end = target.w.finish()
+        else:
+            bw = BackgroundWriter(ao.fd, start)
+            try:
+                si.tee(bw.write)
+                with scan(si, strict=True) as f:
+                    _require_complete(f)
+                    # Bytes read ahead past the stream's end are not part of it.
+                    end = start + f.size - f.start
+            finally:
+                bw.close()
+        _finish(ao, end, lv, to)
+        return end
+    except OSError as e:
+        raise output_error(dst, e) from e
+    finally:
+        if not ao.done:
+            ao.abort()

@@ -1,0 +1,361 @@
+"""Guest RAM of a one-pass input (a pipe, a compressed image as it is decoded):
+extracted, or compared with a file, as the pages arrive.
+
+Each page is written at its final offset as it arrives, so a live stream's
+later copy of a page overwrites the earlier one in place (last copy wins)
+and a page re-sent as a ZERO record becomes a hole again. The outputs are
+those of :mod:`fixedram.memory.extract` (a raw set with ``index.json``, or a
+guest-physical image), built under temporary names and renamed only when
+the stream was read to its end. Memory stays at a few bytes per guest page
+and the reader's buffers, however long the stream.
+
+An ELF core needs its notes (the vCPUs' registers from device state at the
+end of the stream) before the data, so it is not made in one pass.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import itertools
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import FixedramError, OutputError, UnsupportedFeature
+from ..format.sequential import OnePassFile, SequentialInput, scan
+from ..output import AtomicOutput, output_error, register_temporary, unregister_temporary
+from .extract import _replace_dir, _unique_names
+from .layout import physical_ranges
+
+if TYPE_CHECKING:
+    from ..format.migfile import MigrationFile
+    from ..tools.verify import BlockDiff
+
+__all__ = ["OnePassCompare", "extract_one_pass"]
+
+_FALLOC_FL_KEEP_SIZE = 1
+_FALLOC_FL_PUNCH_HOLE = 2
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """Pages [lo, hi) of a block go to ``fd`` at ``base + page * page_size``."""
+
+    lo: int
+    hi: int
+    fd: int
+    base: int
+
+
+def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
+    """(start position in idx, length) of each run of consecutive page numbers."""
+    n = idx.size
+    if n == 1 or bool((idx[-1] - idx[0] == n - 1) and (np.diff(idx) == 1).all()):
+        return [(0, n)]
+    brk = [0, *(np.flatnonzero(np.diff(idx) != 1) + 1).tolist(), n]
+    return [(a, b - a) for a, b in itertools.pairwise(brk)]
+
+
+class _Punch:
+    """Holes where a page's data became zero; zeros written where holes cannot be made."""
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._fallocate = getattr(libc, "fallocate", None)
+        if self._fallocate is not None:
+            self._fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                                        ctypes.c_int64]
+        self._zeros = b""
+
+    def __call__(self, fd: int, off: int, n: int) -> None:
+        if self._fallocate is not None:
+            if self._fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, off, n) == 0:
+                return
+            err = ctypes.get_errno()
+            if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise OSError(err, os.strerror(err))
+            self._fallocate = None
+        if len(self._zeros) < n:
+            self._zeros = bytes(n)
+        done = 0
+        while done < n:
+            done += os.pwrite(fd, memoryview(self._zeros)[:n - done], off + done)
+
+
+class _Placed:
+    """A :class:`~fixedram.format.sequential.PageTarget` writing each block's
+    pages through its segments."""
+
+    def __init__(self) -> None:
+        self.segments: list[list[_Segment]] = []
+        self.ps = 4096
+        self.punch = _Punch()
+        self.bytes_written = 0
+
+    def begin(self, f: OnePassFile) -> None:
+        raise NotImplementedError
+
+    def _each(self, bi: int, idx: np.ndarray) -> list[tuple[_Segment, int, int, int]]:
+        """(segment, position in idx, count, first page) for each run inside a segment."""
+        out = []
+        segs = self.segments[bi]
+        for a, n in _runs(idx):
+            first = int(idx[a])
+            end = first + n
+            for s in segs:
+                lo, hi = max(first, s.lo), min(end, s.hi)
+                if lo < hi:
+                    out.append((s, a + lo - first, hi - lo, lo))
+        return out
+
+    def pages(self, bi: int, idx: np.ndarray, data: np.ndarray) -> None:
+        ps = self.ps
+        for s, a, n, first in self._each(bi, idx):
+            chunk = data[a:a + n]
+            if not chunk.flags.c_contiguous:
+                chunk = np.ascontiguousarray(chunk)
+            mv = memoryview(chunk).cast("B")
+            off = s.base + first * ps
+            done = 0
+            while done < len(mv):
+                done += os.pwrite(s.fd, mv[done:], off + done)
+            self.bytes_written += len(mv)
+
+    def zeros(self, bi: int, idx: np.ndarray, had_data: np.ndarray) -> None:
+        if not had_data.any():
+            return  # never written, or a hole already
+        stale = idx[had_data]
+        if stale.size > 1 and not bool((stale[1:] > stale[:-1]).all()):
+            stale = np.unique(stale)
+        for s, _a, n, first in self._each(bi, stale):
+            self.punch(s.fd, s.base + first * self.ps, n * self.ps)
+
+
+class _RawSet(_Placed):
+    """One sparse file per RAMBlock in a new directory, and ``index.json``."""
+
+    def __init__(self, d: str) -> None:
+        super().__init__()
+        self.dir = d
+        self.names: list[str] = []
+        self.fds: list[int] = []
+
+    def begin(self, f: OnePassFile) -> None:
+        self.names = _unique_names(f)  # type: ignore[arg-type]
+        for b, name in zip(f.blocks, self.names, strict=True):
+            path = os.path.join(self.dir, name)
+            if os.path.dirname(path) != self.dir:  # defence in depth
+                raise OutputError(f"block name {b.idstr!r} would leave the output directory")
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise output_error(path, e) from e
+            self.fds.append(fd)
+            self.segments.append([_Segment(0, b.npages, fd, 0)])
+            self.ps = b.page_size
+
+    def finish(self, f: OnePassFile) -> dict[str, object]:
+        entries = []
+        for b, name, fd in zip(f.blocks, self.names, self.fds, strict=True):
+            os.ftruncate(fd, b.used_length)
+            os.fsync(fd)
+            entries.append({"idstr": b.idstr, "file": name, "used_length": b.used_length,
+                            "page_size": b.page_size, "pages_present": b.pages_present})
+        index: dict[str, object] = {"source": f.input_path, "format": f.format,
+                                    "machine": f.machine, "complete": f.complete,
+                                    "blocks": entries}
+        if f.libvirt is not None:
+            index["libvirt_image_format"] = f.libvirt.format
+        with open(os.path.join(self.dir, "index.json"), "x") as fh:
+            fh.write(json.dumps(index, indent=2) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        return index
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+class _Physical(_Placed):
+    """A guest-physical image: main RAM below and above the 4 GiB hole."""
+
+    def __init__(self, out: AtomicOutput) -> None:
+        super().__init__()
+        self.out = out
+        self.size = 0
+
+    def begin(self, f: OnePassFile) -> None:
+        self.segments = [[] for _ in f.blocks]
+        for r in physical_ranges(f):  # type: ignore[arg-type]
+            ps = r.block.page_size
+            lo = r.block_offset // ps
+            self.segments[r.block.index].append(
+                _Segment(lo, lo + r.length // ps, self.out.fd, r.gpa - lo * ps))
+            self.size = max(self.size, r.gpa + r.length)
+            self.ps = ps
+
+
+def extract_one_pass(src: SequentialInput, output: str, fmt: str = "raw", *,
+                     force: bool = False, allow_incomplete: bool = False) -> OnePassFile:
+    """Extract guest RAM from ``src`` (see :func:`~fixedram.format.sequential.open_sequential`).
+
+    :param fmt: ``raw`` (a directory) or ``physical`` (one file).
+    :return: what the pass found (close it).
+    :raise FixedramError: the stream is malformed, or incomplete without
+        ``allow_incomplete``; nothing is left under ``output`` then.
+    """
+    if fmt == "elf":
+        raise UnsupportedFeature("an ELF core cannot be extracted in one pass (its notes hold "
+                                 "the vCPU registers, which come after the RAM in the stream): "
+                                 "use --format physical, or give a seekable uncompressed file",
+                                 path=src.name)
+    if fmt == "raw":
+        return _extract_raw(src, output, force, allow_incomplete)
+    if fmt != "physical":
+        raise ValueError(fmt)
+    out = AtomicOutput(output, force=force)
+    target = _Physical(out)
+    try:
+        f = _run(src, target, allow_incomplete)
+        try:
+            out.commit(target.size)
+        except OSError as e:
+            f.close()
+            raise output_error(output, e) from e
+        return f
+    except OSError as e:
+        raise output_error(output, e) from e
+    finally:
+        if not out.done:
+            out.abort()
+
+
+def _run(src: SequentialInput, target: _Placed, allow_incomplete: bool) -> OnePassFile:
+    f = scan(src, target)
+    if not f.complete and not allow_incomplete:
+        why = f.error or "unfinished"
+        f.close()
+        raise FixedramError(f"{src.name}: the save is incomplete ({why}); use "
+                            "--allow-incomplete to extract what it holds")
+    return f
+
+
+def _extract_raw(src: SequentialInput, outdir: str, force: bool,
+                 allow_incomplete: bool) -> OnePassFile:
+    outdir = os.path.abspath(outdir)
+    if os.path.lexists(outdir):
+        if not os.path.isdir(outdir) or os.path.islink(outdir):
+            raise OutputError(f"{outdir}: exists and is not a directory")
+        if os.listdir(outdir) and not force:
+            raise OutputError(f"{outdir}: directory is not empty (use --force to replace it)")
+    parent, base = os.path.split(outdir)
+    tmp = os.path.join(parent, f".{base}.partial-{secrets.token_hex(4)}")
+    register_temporary(tmp)
+    target = _RawSet(tmp)
+    try:
+        try:
+            os.mkdir(tmp, 0o755)
+        except OSError as e:
+            raise output_error(outdir, e) from e
+        f = _run(src, target, allow_incomplete)
+        try:
+            target.finish(f)
+            target.close()
+            _replace_dir(tmp, outdir)
+        except BaseException:
+            f.close()
+            raise
+        return f
+    except OSError as e:
+        raise output_error(outdir, e) from e
+    finally:
+        target.close()
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        unregister_temporary(tmp)
+
+
+class OnePassCompare:
+    """Compares each arriving page with the same page of a file (``verify --against``).
+
+    One bool per page says whether the page's last copy differs; a later copy
+    decides again. Pages the stream never sent count as zero, as in
+    :func:`fixedram.tools.verify.compare`.
+    """
+
+    def __init__(self, other: MigrationFile) -> None:
+        self.other = other
+        self.by_name = {b.idstr: b for b in other.blocks}
+        self.pairs: list[Any] = []  # the other's block for each of ours (same length), or None
+        self.diff: list[np.ndarray | None] = []
+
+    def begin(self, f: OnePassFile) -> None:
+        for b in f.blocks:
+            o = self.by_name.get(b.idstr)
+            same = o is not None and o.used_length == b.used_length and \
+                o.page_size == b.page_size
+            self.pairs.append(o if same else None)
+            self.diff.append(np.zeros(b.npages, dtype=bool) if same else None)
+
+    def _theirs(self, bi: int, first: int, n: int) -> np.ndarray:
+        o = self.pairs[bi]
+        ps = o.page_size
+        return np.frombuffer(o.read(first * ps, n * ps), dtype=np.uint8).reshape(n, ps)
+
+    def pages(self, bi: int, idx: np.ndarray, data: np.ndarray) -> None:
+        d = self.diff[bi]
+        if d is None:
+            return
+        for a, n in _runs(idx):
+            first = int(idx[a])
+            d[first:first + n] = (data[a:a + n] != self._theirs(bi, first, n)).any(axis=1)
+
+    def zeros(self, bi: int, idx: np.ndarray, had_data: np.ndarray) -> None:
+        d = self.diff[bi]
+        if d is None:
+            return
+        self._nonzero_theirs(bi, np.unique(idx), d)
+
+    def _nonzero_theirs(self, bi: int, pages: np.ndarray, d: np.ndarray) -> None:
+        """Pages ``pages`` (ascending) are zero here: they differ where the file's are not."""
+        for a, n in _runs(pages) if pages.size else []:
+            first = int(pages[a])
+            d[first:first + n] = self._theirs(bi, first, n).any(axis=1)
+
+    def result(self, f: OnePassFile, max_report: int = 1000) -> list[BlockDiff]:
+        from ..format.sequential import NEVER
+        from ..tools.verify import BlockDiff
+
+        out: list[BlockDiff] = []
+        mine = set()
+        for b, o, d in zip(f.blocks, self.pairs, self.diff, strict=True):
+            mine.add(b.idstr)
+            other = self.by_name.get(b.idstr)
+            if other is None:
+                out.append(BlockDiff(b.idstr, only_in="a", length_a=b.used_length))
+                continue
+            bd = BlockDiff(b.idstr, length_a=b.used_length, length_b=other.used_length)
+            if o is None or d is None:
+                out.append(bd)
+                continue
+            # Never sent here: zero, so it differs where the other holds non-zero data.
+            unsent = np.flatnonzero(b.arrays()[0] == NEVER)
+            self._nonzero_theirs(b.index, np.intersect1d(unsent, o.present_pages(),
+                                                         assume_unique=True), d)
+            rows = np.flatnonzero(d)
+            if rows.size:
+                bd.count = int(rows.size)
+                bd.differing_pages = rows[:max_report].tolist()
+                out.append(bd)
+        for name, o in self.by_name.items():
+            if name not in mine:
+                out.append(BlockDiff(name, only_in="b", length_b=o.used_length))
+        return out
