@@ -216,6 +216,7 @@ class _Multifd:
         self.lock = threading.Lock()
         self.classified = threading.Condition(self.lock)
         self._pending_socks: dict[socket.socket, float] = {}  # -> when it was accepted
+        self.main_found = False  # the accept loop has handed over what it held
         self.sealed = False  # no channel may be added any more (the end was reached)
         self.threads: list[threading.Thread] = []
         self.socks: list[socket.socket] = []
@@ -247,18 +248,28 @@ class _Multifd:
         dropped when their turn comes), so only real channels are counted.
         """
         with self.lock:
-            if self.barrier is None:
+            # Channels that connected before the main stream are only known
+            # once it has been found (the accept loop hands them over).
+            while self.barrier is None and not self.failed and not self.main_found:
+                self.classified.wait(0.1)
+            if self.barrier is None and not self.failed:
                 for c in self.listener.drain():
                     self._classify_later(c)
                 deadline = time.monotonic() + self.peer_timeout + 1.0
-                while not self.failed and any(
+                while self.barrier is None and not self.failed and any(
                         _has_data(c) or time.monotonic() - t < CHANNEL_GRACE
                         for c, t in self._pending_socks.items()):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self.classified.wait(min(left, 0.1))
-                self.barrier = threading.Barrier(len(self.threads), action=self._round_done)
+                if self.barrier is None:  # another channel may have counted meanwhile
+                    self.barrier = threading.Barrier(len(self.threads),
+                                                     action=self._round_done)
+            if self.barrier is None:  # failed: let the caller's wait fail at once
+                broken = threading.Barrier(1)
+                broken.abort()
+                return broken
             return self.barrier
 
     _pending = 0
@@ -709,6 +720,8 @@ def _accept_main(listener: Listener, mfd: _Multifd, *, peer_timeout: float,
         with mfd.lock:
             for c, t in pending.items():
                 mfd._classify_later(c, t)
+            mfd.main_found = True
+            mfd.classified.notify_all()
         pending.clear()
         return found
     finally:
