@@ -279,3 +279,24 @@ def test_random_access_reader_refuses_a_fifo_at_once(tmp_path: Path) -> None:
         MigrationFile(fifo)
     assert time.monotonic() - t < 5
     assert ei.value.filename == str(fifo) and "not a file" in str(ei.value)
+
+
+# -- numbers on the command line ------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    ["save", "x.mig", "--fill", "nan"], ["save", "x.mig", "--live-for", "inf"],
+    ["save", "x.mig", "--seed", "9" * 30], ["save", "x.mig", "--ram", "5000"],
+    ["save", "x.mig", "--ram", "0"], ["save", "x.mig", "--workload-threads", "-1"],
+    ["save", "x.mig", "--multifd", "1000"], ["save", "x.mig", "--max-bandwidth", "infk"],
+    ["restore", "exec:true", "--ram", "1"], ["guest", "--qmp", "q.sock", "--ram", "4097"],
+    ["receive", "-", "-o", "x.mig", "--multifd-channels", "-1"],
+    ["receive", "-", "-o", "x.mig", "--accept-timeout", "nan"],
+    ["send", "x.mig", "-", "--multifd-channels", "9" * 5000],
+])
+def test_bad_numbers_are_usage_errors(args: list[str], tmp_path: Path) -> None:
+    r = run(*args, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"fixedram {args[0]}: error: argument")
+    assert list(tmp_path.iterdir()) == []

@@ -8,7 +8,7 @@ import sys
 
 from ..bridge.net import PEEK_TIMEOUT
 from ..errors import TransportError
-from .main import _EXTRA, _size
+from .main import _EXTRA, _size, int_in, number_in
 
 
 def cmd_receive(a: argparse.Namespace) -> int:
@@ -57,16 +57,6 @@ def cmd_send(a: argparse.Namespace) -> int:
     return 0
 
 
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not 0 < v <= 10**7:  # also refuses nan and inf
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 < s <= 1e7)")
-    return v
-
-
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s = sub.add_parser("receive", help="receive a live QEMU migration into a mapped-ram file")
     s.add_argument("source", metavar="URI",
@@ -74,12 +64,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "stdin (QEMU: migrate \"exec:fixedram receive - -o FILE\")")
     s.add_argument("-o", "--output", required=True, help="mapped-ram file to write")
     s.add_argument("--force", action="store_true", help="replace an existing output")
-    s.add_argument("--multifd-channels", type=int, default=None, metavar="N",
+    s.add_argument("--multifd-channels", type=int_in(1, 255), default=None, metavar="N",
                    help="the source's multifd-channels (default: detected)")
-    s.add_argument("--accept-timeout", type=_seconds, default=None, metavar="SECONDS",
+    s.add_argument("--accept-timeout", type=number_in(0.001, 1e7), default=None,
+                   metavar="SECONDS",
                    help="give up if no migration has started after this long (default: keep "
                         "listening, like QEMU's -incoming)")
-    s.add_argument("--peer-timeout", type=_seconds, default=PEEK_TIMEOUT, metavar="SECONDS",
+    s.add_argument("--peer-timeout", type=number_in(0.001, 1e7), default=PEEK_TIMEOUT,
+                   metavar="SECONDS",
                    help="close a connection that sends nothing like QEMU's first bytes "
                         f"within this long (default {PEEK_TIMEOUT:g})")
     s.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
@@ -91,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="tcp:HOST:PORT, unix:PATH, or - for stdout (QEMU: -incoming "
                         "\"exec:fixedram send FILE -\")")
     s.add_argument("--offset", type=_size, default=None, help="stream start in FILE")
-    s.add_argument("--multifd-channels", type=int, default=0, metavar="N",
+    s.add_argument("--multifd-channels", type=int_in(0, 255), default=0, metavar="N",
                    help="send with socket multifd on N channels; the destination must have "
                         "capability multifd on and multifd-channels N")
     s.add_argument("--uuid", default=None,

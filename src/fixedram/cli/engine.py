@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import CapabilityError, MigrationError, TransportError
 from ..output import register_temporary, unregister_temporary
-from .main import _EXTRA, _size
+from .main import _EXTRA, _ram_size, _size, int_in, number_in
 
 __all__ = ["register"]
 
@@ -32,15 +32,17 @@ def _guest(a: argparse.Namespace, *, fill: float | None = None) -> Any:
 
 
 def _add_guest_args(s: argparse.ArgumentParser, ram: str, rate: str) -> None:
-    s.add_argument("--ram", type=_size, default=_size(ram), help=f"guest RAM (default {ram})")
-    s.add_argument("--fill", type=float, default=0.5,
+    s.add_argument("--ram", type=_ram_size, default=_size(ram),
+                   help=f"guest RAM (default {ram})")
+    s.add_argument("--fill", type=number_in(0, 1), default=0.5,
                    help="fraction of RAM pages non-zero at boot (default 0.5)")
-    s.add_argument("--seed", type=int, default=1, help="content and workload seed")
+    s.add_argument("--seed", type=int_in(0, 2**32 - 1), default=1,
+                   help="content and workload seed")
     s.add_argument("--workload", choices=("random", "sequential", "hotset", "none"),
                    default="random", help="page write pattern of the vCPU threads")
     s.add_argument("--workload-rate", type=_size, default=_size(rate),
                    help=f"bytes/s the workload writes (default {rate}; 0 = none)")
-    s.add_argument("--workload-threads", type=int, default=2)
+    s.add_argument("--workload-threads", type=int_in(1, 256), default=2)
 
 
 @contextlib.contextmanager
@@ -318,10 +320,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _add_guest_args(s, "256M", "512M")
     s.add_argument("--max-bandwidth", type=_size, default=_size("256M"),
                    help="bytes/s the save may use (models the disk; default 256M)")
-    s.add_argument("--downtime-limit", type=int, default=300, help="ms (default 300)")
-    s.add_argument("--max-passes", type=int, default=6,
+    s.add_argument("--downtime-limit", type=int_in(0, 2000000), default=300,
+                   help="ms (default 300)")
+    s.add_argument("--max-passes", type=int_in(0, 1 << 31), default=6,
                    help="switch over after this many passes if not converged (default 6)")
-    s.add_argument("--multifd", type=int, default=4, help="fixed-ram channels (default 4)")
+    s.add_argument("--multifd", type=int_in(0, 255), default=4,
+                   help="fixed-ram channels (default 4)")
     s.add_argument("--no-direct-io", dest="direct_io", action="store_false",
                    help="do not use O_DIRECT for fixed-ram (used when the disk allows it)")
     s.add_argument("--dir", help="where to write the files (default: a temporary directory "
@@ -334,23 +338,26 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        "exec:, fd:) or a file")
     s.add_argument("uri")
     _add_guest_args(s, "64M", "0")
-    s.add_argument("--live-for", type=float, default=0.0,
+    s.add_argument("--live-for", type=number_in(0, 10**7), default=0.0,
                    help="run the guest this many seconds, then save live (default: paused "
                    "save)")
     s.add_argument("--mapped-ram", "--fixed-ram", dest="mapped_ram", action="store_true",
                    help="fixed-ram (mapped-ram) file layout; needs a file: URI")
-    s.add_argument("--multifd", type=int, default=0, help="mapped-ram channels (0 = off)")
+    s.add_argument("--multifd", type=int_in(0, 255), default=0,
+                   help="mapped-ram channels (0 = off)")
     s.add_argument("--direct-io", action="store_true")
     s.add_argument("--max-bandwidth", type=_size, default=0, help="bytes/s (0 = unlimited)")
-    s.add_argument("--downtime-limit", type=int, default=300)
-    s.add_argument("--max-passes", type=int, default=0)
+    s.add_argument("--downtime-limit", type=int_in(0, 2000000), default=300)
+    s.add_argument("--max-passes", type=int_in(0, 1 << 31), default=0)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_save)
 
     s = sub.add_parser("restore", help="load a migration into a fresh built-in guest")
     s.add_argument("uri", help="file, file:PATH[,offset=N], tcp:HOST:PORT, unix:PATH, exec:CMD")
-    s.add_argument("--ram", type=_size, default=None, help="guest RAM (needed unless file)")
-    s.add_argument("--multifd", type=int, default=0, help="parallel readers for mapped-ram")
+    s.add_argument("--ram", type=_ram_size, default=None,
+                   help="guest RAM (needed unless file)")
+    s.add_argument("--multifd", type=int_in(0, 255), default=0,
+                   help="parallel readers for mapped-ram")
     s.add_argument("--direct-io", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_restore)

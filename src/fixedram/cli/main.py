@@ -31,6 +31,38 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _ram_size(text: str) -> int:
+    """Guest RAM: a size that is a positive multiple of the 4 KiB page."""
+    n = _size(text)
+    if n <= 0 or n % 4096:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive multiple of 4 KiB")
+    return n
+
+
+def int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: a decimal integer in [lo, hi]."""
+    def parse(text: str) -> int:
+        t = text.strip()
+        digits = t.lstrip("-")
+        if not (digits.isascii() and digits.isdigit() and len(t) <= 20) or not lo <= int(t) <= hi:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer from {lo} to {hi}")
+        return int(t)
+    return parse
+
+
+def number_in(lo: float, hi: float) -> Callable[[str], float]:
+    """An argparse type: a finite number in [lo, hi] (never nan or inf)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = float("nan")
+        if not lo <= v <= hi:  # also false for nan
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number from {lo:g} to {hi:g}")
+        return v
+    return parse
+
+
 def cmd_inspect(a: argparse.Namespace) -> int:
     from ..describe import describe
     from ..format.migfile import MigrationFile
