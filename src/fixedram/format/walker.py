@@ -124,10 +124,19 @@ def _scan_for_footer(r: ByteReader, sh: SectionHeader) -> int:
     assert r.seekable and r.size is not None  # callers check
     pat = bytes([SectionType.FOOTER]) + BE32.pack(sh.section_id)
     pos = sh.data_offset
-    fd = r.f.fileno()
+    try:
+        fd = r.f.fileno()
+
+        def read_at(n: int, off: int) -> bytes:
+            return os.pread(fd, n, off)
+    except (OSError, io.UnsupportedOperation):  # a pipe's tail, buffered in memory
+        mem = r.f.getbuffer()  # type: ignore[attr-defined]
+
+        def read_at(n: int, off: int) -> bytes:
+            return bytes(mem[off:off + n])
     chunk = 1 << 20
     while pos < r.size:
-        buf = os.pread(fd, chunk + 64, pos - r._delta)
+        buf = read_at(chunk + 64, pos - r._delta)
         i = buf.find(pat)
         while i >= 0:
             nxt = buf[i + 5:i + 6]

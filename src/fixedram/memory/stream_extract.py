@@ -15,13 +15,16 @@ end of the stream) before the data, so it is not made in one pass.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import itertools
 import json
 import os
+import queue
 import secrets
 import shutil
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +33,7 @@ import numpy as np
 from ..errors import FixedramError, OutputError, UnsupportedFeature
 from ..format.sequential import OnePassFile, SequentialInput, scan
 from ..output import AtomicOutput, output_error, register_temporary, unregister_temporary
+from .copy import WRITEBACK_BYTES
 from .extract import _replace_dir, _unique_names
 from .layout import physical_ranges
 
@@ -41,6 +45,9 @@ __all__ = ["OnePassCompare", "extract_one_pass"]
 
 _FALLOC_FL_KEEP_SIZE = 1
 _FALLOC_FL_PUNCH_HOLE = 2
+# Batches queued for the writing thread (each up to about 1 MiB of pages).
+WRITE_QUEUE = 8
+_WRITE, _PUNCH = 0, 1
 
 
 @dataclass(frozen=True)
@@ -90,13 +97,24 @@ class _Punch:
 
 class _Placed:
     """A :class:`~fixedram.format.sequential.PageTarget` writing each block's
-    pages through its segments."""
+    pages through its segments.
+
+    Writes and hole punches go, in order, to a thread, so the disk writes of
+    one batch overlap the parsing (and decompression) of the next; written
+    ranges are handed to writeback as the copy goes, as in
+    :class:`~fixedram.memory.copy.RunCopier`, so the final fsync has little
+    left to wait for.
+    """
 
     def __init__(self) -> None:
         self.segments: list[list[_Segment]] = []
         self.ps = 4096
         self.punch = _Punch()
         self.bytes_written = 0
+        self._q: queue.Queue[tuple[int, int, Any, int] | None] = queue.Queue(WRITE_QUEUE)
+        self._err: BaseException | None = None
+        self._t: threading.Thread | None = None
+        self._dirty: dict[int, tuple[int, int]] = {}  # fd -> range written since writeback
 
     def begin(self, f: OnePassFile) -> None:
         raise NotImplementedError
@@ -114,18 +132,65 @@ class _Placed:
                     out.append((s, a + lo - first, hi - lo, lo))
         return out
 
+    # -- the writing thread --------------------------------------------------
+
+    def _put(self, item: tuple[int, int, Any, int]) -> None:
+        if self._err is not None:
+            raise self._err
+        if self._t is None:
+            self._t = threading.Thread(target=self._loop, name="fixedram-extract-writer",
+                                       daemon=True)
+            self._t.start()
+        self._q.put(item)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if self._err is not None:
+                continue
+            op, fd, data, off = item
+            try:
+                if op == _WRITE:
+                    mv = memoryview(data).cast("B")
+                    done = 0
+                    while done < len(mv):
+                        done += os.pwrite(fd, mv[done:], off + done)
+                    self._writeback(fd, off, off + len(mv))
+                else:
+                    self.punch(fd, off, data)
+            except BaseException as e:  # re-raised in the parsing thread
+                self._err = e
+
+    def _writeback(self, fd: int, lo: int, hi: int) -> None:
+        a, b = self._dirty.get(fd, (lo, hi))
+        a, b = min(a, lo), max(b, hi)
+        if b - a < WRITEBACK_BYTES:
+            self._dirty[fd] = (a, b)
+            return
+        self._dirty.pop(fd, None)
+        with contextlib.suppress(OSError):  # starts writeback; the data are unaffected
+            os.posix_fadvise(fd, a, b - a, os.POSIX_FADV_DONTNEED)
+
+    def drain(self) -> None:
+        """Wait for every queued write; re-raise a write error."""
+        if self._t is not None:
+            self._q.put(None)
+            self._t.join()
+            self._t = None
+        if self._err is not None:
+            err, self._err = self._err, None
+            raise err
+
+    # -- PageTarget ----------------------------------------------------------
+
     def pages(self, bi: int, idx: np.ndarray, data: np.ndarray) -> None:
         ps = self.ps
         for s, a, n, first in self._each(bi, idx):
-            chunk = data[a:a + n]
-            if not chunk.flags.c_contiguous:
-                chunk = np.ascontiguousarray(chunk)
-            mv = memoryview(chunk).cast("B")
-            off = s.base + first * ps
-            done = 0
-            while done < len(mv):
-                done += os.pwrite(s.fd, mv[done:], off + done)
-            self.bytes_written += len(mv)
+            # A copy: ``data`` is valid only during this call.
+            self._put((_WRITE, s.fd, np.ascontiguousarray(data[a:a + n]), s.base + first * ps))
+            self.bytes_written += n * ps
 
     def zeros(self, bi: int, idx: np.ndarray, had_data: np.ndarray) -> None:
         if not had_data.any():
@@ -134,7 +199,7 @@ class _Placed:
         if stale.size > 1 and not bool((stale[1:] > stale[:-1]).all()):
             stale = np.unique(stale)
         for s, _a, n, first in self._each(bi, stale):
-            self.punch(s.fd, s.base + first * self.ps, n * self.ps)
+            self._put((_PUNCH, s.fd, n * self.ps, s.base + first * self.ps))
 
 
 class _RawSet(_Placed):
@@ -161,6 +226,7 @@ class _RawSet(_Placed):
             self.ps = b.page_size
 
     def finish(self, f: OnePassFile) -> dict[str, object]:
+        self.drain()
         entries = []
         for b, name, fd in zip(f.blocks, self.names, self.fds, strict=True):
             os.ftruncate(fd, b.used_length)
@@ -179,6 +245,8 @@ class _RawSet(_Placed):
         return index
 
     def close(self) -> None:
+        with contextlib.suppress(BaseException):
+            self.drain()  # the thread must not write into a closed descriptor
         for fd in self.fds:
             os.close(fd)
         self.fds = []
@@ -226,6 +294,7 @@ def extract_one_pass(src: SequentialInput, output: str, fmt: str = "raw", *,
     try:
         f = _run(src, target, allow_incomplete)
         try:
+            target.drain()
             out.commit(target.size)
         except OSError as e:
             f.close()
@@ -234,6 +303,8 @@ def extract_one_pass(src: SequentialInput, output: str, fmt: str = "raw", *,
     except OSError as e:
         raise output_error(output, e) from e
     finally:
+        with contextlib.suppress(BaseException):
+            target.drain()  # before the descriptor is closed
         if not out.done:
             out.abort()
 

@@ -1,0 +1,128 @@
+"""One-pass inputs (issue 10): ``fixedram extract`` of a compressed libvirt image against the
+decompressor alone, and ``fixedram extract -`` from a pipe against ``extract`` of the same file.
+
+* compressed: the paused 1 GiB save of ``make_inputs.py`` as a stream, compressed as libvirt
+  compresses it (``zstd -c``, ``gzip -c``, ``xz -c -3``) behind a libvirt header. Baseline: the
+  decompressor alone on the payload, output to /dev/null (``zstd -dc``, ``gzip -dc``, ``xz -dc``).
+  Goal: at most 1.25x.
+* pipe: the live multi-pass 3.1 GiB stream through ``cat FILE |`` into ``extract -``, against
+  ``extract FILE``. Goal: at most 1.2x.
+
+Run from the repository root after ``python bench/make_inputs.py``::
+
+    . .venv/bin/activate && python bench/bench_inputs.py [--reps 5] [--json] [--only pipe|zstd|...]
+
+Warm cache (inputs read once before; dirty data synced before every run, untimed); every figure
+is a median of ``--reps`` interleaved runs in this invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchlib import FIXEDRAM, INPUTS, WORK, median, run, warm
+from fixedram.format.libvirt import LibvirtHeader
+
+COMPRESS = {"zstd": ["zstd", "-c", "-q", "-T1"], "gzip": ["gzip", "-c"],
+            "xz": ["xz", "-c", "-3", "-T1"]}
+DECOMPRESS = {"zstd": ["zstd", "-dc", "-q"], "gzip": ["gzip", "-dc"], "xz": ["xz", "-dc"]}
+XML = b"<domain type='qemu'><name>bench</name><memory unit='GiB'>1</memory></domain>\n"
+
+
+def paused_stream() -> Path:
+    out = INPUTS / "paused.stream"
+    src = INPUTS / "mapped.mig"
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        subprocess.run([FIXEDRAM, "convert", str(src), str(out), "--to", "stream", "--force"],
+                       check=True)
+    return out
+
+
+def compressed(kind: str) -> tuple[Path, Path]:
+    """(payload, libvirt image) for ``kind``, made once."""
+    stream = paused_stream()
+    payload = INPUTS / f"paused.stream.{kind}"
+    image = INPUTS / f"paused-{kind}.sav"
+    if not payload.exists() or payload.stat().st_mtime < stream.stat().st_mtime:
+        with open(stream, "rb") as fi, open(payload, "wb") as fo:
+            subprocess.run(COMPRESS[kind], stdin=fi, stdout=fo, check=True)
+    if not image.exists() or image.stat().st_mtime < payload.stat().st_mtime:
+        head = LibvirtHeader.new(XML, b"<cookie/>\n", format=kind).encode()
+        with open(image, "wb") as fo, open(payload, "rb") as fi:
+            fo.write(head)
+            while b := fi.read(16 << 20):
+                fo.write(b)
+    return payload, image
+
+
+def bench_compressed(kind: str, reps: int) -> dict[str, Any]:
+    payload, image = compressed(kind)
+    warm(payload, image)
+    out = WORK / f"{kind}.extract"
+    dec = ["sh", "-c", f'{" ".join(DECOMPRESS[kind])} "$1" > /dev/null', "sh", str(payload)]
+    ex = [FIXEDRAM, "extract", str(image), "-o", str(out)]
+    dt, et, rss = [], [], []
+    for _ in range(reps):
+        dt.append(run(dec, cold=False).seconds)
+        s = run(ex, cold=False, out=out)
+        et.append(s.seconds)
+        rss.append(s.maxrss)
+    return {"input": image.name, "payload_bytes": payload.stat().st_size,
+            "stream_bytes": paused_stream().stat().st_size,
+            "decompress_s": round(median(dt), 3), "extract_s": round(median(et), 3),
+            "ratio": round(median(et) / median(dt), 3), "extract_peak_rss_mib":
+            round(median(rss) / (1 << 20), 1), "goal": 1.25,
+            "commands": {"baseline": f"{' '.join(DECOMPRESS[kind])} {payload} > /dev/null",
+                         "fixedram": " ".join(ex)}}
+
+
+def bench_pipe(reps: int) -> dict[str, Any]:
+    src = INPUTS / "stream.mig"
+    warm(src)
+    out_f, out_p = WORK / "pipe-ref.extract", WORK / "pipe.extract"
+    ref = [FIXEDRAM, "extract", str(src), "-o", str(out_f)]
+    pipe = ["sh", "-c", f'cat "$1" | {FIXEDRAM} extract - -o "$2"', "sh", str(src), str(out_p)]
+    ft, pt, rss = [], [], []
+    for _ in range(reps):
+        ft.append(run(ref, cold=False, out=out_f).seconds)
+        s = run(pipe, cold=False, out=out_p)
+        pt.append(s.seconds)
+        rss.append(s.maxrss)
+    return {"input": src.name, "stream_bytes": src.stat().st_size,
+            "extract_file_s": round(median(ft), 3), "extract_pipe_s": round(median(pt), 3),
+            "ratio": round(median(pt) / median(ft), 3),
+            "pipe_peak_rss_mib": round(median(rss) / (1 << 20), 1), "goal": 1.2,
+            "commands": {"baseline": " ".join(ref),
+                         "fixedram": f"cat {src} | {FIXEDRAM} extract - -o {out_p}"}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--only", choices=("pipe", *COMPRESS), action="append")
+    a = ap.parse_args()
+    if not (INPUTS / "stream.mig").exists():
+        sys.exit("run python bench/make_inputs.py first")
+    todo = a.only or ["pipe", *COMPRESS]
+    res: dict[str, Any] = {}
+    for k in todo:
+        res[k] = bench_pipe(a.reps) if k == "pipe" else bench_compressed(k, a.reps)
+        if not a.json:
+            r = res[k]
+            print(f"{k:5s} ratio {r['ratio']:.2f} (goal <= {r['goal']}): "
+                  + ", ".join(f"{n} {v}" for n, v in r.items()
+                              if n.endswith(("_s", "_mib", "_bytes"))), flush=True)
+    for p in WORK.glob("*.extract"):
+        subprocess.run(["rm", "-rf", str(p)], check=True)
+    if a.json:
+        print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
