@@ -252,7 +252,7 @@ def test_empty_block_name_same_error_everywhere(empty_name: Path) -> None:
                                  "RAMBlock", "at byte offset"))
     assert not out.exists()
     # The same words and offset whichever command read it.
-    assert len({e.split(": ", 2)[-1] for e in errors}) == 1, errors
+    assert len({e.rsplit(": ", 1)[-1] for e in errors}) == 1, errors
 
 
 # -- input files that are not files ---------------------------------------------------
