@@ -127,42 +127,53 @@ def _constant(text: str) -> Any:
     raise _BadToken(f"{text}, which is not JSON", text)
 
 
-def _check_tree(doc: Any) -> str | None:
-    """What makes the parsed document unusable (too deep, a lone surrogate), or None.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+# Digits as "0", the rest as " ": a long number is then a plain substring search.
+_DIGITS = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
 
-    Iterative: the readers recurse into this tree, so its depth is checked
-    without recursing.
+
+def _too_deep(raw: bytes) -> int | None:
+    """Offset in ``raw`` where nesting first goes past the limit, or None.
+
+    Exact, vectorised and in bounded memory (1 MiB pieces): a bracket counts
+    when an even number of quotes precede it. Strings with backslashes (where
+    a quote may be escaped) are first blanked in place, which QEMU's own
+    trailers never need.
     """
-    stack: list[tuple[Any, int]] = [(doc, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > MAX_TRAILER_DEPTH:
-            return f"nests deeper than {MAX_TRAILER_DEPTH} levels"
-        items = node.items() if isinstance(node, dict) else enumerate(node)
-        for k, v in items:
-            for s in (k, v):
-                if isinstance(s, str) and not s.isascii():
-                    try:
-                        s.encode()
-                    except UnicodeEncodeError:
-                        return f"holds an unpaired surrogate escape in {s[:40]!r}"
-            if isinstance(v, (dict, list)):
-                stack.append((v, depth + 1))
+    if b"\\" in raw:
+        raw = _STRING.sub(lambda m: b"_" * len(m.group()), raw)
+    arr = np.frombuffer(raw, dtype=np.uint8)
+    depth, parity = 0, 0
+    for off in range(0, arr.size, 1 << 20):
+        a = arr[off:off + (1 << 20)]
+        outside = ((np.cumsum(a == ord('"'), dtype=np.uint8) + parity) & 1) == 0
+        step = (((a == ord("[")) | (a == ord("{"))) & outside).astype(np.int32) - (
+            ((a == ord("]")) | (a == ord("}"))) & outside)
+        d = np.cumsum(step, dtype=np.int32) + depth
+        over = np.flatnonzero(d > MAX_TRAILER_DEPTH)
+        if over.size:
+            return off + int(over[0])
+        depth, parity = int(d[-1]), int(np.count_nonzero(a == ord('"')) + parity) & 1
     return None
 
 
-def _depth_offset(raw: bytes) -> int:
-    """Where the nesting first goes past the limit (for the error message)."""
-    depth = 0
-    for m in re.finditer(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', raw, re.S):
-        c = m.group()
-        if c in (b"[", b"{"):
-            depth += 1
-            if depth > MAX_TRAILER_DEPTH:
-                return m.start()
-        elif c in (b"]", b"}"):
-            depth -= 1
-    return 0
+def _lone_surrogate(doc: Any) -> str | None:
+    """A string of the document that UTF-8 cannot encode (an unpaired ``\\ud800``)."""
+    stack: list[Any] = [doc]
+    while stack:
+        node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for k, v in items:
+            for x in (k, v):
+                if isinstance(x, str) and not x.isascii():
+                    try:
+                        x.encode()
+                    except UnicodeEncodeError:
+                        return x
+            if isinstance(v, (dict, list)):
+                stack.append(v)
+    return None
 
 
 def parse_trailer(raw: bytes, offset: int, path: str) -> VMDesc:
@@ -176,13 +187,20 @@ def parse_trailer(raw: bytes, offset: int, path: str) -> VMDesc:
     if containers > MAX_TRAILER_CONTAINERS:
         raise CorruptFile(f"vmdesc JSON trailer has {containers} objects and arrays (more "
                           f"than {MAX_TRAILER_CONTAINERS})", path=path, offset=at)
+    deep = _too_deep(raw)
+    if deep is not None:
+        raise CorruptFile(f"vmdesc JSON trailer nests deeper than {MAX_TRAILER_DEPTH} levels",
+                          path=path, offset=at + deep)
     try:
         text = raw.decode("utf-8")  # QEMU writes ASCII; never guess UTF-16/32 as json does
     except UnicodeDecodeError as e:
         raise CorruptFile(f"vmdesc JSON trailer is not UTF-8: {e.reason}", path=path,
                           offset=at + e.start) from None
+    # Numbers are only checked one by one when a long digit run exists at all.
+    long_number = raw.translate(_DIGITS).find(b"0" * (_MAX_NUMBER_CHARS + 1)) >= 0
+    kw: dict[str, Any] = {"parse_int": _int} if long_number else {}
     try:
-        doc = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
+        doc = json.loads(text, parse_float=_float, parse_constant=_constant, **kw)
     except json.JSONDecodeError as e:
         raise CorruptFile(f"vmdesc JSON trailer does not parse: {e.msg}", path=path,
                           offset=at + len(text[:e.pos].encode())) from None
@@ -190,15 +208,16 @@ def parse_trailer(raw: bytes, offset: int, path: str) -> VMDesc:
         pos = raw.find(e.token.encode())
         raise CorruptFile(f"vmdesc JSON trailer holds {e.what}", path=path,
                           offset=at + max(pos, 0)) from None
-    except RecursionError:
+    except RecursionError:  # cannot happen below the depth limit; kept as a guard
         raise CorruptFile(f"vmdesc JSON trailer nests deeper than {MAX_TRAILER_DEPTH} levels",
-                          path=path, offset=at + _depth_offset(raw)) from None
+                          path=path, offset=at) from None
     if not isinstance(doc, dict):
         raise CorruptFile("vmdesc JSON trailer is not an object", path=path, offset=at)
-    why = _check_tree(doc)
-    if why is not None:
-        off = _depth_offset(raw) if "nests" in why else 0
-        raise CorruptFile(f"vmdesc JSON trailer {why}", path=path, offset=at + off)
+    if _SURROGATE.search(raw):
+        bad = _lone_surrogate(doc)
+        if bad is not None:
+            raise CorruptFile(f"vmdesc JSON trailer holds an unpaired surrogate escape in "
+                              f"{bad[:40]!r}", path=path, offset=at)
     return VMDesc(offset, raw, doc)
 
 
@@ -208,19 +227,31 @@ def find_trailer(tail: bytes, tail_offset: int, path: str) -> VMDesc | None:
     ``tail`` is the last bytes of the file, starting at absolute ``tail_offset``.
     The JSON is compact and ends with ``}``; of every ``0x06`` whose length
     field matches the distance to the end and is followed by ``{``, the one
-    nearest to the end is taken. The candidates are found in one vectorised
-    pass, so a tail full of 0x06 bytes costs no more than any other.
+    nearest to the end is taken. The first candidates from the end are tried
+    one by one (a real file has a handful); past that the rest are found in
+    one vectorised pass, so a tail full of 0x06 bytes costs no more than any
+    other.
     """
     n = len(tail)
     if n < 7 or not tail.endswith(b"}"):
         return None
-    a = np.frombuffer(tail, dtype=np.uint8)
-    pos = np.flatnonzero((a[:n - 5] == SectionType.VMDESCRIPTION) & (a[5:] == ord("{")))
-    if pos.size == 0:
+    pos = tail.rfind(b"\x06", 0, n - 5)
+    for _ in range(64):
+        if pos < 0:
+            return None
+        ln = BE32.unpack_from(tail, pos + 1)[0]
+        if pos + 5 + ln == n and ln <= MAX_VMDESC_JSON and tail[pos + 5:pos + 6] == b"{":
+            return parse_trailer(tail[pos + 5:], tail_offset + pos, path)
+        pos = tail.rfind(b"\x06", 0, pos)
+    if pos < 0:
         return None
-    ln = ((a[pos + 1].astype(np.int64) << 24) | (a[pos + 2].astype(np.int64) << 16)
-          | (a[pos + 3].astype(np.int64) << 8) | a[pos + 4].astype(np.int64))
-    ok = pos[(pos + 5 + ln == n) & (ln <= MAX_VMDESC_JSON)]
+    a = np.frombuffer(tail, dtype=np.uint8, count=pos + 6)
+    cand = np.flatnonzero((a[:pos + 1] == SectionType.VMDESCRIPTION) & (a[5:] == ord("{")))
+    if cand.size == 0:
+        return None
+    ln = ((a[cand + 1].astype(np.int64) << 24) | (a[cand + 2].astype(np.int64) << 16)
+          | (a[cand + 3].astype(np.int64) << 8) | a[cand + 4].astype(np.int64))
+    ok = cand[(cand + 5 + ln == n) & (ln <= MAX_VMDESC_JSON)]
     if ok.size == 0:
         return None
     p = int(ok[-1])
