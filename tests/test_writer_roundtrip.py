@@ -204,3 +204,51 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "fixedram.cli.main", "inspect", str(bad)],
                        capture_output=True, text=True)
     assert "machine name length 4294967295 out of range (at byte offset 9)" in r.stderr
+
+
+def test_colliding_block_names_get_distinct_files(tmp_path: Path) -> None:
+    """Names that sanitise alike ("a/b", "a_b", and the suffixed form of one of them)
+    each get their own file, and index.json maps each block to its own data."""
+    names = ["a/b", "a_b", "a_b#1.1", "/a_b", "a\\b", "index.json"]
+    src = tmp_path / "c.mig"
+    write_stream(src, [BlockSpec(n, PS) for n in names],
+                 [[(i, 0, i + 10) for i in range(len(names))]])
+    out = tmp_path / "out"
+    with MigrationFile(src) as mf:
+        idx = extract_raw(mf, out)
+    files = [b["file"] for b in idx["blocks"]]  # type: ignore[union-attr]
+    assert len(set(files)) == len(names) and "index.json" not in files
+    for i, f in enumerate(files):
+        assert (out / f).read_bytes() == _page(i + 10), f
+
+
+def test_raw_extract_is_atomic_as_a_set(tmp_path: Path) -> None:
+    """Out of space midway: no directory under the final name, no hidden partial one;
+    an existing set is replaced only with --force, and survives a failed replacement."""
+    src = tmp_path / "s.mig"
+    write_stream(src, [BlockSpec("pc.ram", 4 << 20), BlockSpec("pc.rom", 4 << 20)],
+                 [[(b, i, i + 1) for b in (0, 1) for i in range(512)]])
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], check=True)
+    try:
+        r = subprocess.run([sys.executable, "-m", "fixedram.cli.main", "extract", str(src),
+                            "-o", str(mnt / "out")], capture_output=True, text=True)
+        assert r.returncode == 1 and "no space left" in r.stderr, r.stderr
+        assert os.listdir(mnt) == []
+        # a small complete set fits; a failed --force replacement keeps it whole
+        small = tmp_path / "small.mig"
+        write_stream(small, [BlockSpec("pc.ram", 16 * PS)], [[(0, 1, 5)]])
+        with MigrationFile(small) as mf:
+            extract_raw(mf, mnt / "out")
+        before = sorted(os.listdir(mnt / "out"))
+        with MigrationFile(src) as mf:
+            with pytest.raises(OutputError, match="not empty"):
+                extract_raw(mf, mnt / "out")
+            with pytest.raises(OutputError, match="no space left"):
+                extract_raw(mf, mnt / "out", force=True)
+        assert sorted(os.listdir(mnt)) == ["out"]
+        assert sorted(os.listdir(mnt / "out")) == before
+        assert (mnt / "out" / "pc.ram.bin").read_bytes()[PS:2 * PS] == _page(5)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

@@ -7,16 +7,20 @@ file names: they are sanitised and can never escape the output directory.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import re
+import secrets
+import shutil
 import threading
 from collections.abc import Callable
 
 from ..errors import OutputError
 from ..format.migfile import MigrationFile
-from ..output import AtomicOutput, output_error
+from ..output import AtomicOutput, output_error, register_temporary, unregister_temporary
 from .copy import RUN_PAGES, RunCopier
 from .elfcore import build_core
 from .elfcore import log as elfcore_log
@@ -46,47 +50,115 @@ def total_bytes(mf: MigrationFile) -> int:
     return sum(b.pages_present * b.page_size for b in mf.blocks)
 
 
+def _unique_names(mf: MigrationFile) -> list[str]:
+    """One distinct file name per block, whatever names the file declares."""
+    used: set[str] = {"index.json"}
+    names = []
+    for b in mf.blocks:
+        name = safe_block_filename(b.idstr)
+        k = 0
+        while name in used:  # e.g. "a/b" and "a_b"; the suffixed name may be taken too
+            k += 1
+            name = safe_block_filename(f"{b.idstr}#{b.index}.{k}")
+        used.add(name)
+        names.append(name)
+    return names
+
+
 def extract_raw(mf: MigrationFile, outdir: str | os.PathLike[str], *, force: bool = False,
                 progress: Progress | None = None) -> dict[str, object]:
-    """One sparse file per RAMBlock plus ``index.json``; returns the index."""
+    """One sparse file per RAMBlock plus ``index.json``; returns the index.
+
+    The directory is built under a hidden temporary name beside ``outdir`` and
+    renamed when complete, so an interrupted run leaves no partial set. An
+    existing empty directory is replaced; a non-empty one only with ``force``.
+    """
     outdir = os.path.abspath(os.fspath(outdir))
+    if os.path.lexists(outdir):
+        if not os.path.isdir(outdir) or os.path.islink(outdir):
+            raise OutputError(f"{outdir}: exists and is not a directory")
+        if os.listdir(outdir) and not force:
+            raise OutputError(f"{outdir}: directory is not empty (use --force to replace it)")
+    parent, base = os.path.split(outdir)
+    tmp = os.path.join(parent, f".{base}.partial-{secrets.token_hex(4)}")
+    register_temporary(tmp)
     try:
-        os.makedirs(outdir, exist_ok=True)
-    except OSError as e:
-        raise output_error(outdir, e) from e
-    copier = RunCopier(mf.fd, 4096, RUN_PAGES, src_name=mf.path)
-    entries = []
-    used: set[str] = set()
-    outs: list[AtomicOutput] = []
-    try:
-        for b in mf.blocks:
-            name = safe_block_filename(b.idstr)
-            if name in used:
-                name = safe_block_filename(b.idstr + f"#{b.index}")
-            used.add(name)
-            path = os.path.join(outdir, name)
-            if os.path.dirname(path) != outdir:  # defence in depth
-                raise OutputError(f"block name {b.idstr!r} would leave {outdir}")
-            out = AtomicOutput(path, force=force)
-            outs.append(out)
-            try:
-                copier.copy(b.runs(RUN_PAGES), out.fd, 0, progress)
-            except OSError as e:
-                raise output_error(path, e) from e
-            entries.append({"idstr": b.idstr, "file": name, "used_length": b.used_length,
-                            "page_size": b.page_size, "pages_present": b.pages_present})
-        index = {"source": mf.path, "format": mf.format, "machine": mf.machine,
-                 "complete": mf.complete, "blocks": entries}
-        idx = AtomicOutput(os.path.join(outdir, "index.json"), force=force)
-        outs.append(idx)
-        os.write(idx.fd, json.dumps(index, indent=2).encode() + b"\n")
-        for o, e in zip(outs, [*entries, None], strict=True):
-            o.commit(e["used_length"] if e else None)  # type: ignore[index]
+        try:
+            os.mkdir(tmp, 0o755)
+        except OSError as e:
+            raise output_error(outdir, e) from e
+        index = _write_raw_set(mf, tmp, progress)
+        _replace_dir(tmp, outdir)
         return index
     finally:
-        for o in outs:
-            if not o.done:
-                o.abort()
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        unregister_temporary(tmp)
+
+
+def _write_raw_set(mf: MigrationFile, d: str, progress: Progress | None) -> dict[str, object]:
+    copier = RunCopier(mf.fd, 4096, RUN_PAGES, src_name=mf.path)
+    entries = []
+    for b, name in zip(mf.blocks, _unique_names(mf), strict=True):
+        path = os.path.join(d, name)
+        if os.path.dirname(path) != d:  # defence in depth
+            raise OutputError(f"block name {b.idstr!r} would leave the output directory")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                copier.copy(b.runs(RUN_PAGES), fd, 0, progress)
+                os.ftruncate(fd, b.used_length)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise output_error(path, e) from e
+        entries.append({"idstr": b.idstr, "file": name, "used_length": b.used_length,
+                        "page_size": b.page_size, "pages_present": b.pages_present})
+    index: dict[str, object] = {"source": mf.path, "format": mf.format, "machine": mf.machine,
+                                "complete": mf.complete, "blocks": entries}
+    try:
+        with open(os.path.join(d, "index.json"), "x") as f:
+            f.write(json.dumps(index, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise output_error(os.path.join(d, "index.json"), e) from e
+    return index
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def _replace_dir(tmp: str, outdir: str) -> None:
+    """Move the finished directory into place. A non-empty one it replaces is
+    swapped out atomically and then removed (under the temporary's name), so
+    at no moment is neither the old nor the new set in place."""
+    try:
+        if not (os.path.isdir(outdir) and os.listdir(outdir)):
+            os.rename(tmp, outdir)  # new, or replaces an empty directory
+        elif not _exchange(tmp, outdir):
+            old = f"{tmp}.old"  # not listed as a temporary: it is the user's until replaced
+            os.rename(outdir, old)
+            try:
+                os.rename(tmp, outdir)
+            except OSError:
+                os.rename(old, outdir)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise output_error(outdir, e) from e
 
 
 def _write_ranges(mf: MigrationFile, placed: list[tuple[PhysRange, int]], fd: int,
