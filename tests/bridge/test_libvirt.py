@@ -142,7 +142,9 @@ def test_libvirt_image_tools(images: Images, kind: str, tmp_path: Path) -> None:
         p = _cli("convert", str(path), str(out), "--to", to)
         assert p.returncode == 0, p.stderr
         with MigrationFile(out) as mf:
-            assert mf.libvirt is None and mf.format == to and mf.complete
+            # A libvirt image stays one: raw for a stream, sparse for mapped-ram.
+            assert mf.libvirt is not None and mf.format == to and mf.complete
+            assert mf.libvirt.format == {"stream": "raw", "mapped-ram": "sparse"}[to]
         assert _cli("verify", str(out), "--against", str(path)).returncode == 0
 
 
