@@ -238,9 +238,6 @@ def empty_name(tmp_path: Path) -> Path:
     return f
 
 
-@pytest.mark.xfail(strict=True, reason="needs the reader's rule in format/ram.py "
-                   "(_read_mem_size): an empty RAMBlock name is CorruptFile, as QEMU's "
-                   "loader has no block it could name")
 def test_empty_block_name_same_error_everywhere(empty_name: Path) -> None:
     out = empty_name.parent / "out.mig"
     errors = []

@@ -182,6 +182,9 @@ class RamStreamState:
         while left > 0:
             rec_at = r.tell()
             n = r.u8("a RAMBlock name length")
+            if n == 0:
+                # QEMU's loader looks blocks up by name: there is none it could name "".
+                raise CorruptFile("RAMBlock with an empty name", path=r.name, offset=rec_at)
             raw = r.read(n, "a RAMBlock name")
             try:
                 idstr = raw.decode("utf-8")
