@@ -109,7 +109,9 @@ def test_source_killed_mid_stream(tmp_path: Path, vm_factory: Callable[..., Any]
                                      b"QEVM\x00\x00\x00\x03\x07" + os.urandom(5000)])
 def test_garbage_peer(tmp_path: Path, payload: bytes) -> None:
     out = tmp_path / "g.mig"
-    rx = Receiver("tcp::0", out)
+    # A peer that does not start like QEMU is dropped and the receiver keeps listening
+    # (tests/bridge/test_receive_peers.py); --accept-timeout ends the wait here.
+    rx = Receiver("tcp::0", out, "--accept-timeout", "3")
     try:
         host, port = rx.address[4:].rsplit(":", 1)
         with socket.create_connection((host, int(port))) as s:
