@@ -477,10 +477,6 @@ def _open(raw: _Raw, path: str, name: str, offset: int | None) -> SequentialInpu
                                 path=name, offset=HEADER_SIZE + len(body))
         lv = with_body(hdr, body)
         start, prefix = lv.data_offset, b""
-        if lv.format == "sparse":
-            raise UnsupportedFeature("this libvirt image is sparse (mapped-ram), and mapped-ram "
-                                     "needs a seekable file, not a pipe", path=name,
-                                     offset=lv.data_offset)
         if lv.compressed:
             kind = lv.format
     elif offset is not None:
@@ -748,6 +744,9 @@ def scan(src: SequentialInput, target: PageTarget | None = None, *,
         ``strict``).
     """
     f = OnePassFile(src)
+    if src.libvirt is not None and src.libvirt.format == "sparse":
+        f.close()
+        raise _mapped_ram_refused(f)
     ev = _Pass(f, target)
     try:
         f.summary = walk_stream(src.reader, ev, ev)
