@@ -207,6 +207,16 @@ def test_inspect_escapes_names(tmp_path: Path) -> None:
     assert doc["blocks"][0]["idstr"] == "pc.ram" + ESCAPES  # JSON keeps the exact name
 
 
+def test_state_tree_escapes_names(tmp_path: Path) -> None:
+    """The state tree shows the machine name (and device names) from the file: escaped."""
+    f = tmp_path / "esc.mig"
+    _named(f, "pc-q35-10.0" + ESCAPES, "pc.ram")
+    r = run("state", str(f))
+    assert r.returncode == 0, r.stderr
+    _no_raw_controls(r.stdout)
+    assert "\\x1b]0;pwned" in r.stdout
+
+
 def test_receive_summary_escapes_the_machine(tmp_path: Path) -> None:
     f = tmp_path / "esc.mig"
     _named(f, "pc-q35-10.0" + ESCAPES, "pc.ram")

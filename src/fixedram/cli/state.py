@@ -48,8 +48,14 @@ def cmd_state(a: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(doc, indent=1) + "\n")
         return 0
     from rich.console import Console
-    from rich.text import Text
+    from rich.text import Text as RichText
     from rich.tree import Tree
+
+    from .render import printable
+
+    def Text(s: str, **kw: Any) -> Any:  # stands in for rich's Text
+        # Names and strings come from the file: escapes must not reach the terminal.
+        return RichText(printable(s), **kw)
 
     root = Tree(Text(f"{a.file}: {facts}", style="bold"))
     _add_items(root.add(Text("configuration", style="bold")), config, Text)
