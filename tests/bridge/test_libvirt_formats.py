@@ -183,6 +183,15 @@ def test_every_libvirt_format_reads(saves: Saves, fmt: str, tmp_path: Path) -> N
     ref_regs = next(d for d in ref["devices"] if d["name"] == "cpu")["fields"]["env.regs"]
     assert regs == ref_regs  # the same paused vCPU
     if fmt in COMPRESSED:
+        # send: the decompressed stream, as libvirt itself would hand it to QEMU.
+        sent = subprocess.run([*FIXEDRAM, "send", str(path), "-"], capture_output=True,
+                              check=False, timeout=120)
+        assert sent.returncode == 0, sent.stderr
+        with open(path, "rb") as fi:
+            fi.seek(lv["data_offset"])
+            ref_stream = subprocess.run([fmt, "-dc"], stdin=fi, capture_output=True,
+                                        check=True).stdout
+        assert sent.stdout == ref_stream
         # The same image on a pipe: decoded as it arrives.
         out = tmp_path / "raw-set"
         p = _cli("extract", "-", "-o", str(out), stdin=path)

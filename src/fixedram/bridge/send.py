@@ -29,9 +29,10 @@ from ..errors import FixedramError, TransportError, UnsupportedFeature
 from ..format.machine import MachineState
 from ..format.migfile import MigrationFile, Run
 from ..format.multifd import encode_init, encode_packet, encode_sync, split_packets
+from ..format.sequential import is_one_pass, open_sequential
 from ..format.writer import BlockSpec, StreamWriter
 from ..memory.copy import RunCopier
-from ..tools.convert import to_stream
+from ..tools.convert import copy_one_pass, to_stream
 from ..transports.channels import SocketOut, open_outgoing
 from ..transports.uri import MigrationURI, parse_uri
 
@@ -67,6 +68,10 @@ def send(path: str, dest: str, *, stdout: BinaryIO | None = None,
         raise ValueError("uuid must be 16 bytes")
     t0 = time.monotonic()
     s = SendSummary(os.path.abspath(path), dest)
+    if is_one_pass(path):  # a pipe or a compressed image: its stream, checked as it goes
+        _send_one_pass(path, dest, s, stdout, offset, multifd_channels)
+        s.seconds = round(time.monotonic() - t0, 3)
+        return s
     with MigrationFile(path, offset=offset) as mf:
         if not mf.complete:
             raise UnsupportedFeature("the save is incomplete; refusing to send it", path=path,
@@ -97,6 +102,34 @@ def send(path: str, dest: str, *, stdout: BinaryIO | None = None,
                     raise
     s.seconds = round(time.monotonic() - t0, 3)
     return s
+
+
+def _send_one_pass(path: str, dest: str, s: SendSummary, stdout: BinaryIO | None,
+                   offset: int | None, multifd_channels: int) -> None:
+    if multifd_channels:
+        raise TransportError(f"{path}: --multifd-channels needs a seekable uncompressed file "
+                             "(a pipe or a compressed image is sent on one connection)")
+    with open_sequential(path, offset=offset) as si:
+        if dest == "-":
+            assert stdout is not None
+            try:
+                s.bytes_sent = copy_one_pass(si, stdout.write)
+                stdout.flush()
+            except BrokenPipeError as e:
+                raise TransportError("stdout closed by the reader (did QEMU reject the "
+                                     "stream? see its log)", e) from e
+            return
+        u = parse_uri(dest)
+        if u.kind not in ("tcp", "unix"):
+            raise TransportError(f"cannot send to {dest!r}: use tcp:HOST:PORT, unix:PATH or "
+                                 "- (stdout, for QEMU's -incoming exec:)")
+        ch = open_outgoing(u)
+        try:
+            s.bytes_sent = copy_one_pass(si, ch.write)
+            ch.commit()
+        except BaseException:
+            ch.abort()
+            raise
 
 
 # Packets a channel may have queued: enough to keep its socket busy, little

@@ -45,7 +45,7 @@ from ..format.writer import BlockSpec, MappedRamWriter, StreamWriter
 from ..memory.copy import RUN_PAGES, RunCopier
 from ..output import AtomicOutput, BackgroundWriter, output_error
 
-__all__ = ["convert_file", "to_mapped_ram", "to_stream"]
+__all__ = ["convert_file", "copy_one_pass", "to_mapped_ram", "to_stream"]
 
 Progress = Callable[[int], None]
 
@@ -204,15 +204,26 @@ class _MappedRamTarget:
         self.w.mark_zero(bi, idx)
 
 
+def copy_one_pass(si: SequentialInput, write: Callable[[bytes], object]) -> int:
+    """The QEMU stream of a one-pass input, as it is, to ``write`` (a pipe, a socket),
+    each record checked on the way; return the stream's length.
+
+    Raises, after what was written so far, when the stream is malformed or
+    incomplete. The reader reads ahead, so bytes after the stream's end (none
+    in a QEMU stream or a libvirt image) may follow it.
+    """
+    si.tee(write)
+    with scan(si, strict=True) as f:
+        _require_complete(f)
+        return f.size - f.start
+
+
 def _convert_one_pass(si: SequentialInput, dst: str, to: str, *, offset: int, force: bool,
                       bare: bool, stdout: BinaryIO | None) -> int:
     lv = _libvirt_out(si.libvirt, dst, offset, bare)
     if dst == "-":
         assert stdout is not None
-        si.tee(stdout.write)
-        with scan(si, strict=True) as f:
-            _require_complete(f)
-            return f.size - f.start
+        return copy_one_pass(si, stdout.write)
     if si.path != "-" and os.path.lexists(dst) and os.path.samefile(si.path, dst):
         raise OutputError(f"{dst}: output is the input file")
     start = lv.data_offset if lv is not None else offset
