@@ -7,6 +7,9 @@ RAM size however many passes the migration makes. With socket multifd the
 extra channels are decoded in threads that pwrite in parallel; a barrier at
 every SYNC packet keeps one round's writes from overtaking the previous
 round's, which is the ordering QEMU's own destination enforces.
+Uncompressed page data go from socket to file with ``splice``; with
+``multifd-compression`` zlib or zstd each channel keeps its own decoder for
+the whole migration (the sender's stream spans all of a channel's packets).
 """
 
 from __future__ import annotations
@@ -38,7 +41,11 @@ from ..format.machine import DeviceRecord, MachineState
 from ..format.multifd import (
     FLAG_SYNC,
     INIT_SIZE,
+    MAX_COMPRESSED_SIZE,
     MULTIFD_MAGIC_BYTES,
+    MULTIFD_PACKET_SIZE,
+    MultifdPacket,
+    PageDecompressor,
     decode_init,
     decode_packet,
     packet_size,
@@ -83,6 +90,7 @@ class ReceiveSummary:
     bytes_received: int = 0
     main_bytes: int = 0
     multifd_channels: int = 0
+    multifd_compression: str | None = None  # none, zlib or zstd (from the packets' flags)
     multifd_packets: int = 0
     page_records: int = 0
     zero_records: int = 0
@@ -135,6 +143,10 @@ class _Receiver(StreamEvents):
         self.state = MachineState(hdr.machine, tuple(hdr.capabilities), hdr.uuid,
                                   self.ram_sid or 2).with_mapped_ram(True)
         self.w = MappedRamWriter(self.out.fd, self.state, specs, fresh=True)
+        # The writer allocates a block's bits on first use, unlocked: channel
+        # threads racing there would lose each other's bits (pages read as zero).
+        for bi in range(len(specs)):
+            self.w.bits(bi)
         self.sends = [np.zeros(b.npages, dtype=np.uint16) for b in specs]
         self.block_index = {b.idstr: i for i, b in enumerate(specs)}
         self.ready.set()
@@ -347,11 +359,12 @@ class _Multifd:
         if not recv_exact(sock, memoryview(init), name):
             raise TransportError(f"{name}: closed before its init message")
         counter[0] += INIT_SIZE
-        decode_init(bytes(init), name)
+        # From here on, the channel as QEMU numbers it (its log says the same).
+        name = f"multifd channel {decode_init(bytes(init), name).channel_id}"
         ps = 4096
         hsize = packet_size(ps)
         hdr = bytearray(hsize)
-        payload = bytearray(512 << 10)
+        payload = bytearray(MULTIFD_PACKET_SIZE)
         splicer = Splicer.create()
         try:
             self._packets(sock, counter, name, hdr, payload, splicer)
@@ -359,17 +372,36 @@ class _Multifd:
             if splicer is not None:
                 splicer.close()
 
+    method: str | None = None  # multifd-compression, from the first packet with pages
+
+    def _method(self, p: MultifdPacket, name: str, offset: int) -> str:
+        """The packet's compression, which must be every packet's."""
+        m = p.compression
+        with self.lock:
+            if self.method is None:
+                self.method = m
+            elif m != self.method:
+                raise CorruptFile(f"packet {p.packet_num} has multifd-compression {m}, earlier "
+                                  f"packets {self.method}", path=name, offset=offset + 8)
+        return m
+
     def _packets(self, sock: socket.socket, counter: list[int], name: str, hdr: bytearray,
                  payload: bytearray, splicer: Splicer | None) -> None:
         ps = 4096
         hsize = len(hdr)
         rx = self.rx
+        # Compressed channels: this channel's decoder (its state spans every
+        # packet) and a buffer for one packet's compressed data.
+        dec: PageDecompressor | None = None
+        zbuf: bytearray | None = None
         while True:
             if not recv_exact(sock, memoryview(hdr), name):
                 return
             counter[0] += hsize
-            p = decode_packet(hdr, ps, name=name, offset=counter[0] - hsize)
+            at = counter[0] - hsize
+            p = decode_packet(hdr, ps, name=name, offset=at)
             if p.normal_pages or p.zero_pages:
+                method = self._method(p, name, at)
                 while not rx.ready.wait(1.0):
                     if self.failed:
                         return
@@ -384,7 +416,22 @@ class _Multifd:
                         p.zero.size and int(p.zero.max()) >= npages):
                     raise _corrupt(name, f"multifd page offset outside RAMBlock "
                                          f"{p.ramblock!r}")
-                if p.next_packet_size and splicer is not None:
+                if p.next_packet_size and method != "none":
+                    if dec is None or zbuf is None:
+                        dec = PageDecompressor(method, ps)
+                        zbuf = bytearray(MAX_COMPRESSED_SIZE)
+                    mv = memoryview(zbuf)[:p.next_packet_size]
+                    if not recv_exact(sock, mv, name):
+                        raise TransportError(f"{name}: ended before the page data")
+                    counter[0] += p.next_packet_size
+                    pages = dec.decompress(mv, p.normal.size, memoryview(payload),
+                                           name=f"{name} packet {p.packet_num}",
+                                           offset=counter[0] - p.next_packet_size)
+                    data = np.frombuffer(pages, dtype=np.uint8).reshape(-1, ps)
+                    write_runs(w, bi, p.normal, data)
+                    rx._count(bi, p.normal)
+                    rx.s.page_records += p.normal.size
+                elif p.next_packet_size and splicer is not None:
                     try:
                         _splice_pages(splicer, sock, w, bi, p.normal, name)
                     except OSError as e:
@@ -396,7 +443,7 @@ class _Multifd:
                         counter[0] += p.next_packet_size
                         rx._count(bi, p.normal)
                         rx.s.page_records += p.normal.size
-                if p.next_packet_size and splicer is None:
+                if p.next_packet_size and method == "none" and splicer is None:
                     mv = memoryview(payload)[:p.next_packet_size]
                     if not recv_exact(sock, mv, name):
                         raise TransportError(f"{name}: ended before the page data")
@@ -604,6 +651,7 @@ def receive(source: str, output: str, *, force: bool = False,
             if errors:
                 raise errors[0]
             summary.multifd_channels = len(mfd.threads)
+            summary.multifd_compression = mfd.method
             summary.multifd_packets = mfd.packets
             summary.sync_rounds = mfd.rounds
             summary.channel_bytes = [c[0] for c in mfd.byte_counts]

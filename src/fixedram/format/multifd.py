@@ -3,27 +3,44 @@
 With ``multifd`` on and mapped-ram off, QEMU opens extra connections next to
 the main stream. Each starts with a 64-byte init message, then carries
 fixed-size packets (a 320-byte header plus one be64 offset per page slot),
-each followed by the raw data of its normal pages. All integers are
+each followed by the data of its normal pages. All integers are
 big-endian. The packet size on the wire is fixed by the page count of the
 build (512 KiB / target page size), not by the header's ``pages_alloc``,
 which is 0 in SYNC packets.
+
+With ``multifd-compression`` zlib or zstd, a packet's page data is the next
+piece of one compressed stream per channel: the sender keeps one deflate
+(zlib format) or zstd stream for the whole migration and flushes it at the
+end of each packet's normal pages (``Z_SYNC_FLUSH``, ``ZSTD_e_flush``), so a
+packet's ``next_packet_size`` bytes decode to exactly its pages, but only
+with the decoder state left by the channel's earlier packets. Packets with
+data carry the method's flag; SYNC packets carry none. Zero pages are listed
+as with no compression and have no data.
 """
 
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ..errors import BadMagic, CorruptFile, UnsupportedFeature, UnsupportedVersion
 
 __all__ = [
+    "COMPRESSION_FLAGS",
+    "DECODED_METHODS",
     "INIT_SIZE",
+    "MAX_COMPRESSED_SIZE",
     "MULTIFD_MAGIC",
     "MULTIFD_MAGIC_BYTES",
+    "MULTIFD_PACKET_SIZE",
     "MultifdInit",
     "MultifdPacket",
+    "PageCompressor",
+    "PageDecompressor",
     "decode_init",
     "decode_packet",
     "encode_init",
@@ -43,7 +60,15 @@ MULTIFD_PACKET_SIZE = 512 << 10  # bytes of page data a packet can describe
 FLAG_SYNC = 0x1
 FLAG_COMPRESSION_MASK = 0x3E
 FLAG_DEVICE_STATE = 0x40
-_COMPRESSION = {0x2: "zlib", 0x4: "zstd", 0x8: "qpl", 0x10: "uadk", 0x20: "qatzip"}
+# QEMU's multifd-compression methods and their packet flags (one bit each).
+COMPRESSION_FLAGS = {"none": 0x0, "zlib": 0x2, "zstd": 0x4, "qpl": 0x8, "uadk": 0x10,
+                     "qatzip": 0x20}
+_METHOD_OF_FLAG = {v: k for k, v in COMPRESSION_FLAGS.items()}
+# The methods whose page data fixedram decodes (the others need hardware or
+# libraries that are not generally available: Intel QPL/QAT, HiSilicon UADK).
+DECODED_METHODS = ("none", "zlib", "zstd")
+# The most compressed data QEMU reads for one packet (its buffer per channel).
+MAX_COMPRESSED_SIZE = 2 * MULTIFD_PACKET_SIZE
 
 _INIT = struct.Struct(">II16sB7x32x")
 _HDR = struct.Struct(">IIIIIIQII24x256s")
@@ -77,6 +102,11 @@ class MultifdPacket:
     @property
     def sync(self) -> bool:
         return bool(self.flags & FLAG_SYNC)
+
+    @property
+    def compression(self) -> str:
+        """The method named by the flags ("none" in SYNC packets, whatever the channel's)."""
+        return _METHOD_OF_FLAG[self.flags & FLAG_COMPRESSION_MASK]
 
 
 def decode_init(raw: bytes, name: str = "multifd channel") -> MultifdInit:
@@ -118,20 +148,27 @@ def decode_packet(raw: bytes | memoryview, page_size: int = 4096, *, name: str =
     if flags & FLAG_DEVICE_STATE:
         raise UnsupportedFeature("multifd device-state packets (VFIO) are not supported",
                                  path=name, offset=offset + 8)
-    comp = flags & FLAG_COMPRESSION_MASK
-    if comp:
-        raise UnsupportedFeature(f"multifd compression {_COMPRESSION.get(comp, hex(comp))} is "
-                                 "not supported (set multifd-compression none)", path=name,
-                                 offset=offset + 8)
     if flags & ~(FLAG_SYNC | FLAG_COMPRESSION_MASK | FLAG_DEVICE_STATE):
         raise CorruptFile(f"multifd packet flags 0x{flags:x} unknown", path=name,
                           offset=offset + 8)
+    method = _METHOD_OF_FLAG.get(flags & FLAG_COMPRESSION_MASK)
+    if method is None:
+        raise CorruptFile(f"packet {num}: multifd packet flags 0x{flags:x} name more than one "
+                          "compression method", path=name, offset=offset + 8)
+    if method not in DECODED_METHODS:
+        raise UnsupportedFeature(f"packet {num}: multifd compression {method} is not supported "
+                                 "(use multifd-compression none, zlib or zstd)", path=name,
+                                 offset=offset + 8)
     if alloc > slots or normal + zero > max(alloc, 0) or normal > slots:
         raise CorruptFile(f"multifd packet with {normal}+{zero} pages in {alloc} slots "
                           f"(at most {slots})", path=name, offset=offset + 12)
-    if nxt != normal * page_size:
+    if method == "none" and nxt != normal * page_size:
         raise CorruptFile(f"multifd packet payload {nxt} bytes for {normal} pages", path=name,
                           offset=offset + 20)
+    if method != "none" and (nxt > MAX_COMPRESSED_SIZE or bool(nxt) != bool(normal)):
+        raise CorruptFile(f"multifd {method} packet payload {nxt} bytes for {normal} pages "
+                          f"(at most {MAX_COMPRESSED_SIZE}, and none without pages)",
+                          path=name, offset=offset + 20)
     block = b""
     if normal or zero:
         block = rb.split(b"\0", 1)[0]
@@ -148,9 +185,11 @@ def decode_packet(raw: bytes | memoryview, page_size: int = 4096, *, name: str =
 
 
 def encode_packet(flags: int, packet_num: int, ramblock: str, normal: np.ndarray,
-                  zero: np.ndarray, page_size: int = 4096) -> bytes:
+                  zero: np.ndarray, page_size: int = 4096, *,
+                  payload_size: int | None = None) -> bytes:
     """A header block as QEMU sends it: ``normal`` and ``zero`` are page
-    indices; the normal pages' data must follow it, in ``normal`` order."""
+    indices; the normal pages' data must follow it, in ``normal`` order
+    (``payload_size`` bytes of it when compressed, see :class:`PageCompressor`)."""
     slots = MULTIFD_PACKET_SIZE // page_size
     n, z = int(normal.size), int(zero.size)
     if n + z > slots:
@@ -162,8 +201,9 @@ def encode_packet(flags: int, packet_num: int, ramblock: str, normal: np.ndarray
         raise ValueError("a packet with pages needs its RAMBlock name")
     # QEMU fills pages_alloc with the slot count, except in the empty SYNC packets.
     alloc = slots if n + z else 0
-    hdr = _HDR.pack(MULTIFD_MAGIC, MULTIFD_VERSION, flags, alloc, n, n * page_size,
-                    packet_num, z, 0, name)
+    nxt = n * page_size if payload_size is None else payload_size
+    hdr = _HDR.pack(MULTIFD_MAGIC, MULTIFD_VERSION, flags, alloc, n, nxt, packet_num, z, 0,
+                    name)
     offs = np.zeros(slots, dtype=">u8")
     offs[:n] = normal.astype(np.uint64) * page_size
     offs[n:n + z] = zero.astype(np.uint64) * page_size
@@ -180,3 +220,139 @@ def split_packets(pages: np.ndarray, page_size: int = 4096) -> list[np.ndarray]:
     """Page indices cut into packet-sized pieces (QEMU's 512 KiB batches)."""
     slots = MULTIFD_PACKET_SIZE // page_size
     return [pages[i:i + slots] for i in range(0, pages.size, slots)]
+
+
+class _PagesOverflow(Exception):
+    """More decompressed bytes than the packet's pages (raised inside zstd's callback)."""
+
+
+class _PageSink:
+    """zstd's output, copied straight into the packet's page buffer."""
+
+    def __init__(self) -> None:
+        self.out: memoryview = memoryview(b"")
+        self.pos = 0
+
+    def write(self, b: Any) -> int:
+        n = len(b)
+        end = self.pos + n
+        if end > len(self.out):
+            raise _PagesOverflow
+        self.out[self.pos:end] = b
+        self.pos = end
+        return n
+
+
+class PageDecompressor:
+    """One channel's decoder: the packets' compressed data, in channel order,
+    back to page bytes.
+
+    Decoding state carries over from packet to packet, as the sender's
+    stream does, so one instance serves exactly one channel. Output is
+    bounded by the packet's page count whatever the input claims: a
+    payload that decodes to more or fewer bytes, or that is not valid
+    zlib/zstd data, raises :class:`CorruptFile`.
+    """
+
+    def __init__(self, method: str, page_size: int = 4096) -> None:
+        if method not in ("zlib", "zstd"):
+            raise ValueError(f"no decompressor for multifd compression {method!r}")
+        self.method = method
+        self.page_size = page_size
+        self._zlib: Any = None
+        self._zstd: Any = None
+        self._sink = _PageSink()
+        if method == "zlib":
+            self._zlib = zlib.decompressobj()  # zlib format, as QEMU's inflateInit
+        else:
+            import zstandard
+
+            # zstd keeps decoded bytes it has no room for until the next call,
+            # and the writer calls again only while input is left: with room
+            # for more than a packet's pages, a packet's data all come out.
+            self._zstd = zstandard.ZstdDecompressor().stream_writer(
+                self._sink, write_size=MAX_COMPRESSED_SIZE, write_return_read=True,
+                closefd=False)
+            self._zstd_error = zstandard.ZstdError
+        self.broken = False  # after an error the stream state is lost for good
+
+    def decompress(self, payload: memoryview | bytes, npages: int, out: memoryview, *,
+                   name: str = "multifd", offset: int = 0) -> memoryview:
+        """Decode one packet's ``payload`` to ``npages`` pages in ``out``;
+        returns the filled part. ``offset`` is where the payload starts in
+        the channel, for errors."""
+        want = npages * self.page_size
+        if len(out) < want:
+            raise ValueError("page buffer too small for the packet")
+        if self.broken:
+            raise CorruptFile(f"{self.method} stream unusable after an earlier error",
+                              path=name, offset=offset)
+        self.broken = True
+        got = self._zlib_into(payload, want, out, name, offset) if self._zlib is not None \
+            else self._zstd_into(payload, want, out, name, offset)
+        if got != want:
+            raise CorruptFile(f"{self.method} page data decompress to "
+                              f"{'more than ' if got > want else ''}{min(got, want)} bytes, "
+                              f"the packet has {npages} pages ({want} bytes)", path=name,
+                              offset=offset)
+        self.broken = False
+        return out[:want]
+
+    def _zlib_into(self, payload: memoryview | bytes, want: int, out: memoryview, name: str,
+                   offset: int) -> int:
+        d = self._zlib
+        try:
+            # One byte of room beyond the pages shows data that decode to more.
+            data = d.decompress(payload, want + 1)
+        except zlib.error as e:
+            raise CorruptFile(f"zlib page data corrupt ({e})", path=name,
+                              offset=offset) from None
+        if d.eof:
+            raise CorruptFile("zlib stream ended (QEMU's never does)", path=name,
+                              offset=offset)
+        # Below the limit, inflate has consumed the whole payload.
+        n = len(data)
+        if n <= want:
+            out[:n] = data
+        return n
+
+    def _zstd_into(self, payload: memoryview | bytes, want: int, out: memoryview, name: str,
+                   offset: int) -> int:
+        sink = self._sink
+        sink.out = out[:want]
+        sink.pos = 0
+        try:
+            self._zstd.write(payload)
+        except _PagesOverflow:
+            return want + 1
+        except self._zstd_error as e:
+            raise CorruptFile(f"zstd page data corrupt ({e})", path=name,
+                              offset=offset) from None
+        finally:
+            sink.out = memoryview(b"")
+        return sink.pos
+
+
+class PageCompressor:
+    """One channel's encoder, as QEMU's sender: one stream for the whole
+    channel, flushed at the end of every packet's pages."""
+
+    def __init__(self, method: str, level: int | None = None) -> None:
+        if method == "zlib":
+            # QEMU's default multifd-zlib-level is 1, multifd-zstd-level 1.
+            self._c: Any = zlib.compressobj(1 if level is None else level)
+            self._flush: Any = lambda: self._c.flush(zlib.Z_SYNC_FLUSH)
+        elif method == "zstd":
+            import zstandard
+
+            self._c = zstandard.ZstdCompressor(level=1 if level is None else level
+                                               ).compressobj()
+            self._flush = lambda: self._c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        else:
+            raise ValueError(f"no compressor for multifd compression {method!r}")
+        self.method = method
+        self.flag = COMPRESSION_FLAGS[method]
+
+    def compress(self, pages: bytes | memoryview) -> bytes:
+        """One packet's page data (its normal pages, concatenated) compressed."""
+        return self._c.compress(pages) + self._flush()
