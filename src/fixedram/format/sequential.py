@@ -325,10 +325,10 @@ class _Decoded:
                 self._eof = True
                 raise self._error(item)
             self._buf = item
-        if n < 0 or n >= len(self._buf):
-            b, self._buf = self._buf, b""
-        else:
-            b, self._buf = self._buf[:n], self._buf[n:]
+        # Whole decoded chunks even past ``n``: the stream reader takes them
+        # (it only needs at least what it asked for, or the end), and slicing
+        # would copy each chunk twice more.
+        b, self._buf = self._buf, b""
         self.pos += len(b)
         return b
 
