@@ -12,7 +12,11 @@ have_qemu10() {
         qemu-system-x86_64 --version | grep -Eq 'version (9|1[0-9])\.'
 }
 
-if have_qemu10 && command -v gdb >/dev/null 2>&1 && command -v lzop >/dev/null 2>&1 &&
+have_tools() {
+    for t in gdb lzop zstd xz bzip2; do command -v "$t" >/dev/null 2>&1 || return 1; done
+}
+
+if have_qemu10 && have_tools &&
     { [ $want_libvirt = 0 ] || command -v virsh >/dev/null 2>&1; }; then
     exit 0
 fi
@@ -44,8 +48,9 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # gdb: the Linux-guest tests open cores with it; lzop: libvirt's lzop save images are decoded
-# by the lzop program (no maintained Python binding reads lzop's file format).
-pkgs="qemu-system-x86 qemu-utils gdb lzop"
+# by the lzop program (no maintained Python binding reads lzop's file format); lzop, zstd, xz
+# and bzip2 are also what libvirt runs to write compressed images.
+pkgs="qemu-system-x86 qemu-utils gdb lzop zstd xz-utils bzip2"
 [ $want_libvirt = 1 ] && pkgs="$pkgs libvirt-daemon-system libvirt-clients"
 # shellcheck disable=SC2086
 apt-get install -y -qq -o Dpkg::Options::=--force-confold --no-install-recommends \
