@@ -37,7 +37,7 @@ def test_live_save_grows_stream_not_fixed_ram(make_guest, tmp_path) -> None:
         path = tmp_path / f"{mode}.mig"
         m = Migration(g, cfg, f"file:{path}").run()
         q = m.query()
-        assert q["status"] == "completed" and q["x-passes"] == 6
+        assert q["status"] == "completed" and m.passes == 6
         assert q["ram"]["dirty-sync-count"] == 6 and q["downtime"] >= 0
         assert not g.running and g.status == "postmigrate"
         sizes[mode] = os.path.getsize(path)
@@ -69,7 +69,7 @@ def test_paused_save_single_pass_zero_pages_are_holes(make_guest, tmp_path) -> N
     path = tmp_path / "p.mig"
     m = Migration(g, config(mapped=True, channels=2, max_bandwidth=0), f"file:{path}").run()
     q = m.query()
-    assert q["x-passes"] == 2  # the bulk pass and the (empty) final pass
+    assert m.passes == 2  # the bulk pass and the (empty) final pass
     ram = g.blocks[0]
     nonzero = ram.words.any(axis=1)
     with MigrationFile(path) as mf:

@@ -82,11 +82,12 @@ def _config(a: argparse.Namespace, mapped: bool) -> Any:
         if a.multifd > 0:
             cfg.set_parameters({"multifd-channels": a.multifd})
     params: dict[str, Any] = {"direct-io": bool(getattr(a, "direct_io", False))}
-    for k in ("max_bandwidth", "downtime_limit", "max_passes"):
+    for k in ("max_bandwidth", "downtime_limit"):
         v = getattr(a, k, None)
         if v is not None:
-            params["x-max-passes" if k == "max_passes" else k.replace("_", "-")] = v
+            params[k.replace("_", "-")] = v
     cfg.set_parameters(params)
+    cfg.max_passes = getattr(a, "max_passes", None) or 0
     return cfg
 
 
@@ -113,12 +114,13 @@ def cmd_save(a: argparse.Namespace) -> int:
         with _mig_progress("saving", g.ram_size) as prog:
             m = Migration(g, cfg, uri, on_progress=prog).run()
         q = m.query()
+        q["x-passes"] = m.passes
         q["ram-digest"] = g.digest()
         if a.json:
             print(json.dumps(q, indent=2))
         else:
             r = q["ram"]
-            print(f"saved {uri}: {q['x-passes']} passes, {r['transferred']:,} bytes, "
+            print(f"saved {uri}: {m.passes} passes, {r['transferred']:,} bytes, "
                   f"total {q['total-time']} ms, downtime {q['downtime']} ms")
             print(f"ram digest {q['ram-digest']}")
     finally:
@@ -171,21 +173,27 @@ def cmd_restore(a: argparse.Namespace) -> int:
 
 
 def cmd_guest(a: argparse.Namespace) -> int:
-    from ..engine.qmp_server import GuestMachine, QMPServer
+    from ..engine.machine import GuestMachine
+    from ..engine.qmp_server import QMPServer
 
     g = _guest(a, fill=0.0 if a.incoming else None)
-    m = GuestMachine(g, incoming=a.incoming, autostart=not a.S)
+    try:
+        m = GuestMachine(g, incoming=a.incoming, autostart=not a.S)
+    except Exception:
+        g.shutdown()
+        raise
     srv = QMPServer(m, a.qmp)
     signal.signal(signal.SIGTERM, lambda *_: m.quit_requested.set())
     print(f"fixedram guest: {a.ram:,} bytes RAM, QMP on unix:{a.qmp}", file=sys.stderr)
+    rc = 0
     try:
-        srv.serve_forever()
+        rc = srv.serve_forever()
     except KeyboardInterrupt:
         srv.close()
     finally:
         m.shutdown()  # a save in progress removes its temporary file
         g.shutdown()
-    return 0
+    return rc
 
 
 # -- demo -------------------------------------------------------------------------
@@ -220,9 +228,9 @@ def _demo_run(a: argparse.Namespace, mode: str, path: str) -> dict[str, Any]:
         "file_apparent_bytes": st.st_size,
         "file_allocated_bytes": st.st_blocks * 512,
         "ram_total_bytes": ram_total,
-        "passes": q["x-passes"],
+        "passes": m.passes,
         "dirty_sync_count": q["ram"]["dirty-sync-count"],
-        "converged": not (a.max_passes and q["x-passes"] > a.max_passes),
+        "converged": not (a.max_passes and m.passes > a.max_passes),
         "total_time_s": round(tt, 3),
         "downtime_ms": q["downtime"],
         "setup_time_ms": q["setup-time"],
@@ -363,11 +371,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.set_defaults(func=cmd_restore)
 
     s = sub.add_parser("guest", help="run the built-in guest with a QMP socket, like "
-                       "qemu-system-x86_64 -qmp unix:PATH")
+                       "qemu-system-x86_64 -qmp unix:PATH (see docs/qmp.md)")
     s.add_argument("--qmp", required=True, help="unix socket path (QMP server)")
     _add_guest_args(s, "64M", "64M")
-    s.add_argument("--incoming", help="'defer' or a URI to receive a migration")
-    s.add_argument("-S", action="store_true", help="do not start the vCPUs")
+    s.add_argument("--incoming", help="'defer' or a URI to receive a migration (the process "
+                   "exits with status 1 if it fails, as QEMU's -incoming does; "
+                   "migrate-incoming takes exit-on-error false to stay up)")
+    s.add_argument("-S", action="store_true", help="do not start the vCPUs (run state "
+                   "prelaunch until cont)")
     s.set_defaults(func=cmd_guest)
 
 

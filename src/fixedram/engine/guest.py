@@ -180,6 +180,12 @@ class BuiltinGuest:
             w.quit()
         self._workloads.clear()
 
+    def set_throttle(self, pct: int) -> None:
+        """Throttle the vCPUs (workload threads) to ``100 - pct`` percent of
+        their time, as QEMU's CPU throttle does for auto-converge."""
+        for w in self._workloads:
+            w.throttle_pct = max(0, min(99, pct))
+
 
 @dataclass
 class WorkloadSpec:
@@ -208,6 +214,7 @@ class Workload:
         self._quit = False
         self._threads: list[threading.Thread] = []
         self.pages_written = 0
+        self.throttle_pct = 0  # auto-converge: share of time the threads sleep
 
     def start(self) -> None:
         if self._threads:
@@ -253,6 +260,7 @@ class Workload:
             self._run.wait()
             if self._quit:
                 break
+            t_batch = time.monotonic()
             with lk:
                 if not self._run.is_set():
                     continue
@@ -273,6 +281,12 @@ class Workload:
                 with g.log_lock:
                     ram.dirty[idx] = True
                 self.pages_written += batch
+            pct = self.throttle_pct
+            if pct:
+                # Throttled: sleep so that running takes (100 - pct)% of the time.
+                extra = max(pause, time.monotonic() - t_batch) * pct / (100 - pct)
+                time.sleep(extra)
+                nxt += extra
             if pause:
                 nxt += pause
                 d = nxt - time.monotonic()

@@ -14,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import struct
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from ..errors import FixedramError, MigrationError, TransportError
+from ..errors import CapabilityError, FixedramError, MigrationError, TransportError
+from ..format.constants import Command
 from ..format.migfile import MigrationFile, Run
 from ..format.primitives import ByteReader
 from ..format.ram import RamStreamState
@@ -109,6 +111,13 @@ def _load_device(g: BuiltinGuest, dev: DeviceSection, data: bytes) -> None:
 def load_stream(f: BinaryIO, guest: BuiltinGuest, cfg: MigrationConfig, name: str,
                 start: int = 0, on_page: Callable[[], None] | None = None) -> int:
     """Load a sequential stream from a file object (pipe, socket or file)."""
+    return _load_stream(f, guest, cfg, name, start, on_page)[0]
+
+
+def _load_stream(f: BinaryIO, guest: BuiltinGuest, cfg: MigrationConfig, name: str,
+                 start: int = 0, on_page: Callable[[], None] | None = None
+                 ) -> tuple[int, Any]:
+    """:func:`load_stream`, also returning the walker's summary (its commands)."""
     seekable = False
     with contextlib.suppress(AttributeError, OSError, ValueError):
         seekable = f.seekable()
@@ -127,7 +136,7 @@ def load_stream(f: BinaryIO, guest: BuiltinGuest, cfg: MigrationConfig, name: st
     summary = walk_stream(ByteReader(src, name, start=start), loader, loader)
     if not summary.complete:
         raise MigrationError(f"{name}: stream ended before EOF")
-    return loader.pages
+    return loader.pages, summary
 
 
 def load_file(path: str, guest: BuiltinGuest, cfg: MigrationConfig, offset: int = 0,
@@ -217,27 +226,48 @@ def _parallel_reads(fds: list[int], jobs: list[tuple[memoryview, Run]], path: st
 
 
 class Incoming:
-    """``migrate-incoming URI`` into ``guest``: listen at once, load in a thread."""
+    """``migrate-incoming URI`` into ``guest``: listen at once, load in a thread.
+
+    States as QEMU's destination: ``setup`` when the command is issued,
+    ``active`` once the stream flows, then ``completed`` or ``failed``. On
+    completion the guest runs (RESUME, before MIGRATION completed, as QEMU
+    orders them) when ``autostart``, else it is ``paused``.
+
+    :param listen: bind/open the transport now (False: call :meth:`listen`).
+    :param on_event: (name, data) for MIGRATION and RESUME.
+    :param on_failed: called in the loading thread after a failure (the QMP
+        guest exits there when exit-on-error is on).
+    """
 
     def __init__(self, guest: BuiltinGuest, config: MigrationConfig, uri: str | MigrationURI,
-                 *, autostart: bool = True,
-                 on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+                 *, autostart: bool = True, listen: bool = True,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None,
+                 on_failed: Callable[[Incoming], None] | None = None) -> None:
         self.g = guest
         self.cfg = config.copy()
         self.uri = parse_uri(uri) if isinstance(uri, str) else uri
         self.cfg.check_transport(self.uri.kind, self.uri.seekable)
+        why = self.cfg.unsupported_incoming(self.uri.kind)
+        if why:
+            raise CapabilityError(why)
         self.autostart = autostart
         self.on_event = on_event
+        self.on_failed = on_failed
         self.status = "none"
         self.error: str | None = None
         self.exc: BaseException | None = None
         self.pages = 0
         self.t_start = self.t_end = 0.0
         self.ch: InChannel = open_incoming(self.uri)
-        self.ch.listen()
         self.g.stop("inmigrate")
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
+        if listen:
+            self.listen()
+
+    def listen(self) -> None:
+        """Bind the socket (or open the file) now, as the command is answered."""
+        self.ch.listen()
 
     def _set(self, s: str) -> None:
         self.status = s
@@ -263,40 +293,56 @@ class Incoming:
     def _run(self) -> None:
         self.t_start = time.monotonic()
         try:
-            self._set("setup")
+            if self.status != "setup":
+                self._set("setup")
             if self.uri.kind == "file":
                 self._set("active")
-                self.pages = load_file(self.uri.path, self.g, self.cfg, self.uri.offset)
+                self.pages = load_file(self.ch.load_path, self.g, self.cfg, self.uri.offset)
             else:
                 f = self.ch.open()
                 self._set("active")
-                self.pages = load_stream(f, self.g, self.cfg, self.uri.text)
+                self.pages, summary = _load_stream(f, self.g, self.cfg, self.uri.text)
+                if any(cmd == Command.OPEN_RETURN_PATH for _, cmd, _ in summary.commands):
+                    self._send_shut(0)
             self.t_end = time.monotonic()
             self.g.clear_dirty()
-            self._set("completed")
             if self.autostart:
                 self.g.cont()
+                if self.on_event is not None:
+                    self.on_event("RESUME", {})
             else:
                 self.g.status = "paused"
+            self._set("completed")
         except BaseException as e:
             self.t_end = time.monotonic()
             self.exc = e
             self.error = str(e) or type(e).__name__
+            self._send_shut(1)  # a source waiting on its return path learns it failed
             self._set("failed")
+            if self.on_failed is not None:
+                self.on_failed(self)
         finally:
             self.ch.close()
             self._done.set()
 
+    def _send_shut(self, status: int) -> None:
+        """The return path's SHUT message (QEMU's destination sends it when
+        the source opened the return path)."""
+        conn = self.ch.connection
+        if conn is None:
+            return
+        with contextlib.suppress(OSError):
+            conn.sendall(struct.pack(">HHI", 1, 4, status))
+
     def query(self) -> dict[str, Any]:
+        """``query-migrate`` on a destination: QEMU 10.0 reports the state, the
+        listening addresses and the error, nothing else."""
         out: dict[str, Any] = {"status": self.status}
-        if self.t_start:
-            end = self.t_end or time.monotonic()
-            out["total-time"] = int((end - self.t_start) * 1000)
-        if self.error:
-            out["error-desc"] = self.error
-        out["ram"] = {"normal": self.pages, "page-size": PAGE}
         if isinstance(self.ch.address, tuple):
             out["socket-address"] = [{"type": "inet", "host": str(self.ch.address[0]),
                                       "port": str(self.ch.address[1])}]
+        elif isinstance(self.ch.address, str):
+            out["socket-address"] = [{"type": "unix", "path": self.ch.address}]
+        if self.status == "failed" and self.error:
+            out["error-desc"] = self.error
         return out
-

@@ -13,8 +13,12 @@ reply and the next one is read normally; a message is bounded in size and
 nesting (QEMU's limits and words: "JSON nesting depth limit exceeded").
 Arguments are checked against the commands' QAPI schema before anything acts
 on them, with QEMU's messages ("Invalid parameter type for
-'capabilities[0].state', expected: boolean"). Nothing a client sends can end
-its connection except closing it.
+'capabilities[0].state', expected: boolean"; :mod:`fixedram.engine.qapi`).
+Nothing a client sends can end its connection except closing it.
+
+Descriptors passed with SCM_RIGHTS (for ``getfd`` and ``add-fd``) are kept
+as QEMU's socket chardev keeps them: those of the latest message that
+carried any, the first one going to the next command that takes one.
 """
 
 from __future__ import annotations
@@ -26,206 +30,14 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
-from ..errors import CapabilityError, FixedramError
-from ..transports.uri import MigrationURI
-from .capabilities import PARAMETER_DEFAULTS, MigrationConfig, canonical_capability
-from .guest import BuiltinGuest
-from .incoming import Incoming
-from .precopy import Migration
+from .machine import GuestMachine, close_quietly
+from .qapi import QAPIError, check_arguments
 
 __all__ = ["GuestMachine", "QMPServer"]
 
-
-class QMPError(Exception):
-    def __init__(self, desc: str, cls: str = "GenericError") -> None:
-        super().__init__(desc)
-        self.cls = cls
-        self.desc = desc
-
-
-class GuestMachine:
-    """The guest plus migration state: what QMP commands act on.
-
-    :param incoming: ``None`` (normal start), ``"defer"`` (wait for
-        ``migrate-incoming``) or a URI to listen on at once.
-    """
-
-    def __init__(self, guest: BuiltinGuest, *, incoming: str | None = None,
-                 autostart: bool = True) -> None:
-        self.g = guest
-        self.cfg = MigrationConfig()
-        self.migration: Migration | None = None
-        self.incoming: Incoming | None = None
-        self.incoming_mode = incoming
-        self.autostart = autostart
-        self.emit: Callable[[str, dict[str, Any]], None] = lambda name, data: None
-        self.quit_requested = threading.Event()
-        if incoming is not None:
-            self.g.stop("inmigrate")
-            if incoming != "defer":
-                self._start_incoming(incoming)
-        elif not autostart:
-            self.g.stop("prelaunch")
-
-    # -- helpers -------------------------------------------------------------------
-
-    def _mig_event(self, name: str, data: dict[str, Any]) -> None:
-        if self.cfg.caps["events"]:
-            self.emit(name, data)
-
-    def _running_migration(self) -> bool:
-        return any(m is not None and m.status not in ("none", "completed", "failed",
-                                                      "cancelled")
-                   for m in (self.migration, self.incoming))
-
-    def _start_incoming(self, uri: str) -> None:
-        inc = Incoming(self.g, self.cfg, uri, autostart=self.autostart,
-                       on_event=self._mig_event)
-        self.incoming = inc
-        inc.start()
-
-    @staticmethod
-    def _uri_from(args: dict[str, Any]) -> str | MigrationURI:
-        """The URI of ``uri`` or of the one main channel (arguments already
-        checked against the schema)."""
-        if "uri" in args:
-            if args.get("channels"):
-                raise QMPError("need either 'uri' or 'channels' argument")
-            return str(args["uri"])
-        chans = args.get("channels")
-        if not chans:
-            raise QMPError("need either 'uri' or 'channels' argument")
-        if len(chans) != 1 or chans[0]["channel-type"] != "main":
-            raise QMPError("Channel list has more than one main entry")
-        a = chans[0]["addr"]
-        t = a["transport"]
-        if t == "file":
-            # Built directly: a file name holding ",offset=" stays a file name.
-            off = int(a["offset"])
-            text = f"file:{a['filename']}" + (f",offset={off}" if off else "")
-            return MigrationURI("file", text, path=a["filename"], offset=off)
-        if t == "exec":
-            return "exec:" + " ".join(a["args"])
-        if t == "socket":
-            st = a["type"]
-            if st == "inet":
-                return f"tcp:{a['host']}:{a['port']}"
-            if st == "unix":
-                return f"unix:{a['path']}"
-            if st == "fd":
-                return f"fd:{a['str']}"
-        raise QMPError(f"transport {t!r} is not supported")
-
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Cancel a migration in progress and wait for it to clean up (its
-        temporary file is removed), as QEMU does when it quits."""
-        m = self.migration
-        if m is not None and m.active:
-            m.cancel()
-            m.wait(timeout)
-
-    # -- commands ------------------------------------------------------------------
-
-    def execute(self, cmd: str, args: dict[str, Any]) -> Any:
-        fn = getattr(self, "cmd_" + cmd.replace("-", "_"), None)
-        if fn is None or cmd not in COMMAND_ARGS:
-            raise QMPError(f"The command {cmd} has not been found", "CommandNotFound")
-        check_arguments(COMMAND_ARGS[cmd], args)
-        try:
-            return fn(args)
-        except QMPError:
-            raise
-        except FixedramError as e:
-            raise QMPError(str(e)) from e
-        except (KeyError, TypeError, ValueError) as e:
-            raise QMPError(f"Invalid parameters: {e}") from e
-
-    def cmd_query_status(self, a: dict[str, Any]) -> Any:
-        return {"status": self.g.status, "running": self.g.running}
-
-    def cmd_query_version(self, a: dict[str, Any]) -> Any:
-        return QMPServer.version()
-
-    def cmd_stop(self, a: dict[str, Any]) -> Any:
-        if self.g.status == "inmigrate":
-            self.autostart = False
-            if self.incoming is not None:
-                self.incoming.autostart = False
-            return {}
-        if self.g.running:
-            self.g.stop()
-            self.emit("STOP", {})
-        return {}
-
-    def cmd_cont(self, a: dict[str, Any]) -> Any:
-        if self.g.status == "inmigrate":
-            self.autostart = True
-            if self.incoming is not None:
-                self.incoming.autostart = True
-            return {}
-        if self.g.status == "finish-migrate":
-            raise QMPError("Migration is not finalized yet")
-        if not self.g.running:
-            self.g.cont()
-            self.emit("RESUME", {})
-        return {}
-
-    def cmd_migrate_set_capabilities(self, a: dict[str, Any]) -> Any:
-        self.cfg.set_capabilities(a["capabilities"], migration_running=self._running_migration(),
-                                  incoming_started=self.incoming is not None)
-        return {}
-
-    def cmd_migrate_set_parameters(self, a: dict[str, Any]) -> Any:
-        self.cfg.set_parameters(a)
-        return {}
-
-    def cmd_query_migrate_capabilities(self, a: dict[str, Any]) -> Any:
-        return self.cfg.query_capabilities()
-
-    def cmd_query_migrate_parameters(self, a: dict[str, Any]) -> Any:
-        return self.cfg.query_parameters()
-
-    def cmd_migrate(self, a: dict[str, Any]) -> Any:
-        if self._running_migration():
-            raise QMPError("There's a migration process in progress")
-        if self.g.status == "inmigrate":
-            raise QMPError("Guest is waiting for an incoming migration")
-        uri = self._uri_from(a)
-        m = Migration(self.g, self.cfg, uri, on_event=self._mig_event)
-        self.migration = m
-        m.start()
-        return {}
-
-    def cmd_migrate_cancel(self, a: dict[str, Any]) -> Any:
-        if self.migration is not None:
-            self.migration.cancel()
-        return {}
-
-    def cmd_migrate_incoming(self, a: dict[str, Any]) -> Any:
-        if self.incoming_mode is None:
-            raise QMPError("'-incoming' was not specified on the command line")
-        if self.incoming is not None:
-            raise QMPError("The incoming migration has already been started")
-        self._start_incoming(self._uri_from(a))
-        return {}
-
-    def cmd_query_migrate(self, a: dict[str, Any]) -> Any:
-        if self.incoming is not None and self.migration is None:
-            return self.incoming.query()
-        if self.migration is None:
-            return {}
-        return self.migration.query()
-
-    def cmd_x_query_ram_digest(self, a: dict[str, Any]) -> Any:
-        """fixedram extension: BLAKE2b of guest RAM (to compare source and destination)."""
-        return {"digest": self.g.digest(), "seq": self.g.seq}
-
-    def cmd_quit(self, a: dict[str, Any]) -> Any:
-        self.quit_requested.set()
-        return {}
+QMPError = QAPIError  # the error an answer carries: QEMU's class and words
 
 
 class QMPServer:
@@ -243,17 +55,18 @@ class QMPServer:
         self._lock = threading.Lock()
         machine.emit = self.broadcast
 
-    @staticmethod
-    def version() -> dict[str, Any]:
-        return {"qemu": {"major": 10, "minor": 0, "micro": 0},
-                "package": f"fixedram {_version()}"}
+    def version(self) -> dict[str, Any]:
+        return self.m.cmd_query_version({})
 
-    def serve_forever(self) -> None:
+    def serve_forever(self) -> int:
+        """Serve until ``quit`` (or exit-on-error); returns the exit status."""
         threading.Thread(target=self._accept, daemon=True, name="qmp-accept").start()
         self.m.quit_requested.wait()
-        self.broadcast("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
-        time.sleep(0.05)
+        if self.m.exit_code == 0:  # QEMU's exit after a failed load sends no event
+            self.broadcast("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+            time.sleep(0.05)
         self.close()
+        return self.m.exit_code
 
     def _accept(self) -> None:
         while True:
@@ -302,6 +115,7 @@ class _Client:
         self.srv = srv
         self.conn = conn
         self.negotiated = False
+        self.fds: list[int] = []  # received with SCM_RIGHTS, not yet taken
         self._wlock = threading.Lock()
         # A client that stops reading must not block events to the others.
         with contextlib.suppress(OSError):
@@ -326,12 +140,27 @@ class _Client:
             self.conn.shutdown(socket.SHUT_RDWR)
         self.conn.close()
 
+    def _recv(self) -> bytes:
+        data, anc, _, _ = self.conn.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4))
+        fds: list[int] = []
+        for level, typ, payload in anc:
+            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                n = len(payload) // 4
+                fds += list(struct.unpack(f"{n}i", payload[:n * 4]))
+        if fds:
+            # New descriptors replace those no command took (QEMU closes them).
+            close_quietly(self.fds)
+            self.fds = fds
+            for fd in fds:
+                os.set_inheritable(fd, False)
+        return data
+
     def run(self) -> None:
-        self.send({"QMP": {"version": QMPServer.version(), "capabilities": []}})
+        self.send({"QMP": {"version": self.srv.version(), "capabilities": []}})
         splitter = JSONSplitter()
         try:
             while True:
-                chunk = self.conn.recv(65536)
+                chunk = self._recv()
                 if not chunk:
                     return
                 for msg in splitter.feed(chunk):
@@ -343,6 +172,8 @@ class _Client:
             return
         finally:
             self.srv.drop(self)
+            close_quietly(self.fds)
+            self.fds = []
             with contextlib.suppress(OSError):
                 self.conn.close()
 
@@ -351,7 +182,7 @@ class _Client:
         try:
             cmd, args = check_request(obj)
             if cmd == "qmp_capabilities":
-                check_arguments(COMMAND_ARGS[cmd], args)
+                check_arguments(cmd, args)
                 if self.negotiated:
                     raise QMPError("Capabilities negotiation is already complete, command "
                                    "ignored", "CommandNotFound")
@@ -361,7 +192,7 @@ class _Client:
                 raise QMPError("Expecting capabilities negotiation with 'qmp_capabilities'",
                                "CommandNotFound")
             else:
-                out = {"return": self.srv.m.execute(cmd, args)}
+                out = {"return": self.srv.m.execute(cmd, args, self.fds)}
         except QMPError as e:
             out = _err(e.desc, e.cls)
         except Exception as e:  # a bug must cost one reply, not the connection
@@ -374,6 +205,7 @@ class _Client:
 # -- input: messages, requests, arguments ------------------------------------------
 
 MAX_CLIENTS = 32
+MAX_FDS = 16  # descriptors taken from one message (QEMU's TCP_MAX_FDS)
 SEND_TIMEOUT = 10  # seconds a client may leave a reply unread
 MAX_MESSAGE = 1 << 20  # bytes of one JSON message (QEMU allows more; no command needs it)
 MAX_NESTING = 1024  # QEMU's MAX_NESTING
@@ -523,143 +355,6 @@ def check_request(obj: Any) -> tuple[str, dict[str, Any]]:
     if "execute" not in obj:
         raise QMPError("QMP input lacks member 'execute'")
     return obj["execute"], obj.get("arguments", {})
-
-
-# A small QAPI schema: "str", "bool", "uint64", ("array", T), ("enum", check),
-# ("struct", {member: (T, required)}), ("union", discriminator, base, {tag: members}).
-Schema = Any
-
-
-def _struct(**members: tuple[Schema, bool]) -> Schema:
-    return ("struct", {k.replace("_", "-"): v for k, v in members.items()})
-
-
-def _enum(*values: str) -> Schema:
-    return ("enum", lambda v: v in values)
-
-
-def _capability(v: str) -> bool:
-    try:
-        canonical_capability(v)
-    except CapabilityError:
-        return False
-    return True
-
-
-_INET = {"host": ("str", True), "port": ("str", True), "numeric": ("bool", False),
-         "to": ("uint64", False), "ipv4": ("bool", False), "ipv6": ("bool", False),
-         "keep-alive": ("bool", False)}
-_SOCKET_ADDRESS = ("union", "type", {}, {
-    "inet": _INET,
-    "unix": {"path": ("str", True), "abstract": ("bool", False), "tight": ("bool", False)},
-    "vsock": {"cid": ("str", True), "port": ("str", True)},
-    "fd": {"str": ("str", True)},
-})
-_MIGRATION_ADDRESS = ("union", "transport", {}, {
-    "socket": _SOCKET_ADDRESS,
-    "exec": {"args": (("array", "str"), True)},
-    "rdma": _INET,
-    "file": {"filename": ("str", True), "offset": ("uint64", True)},
-})
-_CHANNELS = ("array", _struct(channel_type=(_enum("main", "cpr"), True),
-                              addr=(_MIGRATION_ADDRESS, True)))
-_NONE = _struct()
-COMMAND_ARGS: dict[str, Schema] = {
-    "qmp_capabilities": _struct(enable=(("array", _enum("oob")), False)),
-    "query-status": _NONE, "query-version": _NONE, "stop": _NONE, "cont": _NONE,
-    "query-migrate-capabilities": _NONE, "query-migrate-parameters": _NONE,
-    "migrate_cancel": _NONE, "query-migrate": _NONE, "quit": _NONE,  # QEMU spells it so
-    "x-query-ram-digest": _NONE,
-    "migrate-set-capabilities": _struct(capabilities=(("array", _struct(
-        capability=(("enum", _capability), True), state=("bool", True))), True)),
-    # QAPI types here; names, enum values and ranges are MigrationConfig's checks.
-    "migrate-set-parameters": ("struct", {
-        k: ("bool" if isinstance(v, bool) else "uint64" if isinstance(v, int) else "str", False)
-        for k, v in PARAMETER_DEFAULTS.items()}),
-    "migrate": _struct(uri=("str", False), channels=(_CHANNELS, False),
-                       detach=("bool", False), resume=("bool", False)),
-    "migrate-incoming": _struct(uri=("str", False), channels=(_CHANNELS, False),
-                                exit_on_error=("bool", False)),
-}
-
-
-def check_arguments(schema: Schema, args: dict[str, Any]) -> None:
-    """Raise QEMU's QMPError for arguments that do not fit ``schema``."""
-    _check_members(schema[1], args, "")
-
-
-def _path(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _check(schema: Schema, v: Any, path: str, name: str) -> None:
-    if schema == "str":
-        if not isinstance(v, str):
-            raise QMPError(f"Invalid parameter type for '{path}', expected: string")
-    elif schema == "bool":
-        if not isinstance(v, bool):
-            raise QMPError(f"Invalid parameter type for '{path}', expected: boolean")
-    elif schema == "uint64":
-        # QEMU takes negative integers for backward compatibility, not floats.
-        if not isinstance(v, int) or isinstance(v, bool) or not -(1 << 63) <= v < (1 << 64):
-            raise QMPError(f"Parameter '{path}' expects uint64")
-    elif schema[0] == "enum":
-        if not isinstance(v, str):
-            raise QMPError(f"Invalid parameter type for '{path}', expected: string")
-        if not schema[1](v):
-            raise QMPError(f"Parameter '{name}' does not accept value '{v}'")
-    elif schema[0] == "array":
-        if not isinstance(v, list):
-            raise QMPError(f"Invalid parameter type for '{path}', expected: array")
-        for i, item in enumerate(v):
-            _check(schema[1], item, f"{path}[{i}]", name)
-    elif schema[0] == "struct":
-        if not isinstance(v, dict):
-            raise QMPError(f"Invalid parameter type for '{path}', expected: object")
-        _check_members(schema[1], v, path)
-    elif schema[0] == "union":
-        if not isinstance(v, dict):
-            raise QMPError(f"Invalid parameter type for '{path}', expected: object")
-        _check_members(_union_members(schema, v, path), v, path)
-    else:  # pragma: no cover - schema typo
-        raise AssertionError(schema)
-
-
-def _union_members(schema: Schema, v: dict[str, Any], path: str
-                   ) -> dict[str, tuple[Schema, bool]]:
-    """The members a (flat) union object must have, once its tag is checked."""
-    _, tag, base, variants = schema
-    if tag not in v:
-        raise QMPError(f"Parameter '{_path(path, tag)}' is missing")
-    _check(("enum", lambda x: x in variants), v[tag], _path(path, tag), tag)
-    variant = variants[v[tag]]
-    members: dict[str, tuple[Schema, bool]] = {tag: ("str", True), **base}
-    if isinstance(variant, tuple):  # a union flattened into this one (socket addresses)
-        members.update(_union_members(variant, v, path))
-    else:
-        members.update(variant)
-    return members
-
-
-def _check_members(members: dict[str, tuple[Schema, bool]], v: dict[str, Any],
-                   path: str) -> None:
-    for name, (schema, required) in members.items():
-        if name in v:
-            _check(schema, v[name], _path(path, name), name)
-        elif required:
-            raise QMPError(f"Parameter '{_path(path, name)}' is missing")
-    for name in v:
-        if name not in members:
-            raise QMPError(f"Parameter '{_path(path, name)}' is unexpected")
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("fixedram")
-    except PackageNotFoundError:
-        return "dev"
 
 
 def _err(desc: str, cls: str = "GenericError") -> dict[str, Any]:

@@ -19,6 +19,7 @@ import contextlib
 import mmap
 import os
 import queue
+import struct
 import tempfile
 import threading
 from collections.abc import Callable
@@ -26,9 +27,12 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import CapabilityError, MigrationError, TransportError
+from ..format.constants import Command
 from ..format.machine import MachineState
+from ..format.stream import encode_command
 from ..format.writer import BlockSpec, MappedRamWriter, StreamWriter
 from ..transports.channels import FileOut, OutChannel
+from ..transports.fdsets import FdSetError, is_fdset, qemu_open
 from .guest import MACHINE, PAGE, BuiltinGuest, GuestBlock
 
 __all__ = ["MappedRamSink", "Sink", "StreamSink", "probe_direct_io"]
@@ -70,6 +74,7 @@ class Sink:
     normal_pages = 0
     zero_pages = 0
     transferred = 0  # bytes put on the wire / into the file
+    multifd_bytes = 0  # of which written by multifd channels
 
     def begin(self) -> None: ...
 
@@ -91,21 +96,36 @@ class StreamSink(Sink):
 
     :param detect_zero: find zero pages and send ZERO records for them
         (``zero-page-detection`` other than ``none``).
+    :param return_path: QEMU's return-path capability (a socket channel):
+        the stream asks the destination to open its return path, and the
+        migration completes only when the destination reports that it has
+        loaded everything (its SHUT message, status 0).
     """
 
-    def __init__(self, guest: BuiltinGuest, ch: OutChannel, *, detect_zero: bool = True) -> None:
+    def __init__(self, guest: BuiltinGuest, ch: OutChannel, *, detect_zero: bool = True,
+                 return_path: bool = False) -> None:
         self.g = guest
         self.ch = ch
         self.detect = detect_zero
+        self.return_path = return_path
         self.w = StreamWriter(self._write, _machine(False), _specs(guest))
         self.normal_pages = self.zero_pages = self.transferred = 0
         self._final = False
+        self._open_rp = False
 
     def _write(self, b: bytes | memoryview) -> None:
+        if self._open_rp:
+            # QEMU sends OPEN_RETURN_PATH right after the header and configuration.
+            self._open_rp = False
+            hdr = self.w.state.header()
+            if bytes(b[:len(hdr)]) != hdr:  # pragma: no cover - the writer's layout changed
+                raise MigrationError("stream header not where the return path expects it")
+            b = hdr + encode_command(Command.OPEN_RETURN_PATH) + bytes(b[len(hdr):])
         self.ch.write(b)
         self.transferred += len(b)
 
     def begin(self) -> None:
+        self._open_rp = self.return_path
         self.w.begin()
 
     def begin_pass(self, final: bool) -> None:
@@ -135,6 +155,9 @@ class StreamSink(Sink):
     def finish(self) -> None:
         _finish_state(self.w.state, self.g)
         self.w.finish()
+        if self.return_path:
+            self.ch.flush()
+            await_shut(self.ch)
         self.ch.commit()
 
     def abort(self) -> None:
@@ -176,6 +199,7 @@ class MappedRamSink(Sink):
         self.ch = ch
         self.detect = detect_zero
         self.normal_pages = self.zero_pages = self.transferred = 0
+        self.multifd_bytes = 0
         self._lock = threading.Lock()
         self._err: BaseException | None = None
         self.w = MappedRamWriter(ch.fd, _machine(True), _specs(guest), start=ch.offset)
@@ -186,12 +210,15 @@ class MappedRamSink(Sink):
         self._threads: list[threading.Thread] = []
         self._q: queue.Queue[tuple[int, int, int] | None] = queue.Queue(
             maxsize=max(1, channels) * queue_depth)
-        if direct_io:
+        if direct_io and not is_fdset(ch.write_path):  # an fd set's O_DIRECT fd is given
             probe_direct_io(os.path.dirname(os.path.abspath(ch.write_path)))
         flags = os.O_WRONLY | (os.O_DIRECT if direct_io else 0)
         try:
             for _ in range(channels):
-                self._fds.append(os.open(ch.write_path, flags))
+                self._fds.append(qemu_open(ch.write_path, flags))
+        except FdSetError as e:
+            self._close_fds()
+            raise TransportError(str(e)) from None
         except OSError as e:
             self._close_fds()
             raise TransportError(f"{ch.uri.path}: cannot open a multifd channel: "
@@ -222,6 +249,8 @@ class MappedRamSink(Sink):
             self.normal_pages += written
             self.zero_pages += count - written
             self.transferred += written * PAGE
+            if fd != self.ch.fd:
+                self.multifd_bytes += written * PAGE
 
     def _channel(self, fd: int) -> None:
         while True:
@@ -292,3 +321,39 @@ class MappedRamSink(Sink):
 
 
 SinkFactory = Callable[[], Sink]
+
+# Return-path messages (destination -> source): be16 type, be16 length, data.
+RP_MSG_SHUT = 1  # be32 status: 0 when the destination loaded everything
+RP_TIMEOUT = 120.0
+
+
+def await_shut(ch: OutChannel) -> None:
+    """Wait for the destination's SHUT on the return path; raise unless it is 0."""
+    sock = getattr(ch, "sock", None)
+    if sock is None:
+        raise MigrationError(f"{ch.uri.text}: no return path on this transport")
+
+    def exact(n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            try:
+                got = sock.recv(n - len(buf))
+            except OSError as e:
+                raise MigrationError(f"return path: {e.strerror or e}", e) from e
+            if not got:
+                raise MigrationError("return path: the destination closed it before "
+                                     "reporting the migration loaded")
+            buf += got
+        return buf
+
+    sock.settimeout(RP_TIMEOUT)
+    while True:
+        typ, ln = struct.unpack(">HH", exact(4))
+        data = exact(ln) if ln else b""
+        if typ == RP_MSG_SHUT:
+            status = struct.unpack(">I", data[:4])[0] if len(data) >= 4 else 1
+            if status:
+                raise MigrationError(f"return path: the destination failed to load the "
+                                     f"migration (status {status})")
+            return
+        # Other messages (PONG, ...) need no answer in precopy.

@@ -28,6 +28,7 @@ from typing import BinaryIO
 
 from ..errors import TransportError
 from ..output import AtomicOutput
+from .fdsets import FdSetError, is_fdset, qemu_open
 from .uri import MigrationURI, parse_uri
 
 __all__ = ["InChannel", "OutChannel", "open_incoming", "open_outgoing"]
@@ -103,6 +104,9 @@ class FileOut(OutChannel):
         self.offset = uri.offset
         self._ao: AtomicOutput | None = None
         self.fd = -1
+        if is_fdset(uri.path):
+            self._open_fdset(uri)
+            return
         # The link stays a link: its target is what gets written.
         target = os.path.realpath(uri.path)
         try:
@@ -134,6 +138,28 @@ class FileOut(OutChannel):
                 self.close()
                 raise TransportError(f"{uri.path}: {e.strerror or e}", e) from e
             self.write_path = target
+        self.pos = self.offset
+
+    def _open_fdset(self, uri: MigrationURI) -> None:
+        """``/dev/fdset/N``: a descriptor libvirt opened, written in place
+        (cut to the offset first, as QEMU does); channels dup their own."""
+        try:
+            self.fd = qemu_open(uri.path, os.O_WRONLY | os.O_CREAT)
+        except FdSetError as e:
+            raise TransportError(str(e)) from None
+        try:
+            st = os.fstat(self.fd)
+            self.regular = stat.S_ISREG(st.st_mode)
+            self.seekable = self.regular or _can_seek(self.fd)
+            if self.regular:
+                os.ftruncate(self.fd, self.offset)
+            elif self.offset and not self.seekable:
+                raise OSError(errno.ESPIPE, f"cannot start at offset {self.offset}: "
+                              "not seekable")
+        except OSError as e:
+            self.close()
+            raise TransportError(f"{uri.path}: {e.strerror or e}", e) from e
+        self.write_path = uri.path
         self.pos = self.offset
 
     def _raw(self, mv: memoryview) -> None:
@@ -261,16 +287,20 @@ class ExecOut(OutChannel):
 
 
 class FdOut(OutChannel):
-    """``fd:N``: an already open descriptor; the channel takes ownership, as QEMU does."""
+    """``fd:N``: an already open descriptor (a QMP ``fd:NAME`` is resolved to
+    one by the monitor first); the channel takes ownership, as QEMU does."""
 
     kind = "fd"
 
     def __init__(self, uri: MigrationURI) -> None:
         super().__init__(uri)
         try:
+            if uri.fd < 0:
+                raise OSError(errno.EBADF, "no descriptor")
             os.fstat(uri.fd)
         except OSError:
-            raise TransportError(f"File descriptor named '{uri.fd}' has not been found") from None
+            raise TransportError(f"File descriptor named '{uri.fdname}' has not been "
+                                 "found") from None
         self.fd = uri.fd
 
     def _raw(self, mv: memoryview) -> None:
@@ -304,6 +334,7 @@ class InChannel:
         self._proc: subprocess.Popen[bytes] | None = None
         self._f: BinaryIO | None = None
         self.address: tuple[str, int] | str | None = None
+        self.fd = -1  # file: opened when the command is issued (fd sets too)
 
     def listen(self) -> None:
         u = self.uri
@@ -323,12 +354,30 @@ class InChannel:
                 s.listen(1)
                 self._lsock = s
                 self.address = u.path
-            elif u.kind == "file" and not os.path.exists(u.path):
-                raise TransportError(f"{u.path}: No such file or directory")
+            elif u.kind == "file":
+                try:
+                    self.fd = qemu_open(u.path, os.O_RDONLY)
+                except FdSetError as e:
+                    raise TransportError(str(e)) from None
+                except OSError as e:
+                    raise TransportError(f"Could not open '{u.path}': {e.strerror or e}",
+                                         e) from e
             elif u.kind == "fd":
                 os.fstat(u.fd)
         except OSError as e:
             raise TransportError(f"Failed to listen on {u.text}: {e.strerror or e}", e) from e
+
+    @property
+    def connection(self) -> socket.socket | None:
+        """The accepted connection (sockets), for the return path."""
+        return self._conn
+
+    @property
+    def load_path(self) -> str:
+        """A path the loaders can open: the file, or (fd sets) the descriptor's."""
+        if self.fd >= 0 and is_fdset(self.uri.path):
+            return f"/proc/self/fd/{self.fd}"
+        return self.uri.path
 
     def open(self) -> BinaryIO:
         u = self.uri
@@ -337,7 +386,10 @@ class InChannel:
                 self._conn, _ = self._lsock.accept()
                 self._f = self._conn.makefile("rb", buffering=0)
             elif u.kind == "file":
-                f = open(u.path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+                if self.fd < 0:
+                    self.fd = qemu_open(u.path, os.O_RDONLY)
+                f = open(self.fd, "rb", buffering=0, closefd=True)  # noqa: SIM115
+                self.fd = -1  # the file object owns it now
                 if u.offset:  # a FIFO can be read from its start only
                     f.seek(u.offset)
                 self._f = f
@@ -353,6 +405,10 @@ class InChannel:
         return self._f
 
     def close(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
         for c in (self._f, self._conn, self._lsock):
             if c is not None:
                 with contextlib.suppress(OSError):

@@ -1,5 +1,6 @@
 """QEMU migration URIs: ``file:PATH[,offset=N]``, ``tcp:HOST:PORT``, ``unix:PATH``,
-``exec:CMD``, ``fd:N``.
+``exec:CMD``, ``fd:N`` / ``fd:NAME``; ``file:/dev/fdset/N`` names an fd set
+(:mod:`fixedram.transports.fdsets`).
 
 Parsing follows QEMU so the same URI strings work with both: the file offset
 takes QEMU's size suffixes (``4k``, ``1M``; read by :func:`fixedram.sizes.parse_size`),
@@ -29,6 +30,7 @@ class MigrationURI:
     port: int = 0
     command: str = ""
     fd: int = -1
+    fdname: str = ""  # fd:NAME: a descriptor the QMP monitor holds (getfd), or a number
 
     @property
     def seekable(self) -> bool:
@@ -76,12 +78,8 @@ def parse_uri(text: str) -> MigrationURI:
             raise TransportError("exec URI has no command")
         return MigrationURI("exec", text, command=text[5:])
     if text.startswith("fd:"):
-        try:
-            fd = int(text[3:])
-        except ValueError:
-            raise TransportError(f"File descriptor named '{text[3:]}' has not been "
-                                 "found") from None
-        if fd < 0:
-            raise TransportError(f"File descriptor named '{text[3:]}' has not been found")
-        return MigrationURI("fd", text, fd=fd)
+        # A number is this process's descriptor (the command line's fd:N); a
+        # name is resolved by the QMP monitor that got it with getfd.
+        name = text[3:]
+        return MigrationURI("fd", text, fd=int(name) if name.isdigit() else -1, fdname=name)
     raise TransportError(f"unknown migration protocol: {text}")
