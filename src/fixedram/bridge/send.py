@@ -7,7 +7,9 @@ accepts on ``tcp:``, ``unix:`` and ``exec:`` (stdout).
 With ``multifd_channels`` the pages travel as QEMU 10's socket multifd does
 (per-round sync): the main connection carries the stream without page
 records, and N more connections carry page packets, with a SYNC packet on
-every channel wherever the main stream has a MULTIFD_FLUSH record.
+every channel wherever the main stream has a MULTIFD_FLUSH record. With
+``multifd_compression`` zlib or zstd each channel compresses its packets'
+pages as one stream, as QEMU's ``multifd-compression`` does.
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ import numpy as np
 from ..errors import FixedramError, TransportError, UnsupportedFeature
 from ..format.machine import MachineState
 from ..format.migfile import MigrationFile, Run
-from ..format.multifd import encode_init, encode_packet, encode_sync, split_packets
+from ..format.multifd import (
+    COMPRESSION_FLAGS,
+    PageCompressor,
+    encode_init,
+    encode_packet,
+    encode_sync,
+    split_packets,
+)
 from ..format.sequential import is_one_pass, open_sequential
 from ..format.writer import BlockSpec, StreamWriter
 from ..memory.copy import RunCopier
@@ -46,6 +55,7 @@ class SendSummary:
     bytes_sent: int = 0
     seconds: float = 0.0
     multifd_channels: int = 0
+    multifd_compression: str = "none"
     multifd_packets: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -54,18 +64,25 @@ class SendSummary:
 
 def send(path: str, dest: str, *, stdout: BinaryIO | None = None,
          offset: int | None = None, multifd_channels: int = 0,
-         uuid: bytes = bytes(16)) -> SendSummary:
+         uuid: bytes = bytes(16), multifd_compression: str = "none") -> SendSummary:
     """Stream ``path`` to ``dest`` (``tcp:HOST:PORT``, ``unix:PATH`` or ``-``).
 
     :param multifd_channels: send with socket multifd on this many channels;
         it must equal the destination's ``multifd-channels`` (which has
         ``multifd`` on and ``mapped-ram`` off).
     :param uuid: the destination's ``-uuid`` (16 bytes), zeros without one.
+    :param multifd_compression: none, zlib or zstd; it must equal the
+        destination's ``multifd-compression`` (levels are QEMU's defaults).
     """
     if multifd_channels and not 1 <= multifd_channels <= 255:
         raise TransportError(f"multifd channels must be 1..255, not {multifd_channels}")
     if len(uuid) != 16:
         raise ValueError("uuid must be 16 bytes")
+    if multifd_compression not in ("none", "zlib", "zstd"):
+        raise TransportError(f"multifd compression {multifd_compression!r} is not supported "
+                             "(none, zlib or zstd)")
+    if multifd_compression != "none" and not multifd_channels:
+        raise TransportError("multifd compression needs --multifd-channels")
     t0 = time.monotonic()
     s = SendSummary(os.path.abspath(path), dest)
     if is_one_pass(path):  # a pipe or a compressed image: its stream, checked as it goes
@@ -91,7 +108,9 @@ def send(path: str, dest: str, *, stdout: BinaryIO | None = None,
                                      "- (stdout, for QEMU's -incoming exec:)")
             if multifd_channels:
                 s.multifd_channels = multifd_channels
-                s.bytes_sent, s.multifd_packets = _send_multifd(mf, u, multifd_channels, uuid)
+                s.multifd_compression = multifd_compression
+                s.bytes_sent, s.multifd_packets = _send_multifd(mf, u, multifd_channels, uuid,
+                                                                multifd_compression)
             else:
                 ch = open_outgoing(u)
                 try:
@@ -139,7 +158,10 @@ QUEUE_DEPTH = 8
 # waits for more channels than were opened: multifd-channels differs).
 STALL_SECONDS = 60
 
-_Item = tuple[bytes, list[Run]] | None
+# A packet: its header block and the runs of its page data; compressed
+# channels get (number, RAMBlock, normal pages, zero pages) and make the
+# header themselves, as its payload size is known only once compressed.
+_Item = tuple[bytes | tuple[int, str, np.ndarray, np.ndarray], list[Run]] | None
 
 
 class _Channel:
@@ -151,7 +173,7 @@ class _Channel:
     """
 
     def __init__(self, uri: MigrationURI, cid: int, uuid: bytes, mf: MigrationFile,
-                 failed: threading.Event) -> None:
+                 failed: threading.Event, compression: str = "none") -> None:
         self.name = f"multifd channel {cid}"
         self.out = SocketOut(uri)
         self.sock = self.out.sock
@@ -162,6 +184,7 @@ class _Channel:
                                  struct.pack("ll", STALL_SECONDS, 0))
         self.mf = mf
         self.copier = RunCopier(mf.fd, 4096, 128, src_name=mf.path)
+        self.compressor = PageCompressor(compression) if compression != "none" else None
         self.q: queue.Queue[_Item] = queue.Queue(QUEUE_DEPTH)
         self.failed = failed
         self.error: BaseException | None = None
@@ -216,6 +239,9 @@ class _Channel:
                 if item is None:
                     return
                 hdr, runs = item
+                if not isinstance(hdr, bytes):
+                    self._send_compressed(hdr, runs)
+                    continue
                 self._send(hdr)
                 for run in runs:
                     if run.stride == 4096:
@@ -225,6 +251,17 @@ class _Channel:
         except BaseException as e:
             self.error = e
             self.failed.set()
+
+    def _send_compressed(self, spec: tuple[int, str, np.ndarray, np.ndarray],
+                         runs: list[Run]) -> None:
+        num, idstr, normal, zero = spec
+        c = self.compressor
+        assert c is not None
+        data = b""
+        if runs:
+            data = c.compress(b"".join(bytes(self.copier.read_run(r)) for r in runs))
+        self._send(encode_packet(c.flag, num, idstr, normal, zero, payload_size=len(data))
+                   + data)
 
     def finish(self) -> None:
         self.put(None)
@@ -240,13 +277,14 @@ class _ChannelFailed(Exception):
     """A channel thread stopped; its own error is reported instead."""
 
 
-def _send_multifd(mf: MigrationFile, u: MigrationURI, n: int, uuid: bytes) -> tuple[int, int]:
+def _send_multifd(mf: MigrationFile, u: MigrationURI, n: int, uuid: bytes,
+                  compression: str = "none") -> tuple[int, int]:
     """The whole migration over a main connection and ``n`` multifd ones;
     returns (bytes sent on all connections, multifd packets)."""
     main = open_outgoing(u)
     chans: list[_Channel] = []
     failed = threading.Event()
-    pkt = _Packets(chans)
+    pkt = _Packets(chans, compression)
     try:
         try:
             state = MachineState.from_file(mf).with_mapped_ram(False)
@@ -256,7 +294,7 @@ def _send_multifd(mf: MigrationFile, u: MigrationURI, n: int, uuid: bytes) -> tu
             w.begin(multifd_flush=True)
             main.flush()
             for i in range(n):
-                chans.append(_Channel(u, i, uuid, mf, failed))
+                chans.append(_Channel(u, i, uuid, mf, failed, compression))
             pkt.sync()  # the setup sync, paired with the FLUSH sent above
             w.begin_part()
             for b in mf.blocks:
@@ -297,12 +335,21 @@ class _Packets:
     them out round-robin (QEMU hands each batch to the next idle channel;
     which channel carries a page does not matter to the destination)."""
 
-    def __init__(self, chans: list[_Channel]) -> None:
+    def __init__(self, chans: list[_Channel], compression: str = "none") -> None:
         self.chans = chans
         self.num = 0
         self.next = 0
+        self.compressed = compression != "none"
+        self.flags = COMPRESSION_FLAGS[compression]
 
-    def _deal(self, hdr: bytes, runs: list[Run]) -> None:
+    def _packet(self, idstr: str, normal: np.ndarray, zero: np.ndarray
+                ) -> bytes | tuple[int, str, np.ndarray, np.ndarray]:
+        if self.compressed:
+            return (self.num, idstr, normal, zero)
+        return encode_packet(0, self.num, idstr, normal, zero)
+
+    def _deal(self, hdr: bytes | tuple[int, str, np.ndarray, np.ndarray],
+              runs: list[Run]) -> None:
         self.chans[self.next].put((hdr, runs))
         self.next = (self.next + 1) % len(self.chans)
         self.num += 1
@@ -320,13 +367,12 @@ class _Packets:
             self._flush(idstr, batch)
         empty = np.zeros(0, dtype=np.int64)
         for part in split_packets(zero):
-            self._deal(encode_packet(0, self.num, idstr, empty, part), [])
+            self._deal(self._packet(idstr, empty, part), [])
 
     def _flush(self, idstr: str, batch: list[Run]) -> None:
         pages = np.concatenate([np.arange(r.first, r.first + r.count, dtype=np.int64)
                                 for r in batch])
-        self._deal(encode_packet(0, self.num, idstr, pages, np.zeros(0, dtype=np.int64)),
-                   batch)
+        self._deal(self._packet(idstr, pages, np.zeros(0, dtype=np.int64)), batch)
 
     def sync(self) -> None:
         for c in self.chans:

@@ -49,8 +49,11 @@ def cmd_send(a: argparse.Namespace) -> int:
             raise TransportError(f"--uuid {a.uuid!r} is not a UUID") from None
     if a.multifd_channels and a.destination == "-":
         raise TransportError("--multifd-channels needs a tcp: or unix: destination")
+    if a.multifd_compression != "none" and not a.multifd_channels:
+        raise TransportError("--multifd-compression needs --multifd-channels")
     s = send(a.file, a.destination, stdout=sys.stdout.buffer, offset=a.offset,
-             multifd_channels=a.multifd_channels, uuid=uuid)
+             multifd_channels=a.multifd_channels, uuid=uuid,
+             multifd_compression=a.multifd_compression)
     if a.json:
         json.dump(s.as_dict(), sys.stderr if a.destination == "-" else sys.stdout, indent=2)
         (sys.stderr if a.destination == "-" else sys.stdout).write("\n")
@@ -86,6 +89,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--multifd-channels", type=int_in(0, 255), default=0, metavar="N",
                    help="send with socket multifd on N channels; the destination must have "
                         "capability multifd on and multifd-channels N")
+    s.add_argument("--multifd-compression", choices=("none", "zlib", "zstd"), default="none",
+                   help="compress the multifd channels' pages as QEMU does (level 1); the "
+                        "destination must have the same multifd-compression")
     s.add_argument("--uuid", default=None,
                    help="the destination's -uuid (multifd channels are checked against it)")
     s.add_argument("--json", action="store_true")
