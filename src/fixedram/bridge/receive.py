@@ -55,6 +55,7 @@ from ..format.ram import RamStreamState
 from ..format.stream import SectionHeader
 from ..format.walker import DeviceSection, StreamEvents, walk_stream
 from ..format.writer import BlockSpec, MappedRamWriter
+from ..memory.copy import WRITEBACK_BYTES
 from ..output import AtomicOutput, output_error
 from .net import (
     PEEK_TIMEOUT,
@@ -394,6 +395,7 @@ class _Multifd:
         # packet) and a buffer for one packet's compressed data.
         dec: PageDecompressor | None = None
         zbuf: bytearray | None = None
+        wb: _Writeback | None = None
         while True:
             if not recv_exact(sock, memoryview(hdr), name):
                 return
@@ -417,9 +419,10 @@ class _Multifd:
                     raise _corrupt(name, f"multifd page offset outside RAMBlock "
                                          f"{p.ramblock!r}")
                 if p.next_packet_size and method != "none":
-                    if dec is None or zbuf is None:
+                    if dec is None or zbuf is None or wb is None:
                         dec = PageDecompressor(method, ps)
                         zbuf = bytearray(MAX_COMPRESSED_SIZE)
+                        wb = _Writeback(w.fd)
                     mv = memoryview(zbuf)[:p.next_packet_size]
                     if not recv_exact(sock, mv, name):
                         raise TransportError(f"{name}: ended before the page data")
@@ -429,6 +432,8 @@ class _Multifd:
                                            offset=counter[0] - p.next_packet_size)
                     data = np.frombuffer(pages, dtype=np.uint8).reshape(-1, ps)
                     write_runs(w, bi, p.normal, data)
+                    wb.wrote(w.page_offset(bi, int(p.normal.min())),
+                             w.page_offset(bi, int(p.normal.max())) + ps)
                     rx._count(bi, p.normal)
                     rx.s.page_records += p.normal.size
                 elif p.next_packet_size and splicer is not None:
@@ -512,6 +517,31 @@ class _Multifd:
         for s in self.socks:
             with contextlib.suppress(OSError):
                 s.close()
+
+
+class _Writeback:
+    """Writeback of what a channel has written, started every
+    :data:`WRITEBACK_BYTES` (``posix_fadvise`` DONTNEED, as the run copier
+    does): the disk works while pages are decoded, so the output's final
+    fsync has little left to wait for."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.on = hasattr(os, "posix_fadvise")
+        self.lo, self.hi, self.n = -1, 0, 0
+
+    def wrote(self, lo: int, hi: int) -> None:
+        if not self.on:
+            return
+        self.lo = lo if self.lo < 0 else min(self.lo, lo)
+        self.hi = max(self.hi, hi)
+        self.n += hi - lo
+        if self.n >= WRITEBACK_BYTES:
+            try:
+                os.posix_fadvise(self.fd, self.lo, self.hi - self.lo, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                self.on = False
+            self.lo, self.hi, self.n = -1, 0, 0
 
 
 def _splice_pages(sp: Splicer, sock: socket.socket, w: MappedRamWriter, bi: int,
