@@ -97,6 +97,21 @@ def test_codec_bounds_output(method: str) -> None:
         PageDecompressor(method).decompress(b"\xff" * 100, 1, out)
 
 
+def test_codec_zstd_window() -> None:
+    """Every QEMU level (up to 20) decodes; a larger window than level 20's is refused."""
+    import zstandard
+
+    out = memoryview(bytearray(128 * PS))
+    pages = _pages(8, 1)
+    z = PageCompressor("zstd", level=20).compress(pages)
+    assert bytes(PageDecompressor("zstd").decompress(z, 8, out)) == pages
+    big = zstandard.ZstdCompressor(compression_params=zstandard.ZstdCompressionParameters
+                                   .from_level(1, window_log=27)).compressobj()
+    z = big.compress(pages) + big.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+    with pytest.raises(CorruptFile, match=r"zstd page data corrupt .*memory"):
+        PageDecompressor("zstd").decompress(z, 8, out)
+
+
 def test_codec_flags() -> None:
     empty = np.zeros(0, dtype=np.int64)
     normal = np.arange(4, dtype=np.int64)

@@ -69,6 +69,10 @@ _METHOD_OF_FLAG = {v: k for k, v in COMPRESSION_FLAGS.items()}
 DECODED_METHODS = ("none", "zlib", "zstd")
 # The most compressed data QEMU reads for one packet (its buffer per channel).
 MAX_COMPRESSED_SIZE = 2 * MULTIFD_PACKET_SIZE
+# The largest zstd window a channel may ask for: that of multifd-zstd-level
+# 20, QEMU's highest (zstd's own limit, 128 MiB per channel, is more memory
+# than a peer should be able to claim).
+MAX_ZSTD_WINDOW = 32 << 20
 
 _INIT = struct.Struct(">II16sB7x32x")
 _HDR = struct.Struct(">IIIIIIQII24x256s")
@@ -270,7 +274,7 @@ class PageDecompressor:
             # zstd keeps decoded bytes it has no room for until the next call,
             # and the writer calls again only while input is left: with room
             # for more than a packet's pages, a packet's data all come out.
-            self._zstd = zstandard.ZstdDecompressor().stream_writer(
+            self._zstd = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW).stream_writer(
                 self._sink, write_size=MAX_COMPRESSED_SIZE, write_return_read=True,
                 closefd=False)
             self._zstd_error = zstandard.ZstdError
