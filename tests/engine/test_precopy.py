@@ -37,7 +37,7 @@ def test_live_save_grows_stream_not_fixed_ram(make_guest, tmp_path) -> None:
         path = tmp_path / f"{mode}.mig"
         m = Migration(g, cfg, f"file:{path}").run()
         q = m.query()
-        assert q["status"] == "completed" and m.passes == 6
+        assert q["status"] == "completed" and m.passes == 6, (mode, m.pass_bytes, q, g.status)
         assert q["ram"]["dirty-sync-count"] == 6 and q["downtime"] >= 0
         assert not g.running and g.status == "postmigrate"
         sizes[mode] = os.path.getsize(path)

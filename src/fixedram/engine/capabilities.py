@@ -437,7 +437,7 @@ def _bitmap_mapping_problem(mapping: list[dict[str, Any]]) -> str | None:
         baliases: set[str] = set()
         for bm in node["bitmaps"]:
             if len(bm["alias"].encode()) > 255:
-                return f"The bitmap alias '{alias}'/'{bm['alias']}' is longer than 255 bytes"
+                return f"The bitmap alias '{bm['alias']}' is longer than 255 bytes"
             if bm["name"] in bnames:
                 return f"The bitmap '{node['node-name']}'/'{bm['name']}' is mapped twice"
             if bm["alias"] in baliases:

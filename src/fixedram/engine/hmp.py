@@ -73,6 +73,8 @@ def _dispatch(m: GuestMachine, w: list[str]) -> str:
     flags = [a for a in args if a.startswith("-") and cmd == "migrate"]
     rest = [a for a in args if a not in flags]
     if len(rest) < nargs:
+        if cmd == "migrate_set_capability" and len(rest) == 1:  # a missing boolean
+            raise _Usage(cmd, "Expected 'on' or 'off'")
         raise _Usage(cmd, f"{cmd}: string expected")
     if len(rest) > nargs:
         raise _Usage(cmd, f"{cmd}: extraneous characters at the end of line")

@@ -69,7 +69,7 @@ class GuestMachine:
         self.migration: Migration | None = None
         self.incoming: Incoming | None = None
         self.incoming_mode = incoming
-        self.incoming_started = False  # QEMU's "once": a migrate-incoming succeeded
+        self.incoming_once = False  # QEMU's "once": a migrate-incoming succeeded
         self.exit_on_error = True
         self.autostart = autostart
         self.emit: Callable[[str, dict[str, Any]], None] = lambda name, data: None
@@ -92,6 +92,13 @@ class GuestMachine:
         if name == "MIGRATION" and not self.cfg.caps["events"]:
             return
         self.emit(name, data)
+
+    @property
+    def incoming_started(self) -> bool:
+        """QEMU's migrate_incoming_started(): a transport is set up and the
+        load has not ended (failure or completion releases it)."""
+        inc = self.incoming
+        return inc is not None and self.incoming_once and inc.status in ("setup", "active")
 
     def _outgoing_running(self) -> bool:
         m = self.migration
@@ -349,7 +356,7 @@ class GuestMachine:
     # -- incoming -----------------------------------------------------------------------------
 
     def cmd_migrate_incoming(self, a: dict[str, Any]) -> Any:
-        if self.incoming_started:
+        if self.incoming_once:
             raise QAPIError("The incoming migration has already been started")
         if self.g.status != "inmigrate":
             raise QAPIError("'-incoming' was not specified on the command line")
@@ -369,7 +376,7 @@ class GuestMachine:
         self.incoming = inc
         inc._set("setup")
         inc.listen()  # an error leaves the state "setup", as QEMU leaves it
-        self.incoming_started = True
+        self.incoming_once = True
         inc.start()
 
     def _incoming_failed(self, inc: Incoming) -> None:

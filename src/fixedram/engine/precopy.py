@@ -31,6 +31,7 @@ from .sinks import MappedRamSink, Sink, StreamSink
 __all__ = ["Migration", "RateLimiter", "dirty_runs"]
 
 RUN_PAGES = 256  # 1 MiB per job: QEMU's mapped-ram load piece size
+BANDWIDTH_WINDOW = 0.1  # s: QEMU measures bandwidth (and so its switchover threshold) so often
 FINAL_STATES = ("completed", "failed", "cancelled")
 
 
@@ -254,8 +255,8 @@ class Migration:
             if self.cfg.caps["events"]:
                 self._emit("MIGRATION_PASS", {"pass": 1})
             self.setup_ms = int((time.monotonic() - self.t_start) * 1000)
-            setup_bytes = sink.transferred
             self._set("active")
+            t_active = time.monotonic()
             todo = [np.arange(b.npages) for b in g.blocks]
             p = self.cfg.params
             limiter = self._limiter = RateLimiter(int(p["max-bandwidth"]))
@@ -263,17 +264,27 @@ class Migration:
             while True:
                 t_pass = time.monotonic()
                 sent0 = sink.transferred
+                running = g.running
                 self._send_pass(todo, limiter, final=False)
                 todo = [np.empty(0, dtype=np.int64) for _ in g.blocks]
                 dt = max(time.monotonic() - t_pass, 1e-6)
                 sent = sink.transferred - sent0
                 self.pass_bytes.append(sent)
+                # QEMU's precopy-bytes are sent while the guest runs, its
+                # downtime-bytes while it does not.
+                if running:
+                    self.precopy_bytes += sent
+                else:
+                    self.downtime_bytes += sent
                 bw = sent / dt  # bytes/s over this pass
                 self.mbps = bw * 8 / 1e6
                 if (self.cfg.max_passes and self.passes >= self.cfg.max_passes) \
-                        or not g.running:
-                    # Forced, or nothing can have been dirtied since the pass
-                    # (a paused guest): the final sync sees the rest.
+                        or not g.running or (time.monotonic() - t_active < BANDWIDTH_WINDOW
+                                             and not g.dirty_count()):
+                    # Forced; or nothing can have been dirtied since the pass (a
+                    # paused guest); or, as QEMU with an idle guest, everything
+                    # went before the first bandwidth window closed: the final
+                    # sync (after the stop) sees the rest.
                     break
                 todo = self._sync()
                 dirty = sum(int(t.size) for t in todo)
@@ -286,7 +297,6 @@ class Migration:
                     break
             # Switchover: stop the guest, send what is left and the devices.
             t_stop = time.monotonic()
-            self.precopy_bytes = sink.transferred - setup_bytes
             if g.running:
                 g.stop("finish-migrate")
                 stopped_by_us = True
@@ -304,7 +314,7 @@ class Migration:
             sent0 = sink.transferred
             self._send_pass(todo, None, final=True)
             sink.finish()
-            self.downtime_bytes = sink.transferred - sent0
+            self.downtime_bytes += sink.transferred - sent0
             self.file_end = getattr(sink, "file_end", None)
             self.remaining = 0
             self.downtime_ms = int((time.monotonic() - t_stop) * 1000)
@@ -347,7 +357,7 @@ class Migration:
                 if self._cancel.is_set():
                     raise Cancelled("migration cancelled")
                 if limiter is not None:
-                    limiter.wait(sink.transferred, self._cancel)
+                    limiter.wait(sink.accounted, self._cancel)
                 sink.send(bi, first, count)
                 left -= count
                 self.remaining = left * PAGE

@@ -53,6 +53,7 @@ class QMPServer:
         self.sock.listen(4)
         self._clients: list[_Client] = []
         self._lock = threading.Lock()
+        self._busy = 0  # commands being run or answered
         machine.emit = self.broadcast
 
     def version(self) -> dict[str, Any]:
@@ -62,6 +63,11 @@ class QMPServer:
         """Serve until ``quit`` (or exit-on-error); returns the exit status."""
         threading.Thread(target=self._accept, daemon=True, name="qmp-accept").start()
         self.m.quit_requested.wait()
+        # Answers being written go out first (the migrate-incoming whose load
+        # failed at once is answered before the process exits, as in QEMU).
+        deadline = time.monotonic() + 2
+        while self._busy and time.monotonic() < deadline:
+            time.sleep(0.01)
         if self.m.exit_code == 0:  # QEMU's exit after a failed load sends no event
             self.broadcast("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
             time.sleep(0.05)
@@ -87,8 +93,10 @@ class QMPServer:
 
     def broadcast(self, event: str, data: dict[str, Any]) -> None:
         now = time.time()
-        msg = {"event": event, "data": data,
-               "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)}}
+        msg: dict[str, Any] = {"event": event}
+        if data:  # QEMU sends no "data" for events without members (STOP, RESUME)
+            msg["data"] = data
+        msg["timestamp"] = {"seconds": int(now), "microseconds": int(now % 1 * 1e6)}
         with self._lock:
             clients = [c for c in self._clients if c.negotiated]
         for c in clients:
@@ -178,6 +186,15 @@ class _Client:
                 self.conn.close()
 
     def handle(self, obj: Any) -> None:
+        with self.srv._lock:
+            self.srv._busy += 1
+        try:
+            self._handle(obj)
+        finally:
+            with self.srv._lock:
+                self.srv._busy -= 1
+
+    def _handle(self, obj: Any) -> None:
         out: dict[str, Any]
         try:
             cmd, args = check_request(obj)

@@ -76,6 +76,12 @@ class Sink:
     transferred = 0  # bytes put on the wire / into the file
     multifd_bytes = 0  # of which written by multifd channels
 
+    @property
+    def accounted(self) -> int:
+        """Bytes for max-bandwidth: sent, plus handed to channels and not yet
+        written (so queued pages count at once, not when a thread gets to them)."""
+        return self.transferred
+
     def begin(self) -> None: ...
 
     def begin_pass(self, final: bool) -> None: ...
@@ -200,6 +206,7 @@ class MappedRamSink(Sink):
         self.detect = detect_zero
         self.normal_pages = self.zero_pages = self.transferred = 0
         self.multifd_bytes = 0
+        self.inflight = 0  # bytes of runs queued to channels, not yet written
         self._lock = threading.Lock()
         self._err: BaseException | None = None
         self.w = MappedRamWriter(ch.fd, _machine(True), _specs(guest), start=ch.offset)
@@ -249,6 +256,7 @@ class MappedRamSink(Sink):
             self.normal_pages += written
             self.zero_pages += count - written
             self.transferred += written * PAGE
+            self.inflight -= count * PAGE
             if fd != self.ch.fd:
                 self.multifd_bytes += written * PAGE
 
@@ -271,8 +279,15 @@ class MappedRamSink(Sink):
             msg = e.strerror if isinstance(e, OSError) else str(e)
             raise MigrationError(f"multifd channel failed: {msg}", e)
 
+    @property
+    def accounted(self) -> int:
+        with self._lock:
+            return self.transferred + self.inflight
+
     def send(self, bi: int, first: int, count: int) -> None:
         self._check()
+        with self._lock:
+            self.inflight += count * PAGE
         if not self._threads:
             self._write_run(self.ch.fd, bi, first, count)
             return

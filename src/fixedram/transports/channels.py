@@ -26,7 +26,7 @@ import stat
 import subprocess
 from typing import BinaryIO
 
-from ..errors import TransportError
+from ..errors import OutputError, TransportError
 from ..output import AtomicOutput
 from .fdsets import FdSetError, is_fdset, qemu_open
 from .uri import MigrationURI, parse_uri
@@ -120,7 +120,14 @@ class FileOut(OutChannel):
         self.regular = st is None or stat.S_ISREG(st.st_mode)
         self.seekable = True
         if self.regular and self.offset == 0:
-            self._ao = AtomicOutput(target, force=True)
+            try:
+                self._ao = AtomicOutput(target, force=True)
+            except OutputError as e:
+                if not isinstance(e.exc, OSError):
+                    raise
+                # QEMU's words for a file it cannot create.
+                raise TransportError(f"Could not create '{uri.path}': "
+                                     f"{e.exc.strerror or e.exc}", e) from e
             self.fd = self._ao.fd
             self.write_path = self._ao.tmp
         else:
