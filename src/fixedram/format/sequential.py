@@ -77,6 +77,9 @@ QUEUE_DEPTH = 8
 READ_SIZE = 1 << 20
 PIPE_READ = 64 << 10
 GZIP_READ = 64 << 10
+# Most memory an xz stream may make the decoder allocate (zstd's own default limit
+# is a 128 MiB window).
+XZ_MEMLIMIT = 256 << 20
 # The stream's first bytes kept for the configuration section (far below this).
 HEAD_KEEP = 64 << 10
 # lzop as libvirt runs it to read its images (qemuSaveImageGetCompressionCommand).
@@ -372,7 +375,8 @@ class _Stdlib:
 
     def _new(self) -> Any:
         if self.kind == "xz":
-            return lzma.LZMADecompressor(lzma.FORMAT_XZ)
+            # A header can ask for a 1.5 GiB dictionary; xz -9 needs 65 MiB.
+            return lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT)
         if self.kind == "bzip2":
             return bz2.BZ2Decompressor()
         return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # one gzip member
