@@ -323,6 +323,8 @@ class Migration:
             self._set("completed")
         except BaseException as e:
             self.t_end = time.monotonic()
+            if isinstance(e, TransportError) and isinstance(self.sink, StreamSink):
+                e = self.sink.destination_error() or e  # the return path says why
             if self.sink is not None:
                 try:
                     self.sink.abort()

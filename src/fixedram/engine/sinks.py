@@ -19,6 +19,7 @@ import contextlib
 import mmap
 import os
 import queue
+import socket
 import struct
 import tempfile
 import threading
@@ -165,6 +166,17 @@ class StreamSink(Sink):
             self.ch.flush()
             await_shut(self.ch)
         self.ch.commit()
+
+    def destination_error(self) -> MigrationError | None:
+        """After a failed write: what the destination said on the return path
+        (its SHUT), if it said anything within a second."""
+        if not self.return_path:
+            return None
+        try:
+            await_shut(self.ch, timeout=1.0, half_close=False)
+        except MigrationError as e:
+            return e if str(e).startswith("Sibling") else None
+        return None
 
     def abort(self) -> None:
         self.ch.abort()
@@ -342,8 +354,11 @@ RP_MSG_SHUT = 1  # be32 status: 0 when the destination loaded everything
 RP_TIMEOUT = 120.0
 
 
-def await_shut(ch: OutChannel) -> None:
-    """Wait for the destination's SHUT on the return path; raise unless it is 0."""
+def await_shut(ch: OutChannel, timeout: float = RP_TIMEOUT, half_close: bool = True) -> None:
+    """Wait for the destination's SHUT on the return path; raise unless it is 0.
+
+    The error for a non-zero status is QEMU's ("Sibling indicated error 1").
+    """
     sock = getattr(ch, "sock", None)
     if sock is None:
         raise MigrationError(f"{ch.uri.text}: no return path on this transport")
@@ -361,14 +376,20 @@ def await_shut(ch: OutChannel) -> None:
             buf += got
         return buf
 
-    sock.settimeout(RP_TIMEOUT)
+    if half_close:
+        # The destination sees the stream end (a reader may read to the end
+        # for the vmdesc trailer) while the return path stays open.
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            raise MigrationError(f"return path: {e.strerror or e}", e) from e
+    sock.settimeout(timeout)
     while True:
         typ, ln = struct.unpack(">HH", exact(4))
         data = exact(ln) if ln else b""
         if typ == RP_MSG_SHUT:
             status = struct.unpack(">I", data[:4])[0] if len(data) >= 4 else 1
             if status:
-                raise MigrationError(f"return path: the destination failed to load the "
-                                     f"migration (status {status})")
+                raise MigrationError(f"Sibling indicated error {status}")
             return
         # Other messages (PONG, ...) need no answer in precopy.
