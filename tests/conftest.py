@@ -6,6 +6,9 @@ CI must never go green by skipping them.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +28,32 @@ from qemu_harness import (
     write_bootsector,
 )
 from qemu_harness.guard import require_qemu
+
+
+def _children() -> set[int]:
+    """PIDs of this process's live children (from /proc)."""
+    me, out = os.getpid(), set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == me and fields[0] != b"Z":
+                out.add(int(d))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _reap_leaked_children() -> Iterator[None]:
+    """A test that fails midway must not leave a guest, receiver or QEMU it started
+    running into the next tests (they would compete for the two cores)."""
+    before = _children()
+    yield
+    for pid in _children() - before:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

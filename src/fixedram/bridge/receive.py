@@ -144,10 +144,6 @@ class _Receiver(StreamEvents):
         self.state = MachineState(hdr.machine, tuple(hdr.capabilities), hdr.uuid,
                                   self.ram_sid or 2).with_mapped_ram(True)
         self.w = MappedRamWriter(self.out.fd, self.state, specs, fresh=True)
-        # The writer allocates a block's bits on first use, unlocked: channel
-        # threads racing there would lose each other's bits (pages read as zero).
-        for bi in range(len(specs)):
-            self.w.bits(bi)
         self.sends = [np.zeros(b.npages, dtype=np.uint16) for b in specs]
         self.block_index = {b.idstr: i for i, b in enumerate(specs)}
         self.ready.set()

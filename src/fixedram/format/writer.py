@@ -19,6 +19,7 @@ the vmdesc trailer that describes them always come from one place.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -295,6 +296,7 @@ class MappedRamWriter:
         self.fresh = fresh
         # One bool per page, allocated at the block's first written page.
         self.bitmaps: list[np.ndarray | None] = [None] * len(blocks)
+        self._alloc_lock = threading.Lock()
         self.tail_offset = pos + len(EOS) + 5
         self.finished = False
 
@@ -326,10 +328,17 @@ class MappedRamWriter:
         self.bits(bi)[first:first + n] = True
 
     def bits(self, bi: int) -> np.ndarray:
-        """The block's page bits (one bool per page), allocated on first use."""
+        """The block's page bits (one bool per page), allocated on first use.
+
+        Channel threads call this concurrently: the allocation is locked so
+        that two first writers cannot each set bits in an array of their own.
+        """
         b = self.bitmaps[bi]
         if b is None:
-            b = self.bitmaps[bi] = np.zeros(self.placed[bi].spec.npages, dtype=bool)
+            with self._alloc_lock:
+                b = self.bitmaps[bi]
+                if b is None:
+                    b = self.bitmaps[bi] = np.zeros(self.placed[bi].spec.npages, dtype=bool)
         return b
 
     def mark_zero(self, bi: int, pages: np.ndarray | slice | int) -> None:
