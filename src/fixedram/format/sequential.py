@@ -62,14 +62,16 @@ from .walker import DeviceSection, StreamEvents, StreamSummary, walk_stream
 __all__ = ["COMPRESSION_MAGIC", "OnePassBlock", "OnePassFile", "PageTarget",
            "SequentialInput", "is_one_pass", "open_sequential", "scan", "seekable_path"]
 
-# Bare compressed files (not in a libvirt image) are recognised by their magic.
+# Bare compressed files (not in a libvirt image) are recognised by their magic
+# (gzip with its deflate method byte; bzip2 also by its first block's magic).
 COMPRESSION_MAGIC = {
     "zstd": b"\x28\xb5\x2f\xfd",
-    "gzip": b"\x1f\x8b",
+    "gzip": b"\x1f\x8b\x08",
     "xz": b"\xfd7zXZ\x00",
     "bzip2": b"BZh",
     "lzop": b"\x89LZO\x00\r\n\x1a\n",
 }
+_BZIP2_BLOCK = b"1AY&SY"
 # Decoded bytes handed over per queue item, and items queued ahead of the parser.
 CHUNK = 1 << 20
 QUEUE_DEPTH = 8
@@ -89,6 +91,8 @@ LZOP_COMMAND = ("lzop", "-dc", "--ignore-warn")
 def _sniff_compression(head: bytes) -> str | None:
     for name, magic in COMPRESSION_MAGIC.items():
         if head.startswith(magic):
+            if name == "bzip2" and not (head[3:4].isdigit() and head[4:10] == _BZIP2_BLOCK):
+                continue
             return name
     return None
 
