@@ -178,7 +178,7 @@ def test_auto_converge_throttles_the_vcpus(guests, tmp_path: Path) -> None:
     deadline = time.monotonic() + 40
     while time.monotonic() < deadline and (not seen or seen[-1] < 70):
         q = ok(g2, "query-migrate")
-        assert q["status"] == "active", q
+        assert q["status"] in ("setup", "active"), q
         if "cpu-throttle-percentage" in q:
             seen.append(q["cpu-throttle-percentage"])
         time.sleep(0.2)
