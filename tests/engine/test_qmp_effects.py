@@ -271,3 +271,10 @@ def test_exit_on_error_ends_the_process_with_status_1(tmp_path: Path) -> None:
                         "--incoming", f"file:{bad}"], capture_output=True, text=True,
                        timeout=30)
     assert r.returncode == 1 and "load of migration failed" in r.stderr
+    p = guest(tmp_path, "stays", "--ram", "8M", "--incoming", f"file:{bad}",
+              "--no-exit-on-error")
+    try:
+        assert wait(p)["status"] == "failed"
+        assert ok(p, "query-status")["status"] == "inmigrate"
+    finally:
+        p.close()

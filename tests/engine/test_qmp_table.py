@@ -421,5 +421,7 @@ def test_introspection_describes_what_is_served_as_qemu_does(qemu: str, tmp_path
         if name == "x-query-ram-digest":
             continue
         assert resolve(ours_schema, name) == resolve(theirs_schema, name), name
-    # The version reported is the one whose answers these are.
-    assert greetings["fixedram"] == greetings["qemu"]
+    # The version reported is the one whose answers these are (10.0; the
+    # micro version fixedram reports is the release it was checked against).
+    ours_v, theirs_v = greetings["fixedram"], greetings["qemu"]
+    assert (ours_v["major"], ours_v["minor"]) == (theirs_v["major"], theirs_v["minor"])

@@ -178,7 +178,8 @@ def cmd_guest(a: argparse.Namespace) -> int:
 
     g = _guest(a, fill=0.0 if a.incoming else None)
     try:
-        m = GuestMachine(g, incoming=a.incoming, autostart=not a.S)
+        m = GuestMachine(g, incoming=a.incoming, autostart=not a.S,
+                         exit_on_error=a.exit_on_error)
     except Exception:
         g.shutdown()
         raise
@@ -377,6 +378,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--incoming", help="'defer' or a URI to receive a migration (the process "
                    "exits with status 1 if it fails, as QEMU's -incoming does; "
                    "migrate-incoming takes exit-on-error false to stay up)")
+    s.add_argument("--no-exit-on-error", dest="exit_on_error", action="store_false",
+                   help="stay up when the --incoming migration fails (QEMU's exit-on-error "
+                   "off; migrate-incoming takes it as an argument)")
     s.add_argument("-S", action="store_true", help="do not start the vCPUs (run state "
                    "prelaunch until cont)")
     s.set_defaults(func=cmd_guest)

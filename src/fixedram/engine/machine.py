@@ -60,10 +60,12 @@ class GuestMachine:
     :param incoming: ``None`` (normal start), ``"defer"`` (wait for
         ``migrate-incoming``) or a URI to receive from at once.
     :param autostart: False for ``-S`` (start in ``prelaunch``).
+    :param exit_on_error: for an ``incoming`` URI: exit with status 1 when
+        the load fails (QEMU's ``-incoming`` always does).
     """
 
     def __init__(self, guest: BuiltinGuest, *, incoming: str | None = None,
-                 autostart: bool = True) -> None:
+                 autostart: bool = True, exit_on_error: bool = True) -> None:
         self.g = guest
         self.cfg = MigrationConfig()
         self.migration: Migration | None = None
@@ -80,7 +82,7 @@ class GuestMachine:
         if incoming is not None:
             self.g.stop("inmigrate")
             if incoming != "defer":
-                self._start_incoming(parse_uri(incoming), exit_on_error=True)
+                self._start_incoming(parse_uri(incoming), exit_on_error=exit_on_error)
         elif not autostart:
             self.g.stop("prelaunch")
 
