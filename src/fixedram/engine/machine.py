@@ -203,9 +203,13 @@ class GuestMachine:
 
     @staticmethod
     def _received_fd(fds: list[int]) -> int:
+        """The first descriptor received; the others are closed (QEMU's chardev)."""
         if not fds:
             raise QAPIError("No file descriptor supplied via SCM_RIGHTS")
-        return fds.pop(0)
+        fd = fds.pop(0)
+        close_quietly(fds)
+        fds.clear()
+        return fd
 
     def cmd_getfd(self, a: dict[str, Any], fds: list[int]) -> Any:
         fd = self._received_fd(fds)
