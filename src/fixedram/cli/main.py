@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for register in canonical._EXTRA:
         register(sub)
+    from . import map as map_cli
+
+    map_cli.register(sub)
     return p
 
 

@@ -282,6 +282,18 @@ class RAMBlock:
             return None
         return int(self.zeroed_pages().size)
 
+    def copies(self) -> np.ndarray:
+        """Per page, how many copies of it the file holds (dense uint32).
+
+        A stream counts every data and ZERO record sent for the page, re-sends
+        included; mapped-ram has one slot per page, so 1 where the bitmap is set.
+        """
+        if self.record.mapped is not None:
+            return self.bitmap.astype(np.uint32)
+        assert self._mf._index is not None
+        s = self._mf._index.sends[self.index]
+        return s.copy() if s is not None else np.zeros(self.npages, dtype=np.uint32)
+
     @property
     def max_sends(self) -> int:
         if self.record.mapped is not None:

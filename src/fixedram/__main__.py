@@ -1,0 +1,7 @@
+"""``python -m fixedram``: the ``fixedram`` command."""
+
+import sys
+
+from fixedram.cli.main import main
+
+sys.exit(main())
