@@ -8,7 +8,7 @@ import sys
 
 from ..bridge.net import PEEK_TIMEOUT
 from ..errors import TransportError
-from .main import _EXTRA, _size, int_in, number_in
+from .main import _size, int_in, number_in
 
 
 def cmd_receive(a: argparse.Namespace) -> int:
@@ -60,8 +60,25 @@ def cmd_send(a: argparse.Namespace) -> int:
     return 0
 
 
+RECEIVE_EPILOG = """\
+examples:
+  fixedram receive tcp::4444 -o guest.mig       then in QEMU's monitor: migrate tcp:127.0.0.1:4444
+  fixedram receive unix:/tmp/mig.sock -o guest.mig --multifd-channels 4
+  (QMP) migrate {"uri": "exec:fixedram receive - -o guest.mig"}
+"""
+
+SEND_EPILOG = """\
+examples:
+  fixedram send guest.mig tcp:127.0.0.1:4444    into qemu-system-x86_64 ... -incoming tcp::4444
+  fixedram send guest.mig unix:/tmp/in.sock --multifd-channels 4
+  qemu-system-x86_64 ... -incoming "exec:fixedram send guest.mig -"
+"""
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    s = sub.add_parser("receive", help="receive a live QEMU migration into a mapped-ram file")
+    raw = argparse.RawDescriptionHelpFormatter
+    s = sub.add_parser("receive", help="receive a live QEMU migration into a mapped-ram file",
+                       epilog=RECEIVE_EPILOG, formatter_class=raw)
     s.add_argument("source", metavar="URI",
                    help="tcp:[HOST]:PORT (HOST defaults to 127.0.0.1), unix:PATH, or - for "
                         "stdin (QEMU: migrate \"exec:fixedram receive - -o FILE\")")
@@ -80,7 +97,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     s.set_defaults(func=cmd_receive)
 
-    s = sub.add_parser("send", help="stream a save file into a QEMU started with -incoming")
+    s = sub.add_parser("send", help="stream a save file into a QEMU started with -incoming",
+                       epilog=SEND_EPILOG, formatter_class=raw)
     s.add_argument("file")
     s.add_argument("destination", metavar="URI",
                    help="tcp:HOST:PORT, unix:PATH, or - for stdout (QEMU: -incoming "
@@ -97,5 +115,3 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_send)
 
-
-_EXTRA.append(register)

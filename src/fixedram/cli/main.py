@@ -127,12 +127,51 @@ def cmd_extract(a: argparse.Namespace) -> int:
     return 0
 
 
+class _Version(argparse.Action):
+    """``--version`` on stdout, as argparse's own version action prints it."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        from .._version import __version__
+
+        sys.stdout.write(f"fixedram {__version__}\n")
+        parser.exit()
+
+
+INSPECT_EPILOG = """\
+examples:
+  fixedram inspect guest.mig                 blocks, pages, passes and devices of a save
+  fixedram inspect guest.sav --json          one JSON object (libvirt images in any format)
+  fixedram inspect guest.sav --xml           the domain XML of a libvirt save image
+  zstd -dc guest.sav.zst | fixedram inspect -
+"""
+
+EXTRACT_EPILOG = """\
+examples:
+  fixedram extract guest.mig -o ram/                      one file per RAMBlock
+  fixedram extract guest.mig --format physical -o ram.img  guest-physical image
+  fixedram extract guest.mig --format elf -o core.elf      ELF core for gdb, drgn, volatility3
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line. Each command module adds its own subcommands;
+    they are imported here, and import only argparse-level things at the top."""
+    from . import bridge, completion, engine, state, tools
+    from . import map as map_cli
+
     p = argparse.ArgumentParser(prog="fixedram", description="QEMU fixed-ram (mapped-ram) "
                                 "migration files: inspect, extract, convert, verify, migrate.")
+    p.add_argument("--version", action=_Version, help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("inspect", help="describe a migration or save file")
+    raw = argparse.RawDescriptionHelpFormatter
+    s = sub.add_parser("inspect", help="describe a migration or save file",
+                       epilog=INSPECT_EPILOG, formatter_class=raw)
     s.add_argument("file", help="the file (a libvirt image in any format), or - for stdin")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--xml", action="store_true",
@@ -141,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stream start in the file (default: found automatically)")
     s.set_defaults(func=cmd_inspect)
 
-    s = sub.add_parser("extract", help="write guest RAM out of a migration file")
+    s = sub.add_parser("extract", help="write guest RAM out of a migration file",
+                       epilog=EXTRACT_EPILOG, formatter_class=raw)
     s.add_argument("file", help="the file (a libvirt image in any format), or - for stdin")
     s.add_argument("-o", "--output", required=True,
                    help="directory (raw) or file (physical, elf)")
@@ -152,19 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extract a save that has no EOF marker (unfinished)")
     s.set_defaults(func=cmd_extract)
 
-    # Under ``python -m`` this module runs as __main__; subcommands register
-    # into the importable module's list, so read that one.
-    from fixedram.cli import main as canonical
-
-    for register in canonical._EXTRA:
-        register(sub)
-    from . import map as map_cli
-
-    map_cli.register(sub)
+    for module in (tools, engine, bridge, state, map_cli, completion):
+        module.register(sub)
     return p
 
 
-# Other modules add their subcommands here (convert, verify, engine, bridge).
+# Kept only while cli/tools.py and cli/engine.py still append to it on import:
+# nothing reads it (build_parser above calls each module's register).
 _EXTRA: list[Callable[[argparse._SubParsersAction], None]] = []  # type: ignore[type-arg]
 
 
@@ -222,7 +256,6 @@ class _SignalGuard:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _load_extras()
     p = build_parser()
     a = p.parse_args(argv)
     with _SignalGuard():
@@ -260,18 +293,6 @@ def _interrupted(e: KeyboardInterrupt) -> int:
     print(f"fixedram: interrupted ({signal.Signals(signo).name}); temporary files removed",
           file=sys.stderr)
     return 128 + signo
-
-
-def _load_extras() -> None:
-    import importlib
-
-    for mod in ("fixedram.cli.tools", "fixedram.cli.engine", "fixedram.cli.bridge",
-                "fixedram.cli.state"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
 
 
 if __name__ == "__main__":

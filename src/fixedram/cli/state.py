@@ -8,12 +8,19 @@ import sys
 from typing import Any
 
 from ..errors import FixedramError
-from .main import _EXTRA, _size
+from .main import _size
 
 SCHEMA_VERSION = 1
 # The readable tree shows this much of a buffer; --json has all of it.
 _SHOW_BYTES = 32
 _INLINE_ITEMS = 16
+
+EPILOG = """\
+examples:
+  fixedram state guest.mig                      every device section as a tree
+  fixedram state guest.mig --device cpu         the vCPUs' registers only
+  fixedram state guest.sav --json | jq '.devices[] | .name'
+"""
 
 
 def cmd_state(a: argparse.Namespace) -> int:
@@ -111,7 +118,8 @@ def _add_value(node: Any, label: str, v: Any, text: Any) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s = sub.add_parser("state", help="decode the device state (CPU registers, devices) "
-                       "through the vmdesc")
+                       "through the vmdesc", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("file", help="the file (a libvirt image in any format), or - for stdin")
     s.add_argument("--json", action="store_true", help="print one JSON object "
                    "(buffers as hex strings)")
@@ -120,5 +128,3 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="stream start in the file (default: found automatically)")
     s.set_defaults(func=cmd_state)
 
-
-_EXTRA.append(register)
