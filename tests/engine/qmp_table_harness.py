@@ -285,6 +285,9 @@ def normalise(cmd: str, args: Any, reply: dict[str, Any]) -> Any:
     r = reply["return"]
     if cmd == "query-migrate" and isinstance(r, dict):
         r = {k: _kind(v) if k in _MIGRATE_VOLATILE else v for k, v in r.items()}
+        if "socket-address" in r:  # a port the kernel picked
+            r["socket-address"] = [{**a, "port": "<port>"} if a.get("type") == "inet" else a
+                                   for a in r["socket-address"]]
         if "ram" in r:
             r["ram"] = {k: _kind(v) if k in _RAM_VOLATILE else v for k, v in r["ram"].items()}
     elif cmd == "add-fd":
@@ -304,6 +307,7 @@ def normalise_hmp(line: str, text: str) -> str:
         text = _HMP_VOLATILE.sub(lambda m: m.group(1) + ": <n>", text)
         # fixedram's streams carry no global-state section; it says so.
         text = re.sub(r"store-global-state: (on|off)", "store-global-state: <x>", text)
+        text = re.sub(r"(\ttcp:[^\r]*):\d+\r", r"\1:<port>\r", text)
     elif words[:2] == ["info", "ramblock"]:
         lines = text.split("\r\n")
         keep = [lines[0]] + [x for x in lines[1:] if x.strip().startswith("pc.ram ")]

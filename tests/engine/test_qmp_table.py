@@ -324,6 +324,11 @@ TABLE: dict[str, list[Any]] = {
         _hmp("migrate file:{d}/h2.mig"), _hmp("cont"), _hmp("migrate file:{d}/h2.mig"), W(),
         _hmp("info status"),
     ],
+    "socket targets that do not answer: the migration fails in its thread": [
+        EVENTS_ON,
+        Q("migrate", {"uri": "unix:{d}/nobody.sock"}), W(), E(), MIGRATE_Q, STATUS,
+        Q("migrate", {"uri": "tcp:127.0.0.1:1"}), W(), E(), MIGRATE_Q, STATUS,
+    ],
     "migrate-incoming without -incoming": [
         Q("migrate-incoming", {"uri": "file:{d}/none.mig"}),
         Q("migrate-incoming", {"uri": "tcp:127.0.0.1:0"}),
@@ -340,6 +345,12 @@ INCOMING: dict[str, list[Any]] = {
         E(), MIGRATE_Q, STATUS,
         Q("migrate-incoming", {"uri": "file:{d}/nonexistent.mig"}),
         _caps(("multifd", True)),
+    ],
+    "listening on a tcp port: the address in query-migrate and info migrate": [
+        EVENTS_ON,
+        Q("migrate-incoming", {"uri": "tcp:127.0.0.1:0"}), E(), MIGRATE_Q,
+        _hmp("info migrate"), STATUS,
+        Q("migrate-incoming", {"uri": "tcp:127.0.0.1:0"}),
     ],
     "a failed load with exit-on-error false: failed, and the process stays": [
         EVENTS_ON,

@@ -339,8 +339,10 @@ class Incoming:
         listening addresses and the error, nothing else."""
         out: dict[str, Any] = {"status": self.status}
         if isinstance(self.ch.address, tuple):
-            out["socket-address"] = [{"type": "inet", "host": str(self.ch.address[0]),
-                                      "port": str(self.ch.address[1])}]
+            host = str(self.ch.address[0])
+            family = "ipv6" if ":" in host else "ipv4"  # QEMU says which
+            out["socket-address"] = [{"type": "inet", "host": host,
+                                      "port": str(self.ch.address[1]), family: True}]
         elif isinstance(self.ch.address, str):
             out["socket-address"] = [{"type": "unix", "path": self.ch.address}]
         if self.status == "failed" and self.error:

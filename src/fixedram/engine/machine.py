@@ -267,7 +267,7 @@ class GuestMachine:
     # -- migrate ----------------------------------------------------------------------------
 
     @staticmethod
-    def _address(args: dict[str, Any]) -> tuple[str | MigrationURI, bool]:
+    def _address(args: dict[str, Any]) -> tuple[MigrationURI, bool]:
         """The main channel's URI (arguments already checked against the
         schema) and whether a cpr channel was given."""
         has_uri, chans = "uri" in args, args.get("channels") or None
@@ -313,7 +313,6 @@ class GuestMachine:
 
     def cmd_migrate(self, a: dict[str, Any]) -> Any:
         uri, has_cpr = self._address(a)
-        assert isinstance(uri, MigrationURI)
         self.cfg.check_transport(uri.kind, uri.seekable)
         if self.cfg.params["mode"] == "cpr-transfer" and not has_cpr:
             raise QAPIError("missing 'cpr' migration channel")
@@ -367,7 +366,6 @@ class GuestMachine:
         if self.g.status != "inmigrate":
             raise QAPIError("'-incoming' was not specified on the command line")
         uri, _ = self._address(a)
-        assert isinstance(uri, MigrationURI)
         self._start_incoming(uri, exit_on_error=a.get("exit-on-error", True))
         return {}
 

@@ -313,7 +313,7 @@ def _check(typ: str, v: Any, path: str, name: str) -> None:
             if v not in t.values:  # QEMU names the member, not the path, here
                 raise QAPIError(f"Parameter '{name}' does not accept value '{v}'")
         elif isinstance(t, Alternate):
-            kinds = {"str": str, "null": type(None)}
+            kinds: dict[str, type] = {"str": str, "null": type(None)}
             if not any(isinstance(v, kinds[k]) for k in t.types):
                 raise _bad_type(path, t.name)
         else:

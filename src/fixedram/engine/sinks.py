@@ -59,7 +59,7 @@ def _finish_state(state: MachineState, guest: BuiltinGuest) -> None:
 
 def zero_mask(blk: GuestBlock, first: int, count: int) -> np.ndarray:
     """True for each non-zero page of the run (one vectorised pass)."""
-    return blk.words[first:first + count].any(axis=1)
+    return np.asarray(blk.words[first:first + count].any(axis=1))
 
 
 def mask_runs(nz: np.ndarray) -> list[tuple[int, int]]:

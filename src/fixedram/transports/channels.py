@@ -24,7 +24,7 @@ import os
 import socket
 import stat
 import subprocess
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ..errors import OutputError, TransportError
 from ..output import AtomicOutput
@@ -388,10 +388,11 @@ class InChannel:
 
     def open(self) -> BinaryIO:
         u = self.uri
+        f: Any
         try:
             if self._lsock is not None:
                 self._conn, _ = self._lsock.accept()
-                self._f = self._conn.makefile("rb", buffering=0)
+                f = self._conn.makefile("rb", buffering=0)
             elif u.kind == "file":
                 if self.fd < 0:
                     self.fd = qemu_open(u.path, os.O_RDONLY)
@@ -399,17 +400,17 @@ class InChannel:
                 self.fd = -1  # the file object owns it now
                 if u.offset:  # a FIFO can be read from its start only
                     f.seek(u.offset)
-                self._f = f
             elif u.kind == "exec":
                 self._proc = subprocess.Popen(["/bin/sh", "-c", u.command],
                                               stdout=subprocess.PIPE)
                 assert self._proc.stdout is not None
-                self._f = self._proc.stdout
+                f = self._proc.stdout
             else:
-                self._f = open(u.fd, "rb", buffering=0, closefd=True)  # noqa: SIM115
+                f = open(u.fd, "rb", buffering=0, closefd=True)  # noqa: SIM115
         except OSError as e:
             raise TransportError(f"{u.text}: {e.strerror or e}", e) from e
-        return self._f
+        self._f = f
+        return f
 
     def close(self) -> None:
         if self.fd >= 0:
