@@ -215,7 +215,7 @@ class Listener:
 
     def drain(self) -> list[socket.socket]:
         """Every connection already waiting in the backlog, without blocking."""
-        out = []
+        out: list[socket.socket] = []
         with self.lock:
             while True:
                 c = self._accept_now()

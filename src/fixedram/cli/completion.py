@@ -27,7 +27,7 @@ def cmd_completion(a: argparse.Namespace) -> int:
     return 0
 
 
-def _mark_paths(parser: argparse.ArgumentParser, file: dict[str, str]) -> None:
+def _mark_paths(parser: argparse.ArgumentParser, file: object) -> None:
     """Tell shtab which arguments complete as paths (the others complete options only)."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):

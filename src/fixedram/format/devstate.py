@@ -23,7 +23,7 @@ import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from ..errors import CorruptFile, TruncatedFile, UnsupportedFeature
 from .constants import SectionType
@@ -229,7 +229,7 @@ class _Walk:
         return _text(self.data[pos + 1:pos + 1 + n])
 
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 

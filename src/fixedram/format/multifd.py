@@ -23,7 +23,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, cast
 
 import numpy as np
 
@@ -131,8 +131,8 @@ def encode_init(channel_id: int, uuid: bytes = bytes(16)) -> bytes:
     return _INIT.pack(MULTIFD_MAGIC, MULTIFD_VERSION, uuid, channel_id)
 
 
-def decode_packet(raw: bytes | memoryview, page_size: int = 4096, *, name: str = "multifd",
-                  offset: int = 0) -> MultifdPacket:
+def decode_packet(raw: bytes | bytearray | memoryview, page_size: int = 4096, *,
+                  name: str = "multifd", offset: int = 0) -> MultifdPacket:
     """Decode one header block of :func:`packet_size` bytes; offsets become page indices.
 
     Lengths are checked against the fixed slot count, so a hostile header
@@ -275,7 +275,8 @@ class PageDecompressor:
             # and the writer calls again only while input is left: with room
             # for more than a packet's pages, a packet's data all come out.
             self._zstd = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW).stream_writer(
-                self._sink, write_size=MAX_COMPRESSED_SIZE, write_return_read=True,
+                cast("IO[bytes]", self._sink),  # it only calls write(); stubs want a file
+                write_size=MAX_COMPRESSED_SIZE, write_return_read=True,
                 closefd=False)
             self._zstd_error = zstandard.ZstdError
         self.broken = False  # after an error the stream state is lost for good
@@ -359,4 +360,5 @@ class PageCompressor:
 
     def compress(self, pages: bytes | memoryview) -> bytes:
         """One packet's page data (its normal pages, concatenated) compressed."""
-        return self._c.compress(pages) + self._flush()
+        out: bytes = self._c.compress(pages) + self._flush()
+        return out

@@ -136,21 +136,21 @@ class ByteReader:
     def be16(self, what: str = "a be16") -> int:
         if len(self._buf) - self._i < 2 and not self._fill(2):
             raise self._short(2, what)
-        v = _unpack16(self._buf, self._i)[0]
+        v: int = _unpack16(self._buf, self._i)[0]
         self._i += 2
         return v
 
     def be32(self, what: str = "a be32") -> int:
         if len(self._buf) - self._i < 4 and not self._fill(4):
             raise self._short(4, what)
-        v = _unpack32(self._buf, self._i)[0]
+        v: int = _unpack32(self._buf, self._i)[0]
         self._i += 4
         return v
 
     def be64(self, what: str = "a be64") -> int:
         if len(self._buf) - self._i < 8 and not self._fill(8):
             raise self._short(8, what)
-        v = _unpack64(self._buf, self._i)[0]
+        v: int = _unpack64(self._buf, self._i)[0]
         self._i += 8
         return v
 

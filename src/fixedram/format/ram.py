@@ -229,7 +229,7 @@ class RamStreamState:
         buf, i, avail = r.window(8)
         if avail < 8 or buf[i] != 0:
             return None
-        v = BE64.unpack_from(buf, i)[0]
+        v: int = BE64.unpack_from(buf, i)[0]
         if v <= self.page_size or v & (v - 1) or v > MAX_PAGE_SIZE:
             return None
         if left > 0 or v & self.page_mask == 0:

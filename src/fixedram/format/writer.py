@@ -182,7 +182,7 @@ class StreamWriter:
         rec = np.zeros((n, 9), dtype=np.uint8)
         words = idx * np.uint64(ps) | np.uint64(RAM_FLAG_ZERO | RAM_FLAG_CONTINUE)
         rec[:, :8] = words.astype(">u8").view(np.uint8).reshape(n, 8)
-        self._out(memoryview(rec).cast("B"))
+        self._out(rec.data.cast("B"))
 
     def pages(self, bi: int, first: int, data: bytes | memoryview | np.ndarray) -> None:
         """Page records for ``len(data) // page_size`` consecutive pages.
@@ -207,7 +207,7 @@ class StreamWriter:
                  | np.uint64(RAM_FLAG_PAGE | RAM_FLAG_CONTINUE))
         rec[:, :8] = words.astype(">u8").view(np.uint8).reshape(n, 8)
         rec[:, 8:] = arr[: n * ps].reshape(n, ps)
-        self._out(memoryview(rec).cast("B"))
+        self._out(rec.data.cast("B"))
 
     def continuing_records(self, bi: int, first: int, n: int) -> np.ndarray:
         """An (n, 8 + page_size) array of CONTINUE page records with headers
@@ -316,7 +316,7 @@ class MappedRamWriter:
             possibly O_DIRECT); defaults to the main one.
         """
         p = self.placed[bi]
-        mv = memoryview(data).cast("B")
+        mv = (data.data if isinstance(data, np.ndarray) else memoryview(data)).cast("B")
         n = len(mv) // p.spec.page_size
         if first < 0 or first + n > p.spec.npages:
             raise ValueError(f"pages {first}..{first + n} outside RAMBlock {p.spec.idstr!r}")

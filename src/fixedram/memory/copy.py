@@ -156,7 +156,7 @@ class RunCopier:
         if run.stride == ps:
             if run.count > self._out.shape[0]:
                 self._out = np.empty((run.count, ps), dtype=np.uint8)
-            buf = memoryview(self._out).cast("B")[: run.count * ps]
+            buf = self._out.data.cast("B")[: run.count * ps]
             self._pread_into(buf, run.file_offset)
             return buf
         return self._gather_strided(run)
@@ -166,7 +166,7 @@ class RunCopier:
         data slots of records (``rec[k, skip:]``) with one scattering ``preadv``,
         e.g. into stream page records, so no interleaving copy is needed."""
         n, width = rec.shape
-        flat = memoryview(rec).cast("B")
+        flat = rec.data.cast("B")
         views = [flat[a:a + width - skip] for a in range(skip, n * width, width)]
         got = os.preadv(self.src_fd, views, offset)
         if got != n * (width - skip):  # rare short read: finish slot by slot
@@ -204,7 +204,7 @@ class RunCopier:
                 self._kernel_copy = False
         if n > self._out.nbytes:
             self._out = np.empty((n // self.ps + 1, self.ps), dtype=np.uint8)
-        buf = memoryview(self._out).cast("B")[:n]
+        buf = self._out.data.cast("B")[:n]
         self._pread_into(buf, src)
         os.pwrite(dst_fd, buf, dst)
 
@@ -221,7 +221,7 @@ class RunCopier:
             self._ring[self._ring_i] = np.empty((cnt, ps), dtype=np.uint8)
         out = self._ring[self._ring_i][:cnt]
         np.copyto(out, src[:, :ps])
-        return memoryview(out).cast("B")
+        return out.data.cast("B")
 
     def _copy_strided(self, run: Run, dst_fd: int, dst: int) -> None:
         self._queue_write(dst_fd, self._gather_strided(run), dst)

@@ -252,7 +252,7 @@ def _name_candidates(mf: MigrationFile, pr: PhysRange,
     wpp = ps // 4
     lo, hi = pr.block_offset // ps, (pr.block_offset + pr.length) // ps
     buf = np.empty(SCAN_PAGES * (ps + 8) // 4, dtype=np.uint32)
-    raw = memoryview(buf).cast("B")
+    raw = buf.data.cast("B")
     mask = np.empty((SCAN_PAGES, wpp), dtype=bool)
     for run in block.runs(SCAN_PAGES):
         r = run.clip(lo, hi)
