@@ -53,12 +53,13 @@ def _print_table(maps: list[BlockMap]) -> None:
     from .render import printable
 
     w = sys.stdout.write
-    w(f"{'block':<16} {'start':>14} {'length':>14} {'kind':<6} {'file offset':>14} copies\n")
+    nw = max([len(printable(m.block.idstr)) for m in maps] + [5])
+    w(f"{'block':<{nw}} {'start':>12} {'length':>12} {'kind':<6} {'file offset':>12} copies\n")
     for m in maps:
         for e in m.extents():
             off = f"0x{e.file_offset:x}" if e.file_offset is not None else "-"
-            w(f"{printable(e.block):<16} {f'0x{e.start:x}':>14} {f'0x{e.length:x}':>14} "
-              f"{e.kind:<6} {off:>14} {e.copies}\n")
+            w(f"{printable(e.block):<{nw}} {f'0x{e.start:x}':>12} {f'0x{e.length:x}':>12} "
+              f"{e.kind:<6} {off:>12} {e.copies}\n")
 
 
 def _check_matplotlib() -> None:
