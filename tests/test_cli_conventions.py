@@ -99,3 +99,10 @@ def test_zsh_completion() -> None:
     zsh = shutil.which("zsh")
     if zsh is not None:  # syntax check where zsh is installed
         assert _run(zsh, "-n", "-c", r.stdout).returncode == 0
+
+
+def test_receive_help_states_the_peer_timeout() -> None:
+    from fixedram.bridge.net import PEEK_TIMEOUT
+
+    r = _run(FIXEDRAM, "receive", "--help")
+    assert f"(default {PEEK_TIMEOUT:g})" in " ".join(r.stdout.split())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -138,6 +139,12 @@ def test_cli_errors_and_table(tmp_path: Path) -> None:
     bad.write_bytes(b"not a migration file" * 10)
     r = _cli("map", str(bad), "--json")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    # A compressed save has no file offsets to show: refused in one line.
+    gz = tmp_path / "s.mig.gz"
+    gz.write_bytes(gzip.compress(src.read_bytes()))
+    r = _cli("map", str(gz))
+    assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1
+    assert "compressed" in r.stderr
     # Incomplete: cut in the second pass; the map shows what the file holds and warns.
     cut = tmp_path / "cut.mig"
     cut.write_bytes(src.read_bytes()[:-2 * PS])

@@ -136,10 +136,14 @@ class _Version(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: object, option_string: str | None = None) -> None:
-        from .._version import __version__
-
-        sys.stdout.write(f"fixedram {__version__}\n")
+        _print_version()
         parser.exit()
+
+
+def _print_version() -> None:
+    from .._version import __version__
+
+    sys.stdout.write(f"fixedram {__version__}\n")
 
 
 INSPECT_EPILOG = """\
@@ -256,6 +260,9 @@ class _SignalGuard:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if list(sys.argv[1:] if argv is None else argv) == ["--version"]:
+        _print_version()  # without building the parser: no command module imported
+        return 0
     p = build_parser()
     a = p.parse_args(argv)
     with _SignalGuard():
