@@ -180,7 +180,8 @@ def test_svg_without_matplotlib(tmp_path: Path) -> None:
 
 
 @pytest.mark.qemu
-@pytest.mark.parametrize("mode,live", [("stream", True), ("mapped-ram", False)])
+@pytest.mark.parametrize("mode,live", [("stream", True), ("mapped-ram", False),
+                                       ("mapped-ram-multifd", True)])
 def test_real_qemu_saves(saved_file: Callable[..., Any], mode: str, live: bool) -> None:
     sf = saved_file(machine="q35", mode=mode, live=live, ram_mb=32, mem_end=8 << 20,
                     fill_words=2, bandwidth=None)
