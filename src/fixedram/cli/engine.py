@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import CapabilityError, MigrationError, TransportError
 from ..output import register_temporary, unregister_temporary
-from .main import _EXTRA, _ram_size, _size, int_in, number_in
+from .main import _ram_size, _size, int_in, number_in
 
 __all__ = ["register"]
 
@@ -386,5 +386,4 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.set_defaults(func=cmd_guest)
 
 
-_EXTRA.append(register)
 

@@ -201,10 +201,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Kept only while cli/tools.py and cli/engine.py still append to it on import:
-# nothing reads it (build_parser above calls each module's register).
-_EXTRA: list[Callable[[argparse._SubParsersAction], None]] = []  # type: ignore[type-arg]
-
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C's KeyboardInterrupt.

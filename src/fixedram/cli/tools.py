@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from ..errors import FixedramError
-from .main import _EXTRA, _size
+from .main import _size
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
@@ -159,4 +159,3 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.set_defaults(func=cmd_verify)
 
 
-_EXTRA.append(register)

@@ -151,7 +151,7 @@ class GuestMachine:
     def cmd_query_status(self, a: dict[str, Any]) -> Any:
         return {"running": self.g.running, "status": self.g.status}
 
-    def cmd_query_version(self, a: dict[str, Any]) -> Any:
+    def cmd_query_version(self, a: dict[str, Any]) -> dict[str, Any]:
         major, minor, micro = QEMU_VERSION
         return {"qemu": {"major": major, "minor": minor, "micro": micro},
                 "package": package_version()}

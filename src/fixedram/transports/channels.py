@@ -24,7 +24,7 @@ import os
 import socket
 import stat
 import subprocess
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from ..errors import OutputError, TransportError
 from ..output import AtomicOutput
@@ -410,7 +410,7 @@ class InChannel:
         except OSError as e:
             raise TransportError(f"{u.text}: {e.strerror or e}", e) from e
         self._f = f
-        return f
+        return cast(BinaryIO, f)
 
     def close(self) -> None:
         if self.fd >= 0:
