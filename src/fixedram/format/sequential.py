@@ -42,7 +42,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, cast
 
 import numpy as np
 
@@ -57,6 +57,7 @@ from .libvirt import HEADER_SIZE, MAGIC_DONE, MAGIC_PART, LibvirtHeader, parse_l
 from .primitives import ByteReader
 from .ram import RAMBlockRecord, RamStreamState
 from .stream import StreamHeader
+from .vmdesc import VMDesc
 from .walker import DeviceSection, StreamEvents, StreamSummary, walk_stream
 
 __all__ = ["COMPRESSION_MAGIC", "OnePassBlock", "OnePassFile", "PageTarget",
@@ -242,7 +243,7 @@ class _Decoded:
             import zstandard
 
             return zstandard.ZstdDecompressor().stream_reader(
-                src, read_size=READ_SIZE, read_across_frames=True)
+                cast("IO[bytes]", src), read_size=READ_SIZE, read_across_frames=True)
         if kind == "lzop":
             return self._open_lzop(src)
         raise ValueError(kind)
@@ -401,6 +402,7 @@ class _Stdlib:
                 data = self.pending if d.needs_input else b""
                 self.pending = b"" if d.needs_input else self.pending
                 out = d.decompress(data, n)
+            assert isinstance(out, bytes)
             if d.eof:
                 self._next_stream()
             if out:
@@ -662,7 +664,7 @@ class OnePassFile:
         self.fd = os.memfd_create("fixedram-stream-state", os.MFD_CLOEXEC)
         self.size = src.start
         self.error: TruncatedFile | None = None
-        self.summary: StreamSummary | None = None  # type: ignore[assignment]
+        self._summary: StreamSummary | None = None
         self.blocks: list[OnePassBlock] = []
         self.page_records = 0
         self.zero_records = 0
@@ -670,13 +672,23 @@ class OnePassFile:
     # -- like MigrationFile ----------------------------------------------------
 
     @property
+    def summary(self) -> StreamSummary:
+        """What the walk found (set as soon as the walk starts)."""
+        if self._summary is None:
+            raise RuntimeError("the stream has not been walked yet")
+        return self._summary
+
+    @summary.setter
+    def summary(self, s: StreamSummary) -> None:
+        self._summary = s
+
+    @property
     def header(self) -> StreamHeader:
-        assert self.summary is not None
         return self.summary.header
 
     @property
-    def vmdesc(self) -> Any:
-        return self.summary.vmdesc if self.summary is not None else None
+    def vmdesc(self) -> VMDesc | None:
+        return self._summary.vmdesc if self._summary is not None else None
 
     @property
     def format(self) -> str:
@@ -694,11 +706,11 @@ class OnePassFile:
     def complete(self) -> bool:
         if self.libvirt is not None and not self.libvirt.complete:
             return False
-        return self.error is None and self.summary is not None and self.summary.complete
+        return self.error is None and self._summary is not None and self._summary.complete
 
     @property
     def sections(self) -> list[DeviceSection]:
-        return self.summary.devices if self.summary is not None else []
+        return self._summary.devices if self._summary is not None else []
 
     def devices(self) -> list[Any]:
         from .devstate import decode_devices
@@ -745,7 +757,7 @@ class _Pass(StreamEvents):
         if state.mapped_ram:  # the walker needs a seek before it gets here on a pipe
             raise _mapped_ram_refused(self.f)
         self.ps = state.page_size
-        self.f.summary = self.summary  # filled in as the walk goes
+        self.f._summary = self.summary  # filled in as the walk goes
         self.f.blocks = [OnePassBlock(i, rec) for i, rec in enumerate(state.blocks)]
         if self.target is not None:
             self.target.begin(self.f)

@@ -88,7 +88,7 @@ def to_stream(mf: MigrationFile, write: Callable[[bytes | memoryview], object], 
                 # Pages land in their record slots directly: no interleaving copy.
                 rec = w.continuing_records(bi, run.first, run.count)
                 copier.read_records(rec, 8, run.file_offset)
-                w.raw(memoryview(rec).cast("B"))
+                w.raw(rec.data.cast("B"))
             else:
                 w.pages(bi, run.first, copier.read_run(run))
             if progress is not None:
