@@ -3,6 +3,7 @@ and a startup that does not import numpy or rich."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -106,3 +107,65 @@ def test_receive_help_states_the_peer_timeout() -> None:
 
     r = _run(FIXEDRAM, "receive", "--help")
     assert f"(default {PEEK_TIMEOUT:g})" in " ".join(r.stdout.split())
+
+
+# -- exit statuses and outputs on real files --------------------------------------------
+
+PS = 4096
+
+
+def _stream(path: Path, seeds: dict[int, int], finish: bool = True) -> Path:
+    """A small sequential stream: one 16-page pc.ram, page -> fill byte (0 = zero page)."""
+    from fixedram.format.machine import MachineState
+    from fixedram.format.writer import BlockSpec, StreamWriter
+
+    with open(path, "wb") as f:
+        w = StreamWriter(f.write, MachineState("pc-q35-10.0", ()), [BlockSpec("pc.ram", 16 * PS)])
+        w.begin()
+        w.begin_part(end=True)
+        for page, seed in seeds.items():
+            if seed:
+                w.pages(0, page, bytes([seed]) * PS)
+            else:
+                w.zero(0, page)
+        w.end_part()
+        if finish:
+            w.finish()
+    return path
+
+
+def test_verify_exit_status_is_qemu_img_compares(tmp_path: Path) -> None:
+    a = _stream(tmp_path / "a.mig", {0: 1, 3: 7, 5: 0})
+    b = _stream(tmp_path / "b.mig", {0: 1, 3: 8, 5: 0})
+    cut = _stream(tmp_path / "cut.mig", {0: 1, 3: 7}, finish=False)
+    missing = str(tmp_path / "missing.mig")
+    # FILE alone: 0 sound, 1 problems found, 2 cannot be read.
+    r = _run(FIXEDRAM, "verify", str(a))
+    assert r.returncode == 0 and r.stdout == f"{a}: OK\n", r.stderr
+    r = _run(FIXEDRAM, "verify", str(cut))
+    assert r.returncode == 1 and r.stdout.startswith(f"{cut}: ") and r.stderr == ""
+    for args in ([missing], [str(tmp_path)]):
+        r = _run(FIXEDRAM, "verify", *args)
+        assert r.returncode == 2 and r.stderr.startswith("fixedram: error: "), r
+        assert len(r.stderr.splitlines()) == 1 and r.stdout == ""
+    # --against: 0 equal, 1 differ, 2 error (unreadable or unsound input).
+    r = _run(FIXEDRAM, "verify", str(a), "--against", str(a))
+    assert r.returncode == 0 and "RAM equal" in r.stdout
+    r = _run(FIXEDRAM, "verify", str(a), "--against", str(b), "--json")
+    doc = json.loads(r.stdout)
+    assert r.returncode == 1 and not doc["equal"]
+    assert [d["differing_pages"] for d in doc["differences"]] == [[3]]
+    r = _run(FIXEDRAM, "verify", str(a), "--against", missing)
+    assert r.returncode == 2 and "missing.mig" in r.stderr and r.stdout == ""
+    for x, y in ((a, cut), (cut, a)):
+        r = _run(FIXEDRAM, "verify", str(x), "--against", str(y))
+        assert r.returncode == 2 and f"{cut}: " in r.stdout, r
+    # A pipe read in one pass keeps the same statuses.
+    with open(b, "rb") as f:
+        r = _run(FIXEDRAM, "verify", "-", "--against", str(a), stdin=f)
+    assert r.returncode == 1 and "1 differing pages: 3 (0x3000)" in r.stdout
+    with open(a, "rb") as f:
+        r = _run(FIXEDRAM, "verify", "-", "--against", missing, stdin=f)
+    assert r.returncode == 2 and "missing.mig" in r.stderr
+    # Other commands keep exit status 1 for errors.
+    assert _run(FIXEDRAM, "inspect", missing).returncode == 1

@@ -276,7 +276,7 @@ def _run(a: argparse.Namespace) -> int:
         return rc
     except FixedramError as e:
         print(f"fixedram: error: {printable(e)}", file=sys.stderr)
-        return 1
+        return _error_status(a)
     except KeyboardInterrupt as e:
         return _interrupted(e)
     except BrokenPipeError:
@@ -284,7 +284,13 @@ def _run(a: argparse.Namespace) -> int:
     except OSError as e:
         name = f"{e.filename}: " if e.filename else ""
         print(f"fixedram: error: {printable(name)}{e.strerror or e}", file=sys.stderr)
-        return 1
+        return _error_status(a)
+
+
+def _error_status(a: argparse.Namespace) -> int:
+    """1, or what the command set (verify: 2, as qemu-img compare) once it started."""
+    status: int = getattr(a, "error_status", 1)
+    return status
 
 
 def _interrupted(e: KeyboardInterrupt) -> int:

@@ -33,9 +33,15 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+# Exit statuses of verify, as ``qemu-img compare``: 0 sound (or RAM equal),
+# 1 problems found (or RAM differs), 2 the check could not be made.
+VERIFY_OK, VERIFY_FOUND, VERIFY_ERROR = 0, 1, 2
+
+
 def cmd_verify(a: argparse.Namespace) -> int:
     from ..format.sequential import is_one_pass
 
+    a.error_status = VERIFY_ERROR  # unreadable input, or nothing to compare: main() exits 2
     one_a = is_one_pass(a.file)
     one_b = a.against is not None and is_one_pass(a.against)
     result: dict[str, object] = {"file": a.file}
@@ -50,7 +56,11 @@ def cmd_verify(a: argparse.Namespace) -> int:
         result["against_problems"] = probs_b
         result["differences"] = diffs
         result["equal"] = not diffs
-    ok = not probs and not diffs
+    if a.against and (probs or probs_b):
+        status = VERIFY_ERROR  # bad input: a comparison of unsound files is not trusted
+    else:
+        status = VERIFY_FOUND if probs or diffs else VERIFY_OK
+    ok = status == VERIFY_OK
     if a.json:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -70,9 +80,11 @@ def cmd_verify(a: argparse.Namespace) -> int:
                 more = f" and {d['differing_count'] - 20} more" if d["differing_count"] > 20 else ""
                 print(f"block {d['idstr']!r}: {d['differing_count']} differing pages: "
                       f"{shown}{more}")
+        for p in probs_b:
+            print(f"{a.against}: {p}")
         if ok:
             print(f"{a.file}: OK" + (f", RAM equal to {a.against}" if a.against else ""))
-    return 0 if ok else 1
+    return status
 
 
 def _verify_files(path: str, against: str | None) -> tuple[list[str], list[str], list[Any]]:
@@ -137,6 +149,13 @@ def _verify_one_pass(path: str, against: str | None, one_a: bool,
     return other_probs, probs, diffs
 
 
+VERIFY_EPILOG = """\
+exit status (as qemu-img compare):
+  FILE alone:       0 sound, 1 problems found, 2 cannot be read
+  --against OTHER:  0 RAM equal, 1 RAM differs, 2 error (unreadable or unsound input)
+"""
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s = sub.add_parser("convert", help="convert between sequential stream and mapped-ram")
     s.add_argument("input", help="the file (a libvirt image in any format), or - for stdin")
@@ -152,7 +171,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    "image with the same domain XML, format raw or sparse)")
     s.set_defaults(func=cmd_convert)
 
-    s = sub.add_parser("verify", help="check a save file; compare guest RAM of two files")
+    s = sub.add_parser("verify", help="check a save file; compare guest RAM of two files",
+                       epilog=VERIFY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("file", help="the file (a libvirt image in any format), or - for stdin")
     s.add_argument("--against", metavar="OTHER", help="compare guest RAM with this file")
     s.add_argument("--json", action="store_true")
