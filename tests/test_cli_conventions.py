@@ -169,3 +169,18 @@ def test_verify_exit_status_is_qemu_img_compares(tmp_path: Path) -> None:
     assert r.returncode == 2 and "missing.mig" in r.stderr
     # Other commands keep exit status 1 for errors.
     assert _run(FIXEDRAM, "inspect", missing).returncode == 1
+
+
+def test_inspect_of_an_incomplete_file_describes_it_and_exits_1(tmp_path: Path) -> None:
+    whole = _stream(tmp_path / "whole.mig", {0: 1, 3: 7})
+    cut = _stream(tmp_path / "cut.mig", {0: 1, 3: 7}, finish=False)
+    r = _run(FIXEDRAM, "inspect", str(whole), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["complete"] is True
+    r = _run(FIXEDRAM, "inspect", str(cut), "--json")
+    doc = json.loads(r.stdout)
+    assert r.returncode == 1 and r.stderr == ""
+    assert doc["complete"] is False and doc["blocks"][0]["pages_present"] == 2
+    r = _run(FIXEDRAM, "inspect", str(cut))
+    assert r.returncode == 1 and "complete: NO" in r.stdout and "pc.ram" in r.stdout
+    r = _run("bash", "-c", f"cat {cut} | {FIXEDRAM} inspect - --json")  # a pipe: one pass
+    assert r.returncode == 1 and json.loads(r.stdout)["complete"] is False

@@ -77,14 +77,16 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     else:
         with MigrationFile(real, offset=a.offset, strict=False) as mf:
             d = describe(mf)
+    # An incomplete save is described in full, then exits 1: scripts see it is unfinished.
+    status = 0 if d["complete"] else 1
     if a.json:
         json.dump(d, sys.stdout, indent=2)
         sys.stdout.write("\n")
-        return 0
+        return status
     from .render import render_inspect
 
     render_inspect(d)
-    return 0
+    return status
 
 
 def _print_xml(path: str) -> int:
@@ -152,6 +154,8 @@ examples:
   fixedram inspect guest.sav --json          one JSON object (libvirt images in any format)
   fixedram inspect guest.sav --xml           the domain XML of a libvirt save image
   zstd -dc guest.sav.zst | fixedram inspect -
+
+exit status: 0 a complete save, 1 an incomplete one (described all the same) or an error
 """
 
 EXTRACT_EPILOG = """\
