@@ -7,6 +7,7 @@ file names: they are sanitised and can never escape the output directory.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -16,7 +17,7 @@ import re
 import secrets
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ..errors import OutputError
 from ..format.migfile import MigrationFile
@@ -50,7 +51,7 @@ def total_bytes(mf: MigrationFile) -> int:
     return sum(b.pages_present * b.page_size for b in mf.blocks)
 
 
-def _unique_names(mf: MigrationFile) -> list[str]:
+def unique_names(mf: MigrationFile) -> list[str]:
     """One distinct file name per block, whatever names the file declares."""
     used: set[str] = {"index.json"}
     names = []
@@ -73,6 +74,18 @@ def extract_raw(mf: MigrationFile, outdir: str | os.PathLike[str], *, force: boo
     renamed when complete, so an interrupted run leaves no partial set. An
     existing empty directory is replaced; a non-empty one only with ``force``.
     """
+    with staged_directory(outdir, force) as tmp:
+        return _write_raw_set(mf, tmp, progress)
+
+
+@contextlib.contextmanager
+def staged_directory(outdir: str | os.PathLike[str], force: bool) -> Iterator[str]:
+    """A hidden temporary directory beside ``outdir`` to build an output set in.
+
+    When the block ends normally it is moved into place (see :func:`replace_dir`);
+    on an exception or signal it is removed. An existing empty directory is
+    replaced; a non-empty one only with ``force``.
+    """
     outdir = os.path.abspath(os.fspath(outdir))
     if os.path.lexists(outdir):
         if not os.path.isdir(outdir) or os.path.islink(outdir):
@@ -87,9 +100,8 @@ def extract_raw(mf: MigrationFile, outdir: str | os.PathLike[str], *, force: boo
             os.mkdir(tmp, 0o755)
         except OSError as e:
             raise output_error(outdir, e) from e
-        index = _write_raw_set(mf, tmp, progress)
-        _replace_dir(tmp, outdir)
-        return index
+        yield tmp
+        replace_dir(tmp, outdir)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -99,7 +111,7 @@ def extract_raw(mf: MigrationFile, outdir: str | os.PathLike[str], *, force: boo
 def _write_raw_set(mf: MigrationFile, d: str, progress: Progress | None) -> dict[str, object]:
     copier = RunCopier(mf.fd, 4096, RUN_PAGES, src_name=mf.path)
     entries = []
-    for b, name in zip(mf.blocks, _unique_names(mf), strict=True):
+    for b, name in zip(mf.blocks, unique_names(mf), strict=True):
         path = os.path.join(d, name)
         if os.path.dirname(path) != d:  # defence in depth
             raise OutputError(f"block name {b.idstr!r} would leave the output directory")
@@ -141,7 +153,7 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(err, os.strerror(err), b)
 
 
-def _replace_dir(tmp: str, outdir: str) -> None:
+def replace_dir(tmp: str, outdir: str) -> None:
     """Move the finished directory into place. A non-empty one it replaces is
     swapped out atomically and then removed (under the temporary's name), so
     at no moment is neither the old nor the new set in place."""

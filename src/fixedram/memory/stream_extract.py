@@ -22,8 +22,6 @@ import itertools
 import json
 import os
 import queue
-import secrets
-import shutil
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,9 +30,9 @@ import numpy as np
 
 from ..errors import FixedramError, OutputError, UnsupportedFeature
 from ..format.sequential import OnePassFile, SequentialInput, scan
-from ..output import AtomicOutput, output_error, register_temporary, unregister_temporary
+from ..output import AtomicOutput, output_error
 from .copy import WRITEBACK_BYTES
-from .extract import _replace_dir, _unique_names
+from .extract import staged_directory, unique_names
 from .layout import physical_ranges
 
 if TYPE_CHECKING:
@@ -229,7 +227,7 @@ class _RawSet(_Placed):
         self.fds: list[int] = []
 
     def begin(self, f: OnePassFile) -> None:
-        self.names = _unique_names(f)  # type: ignore[arg-type]
+        self.names = unique_names(f)  # type: ignore[arg-type]
         for b, name in zip(f.blocks, self.names, strict=True):
             path = os.path.join(self.dir, name)
             if os.path.dirname(path) != self.dir:  # defence in depth
@@ -338,37 +336,22 @@ def _run(src: SequentialInput, target: _Placed, allow_incomplete: bool) -> OnePa
 
 def _extract_raw(src: SequentialInput, outdir: str, force: bool,
                  allow_incomplete: bool) -> OnePassFile:
-    outdir = os.path.abspath(outdir)
-    if os.path.lexists(outdir):
-        if not os.path.isdir(outdir) or os.path.islink(outdir):
-            raise OutputError(f"{outdir}: exists and is not a directory")
-        if os.listdir(outdir) and not force:
-            raise OutputError(f"{outdir}: directory is not empty (use --force to replace it)")
-    parent, base = os.path.split(outdir)
-    tmp = os.path.join(parent, f".{base}.partial-{secrets.token_hex(4)}")
-    register_temporary(tmp)
-    target = _RawSet(tmp)
+    f: OnePassFile | None = None
     try:
-        try:
-            os.mkdir(tmp, 0o755)
-        except OSError as e:
-            raise output_error(outdir, e) from e
-        f = _run(src, target, allow_incomplete)
-        try:
-            target.finish(f)
-            target.close()
-            _replace_dir(tmp, outdir)
-        except BaseException:
-            f.close()
-            raise
+        with staged_directory(outdir, force) as tmp:
+            target = _RawSet(tmp)
+            try:
+                f = _run(src, target, allow_incomplete)
+                target.finish(f)
+            finally:
+                target.close()
         return f
     except OSError as e:
-        raise output_error(outdir, e) from e
-    finally:
-        target.close()
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        unregister_temporary(tmp)
+        raise output_error(os.path.abspath(outdir), e) from e
+    except BaseException:
+        if f is not None:
+            f.close()
+        raise
 
 
 class OnePassCompare:
