@@ -4,6 +4,7 @@ and a startup that does not import numpy or rich."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -184,3 +185,44 @@ def test_inspect_of_an_incomplete_file_describes_it_and_exits_1(tmp_path: Path) 
     assert r.returncode == 1 and "complete: NO" in r.stdout and "pc.ram" in r.stdout
     r = _run("bash", "-c", f"cat {cut} | {FIXEDRAM} inspect - --json")  # a pipe: one pass
     assert r.returncode == 1 and json.loads(r.stdout)["complete"] is False
+
+
+def test_every_json_document_has_schema_version_1(tmp_path: Path) -> None:
+    """The --json of every command: schema_version 1 first, and one name per concept
+    (docs/json.md): file sizes are apparent_bytes and allocated_bytes everywhere."""
+    a = _stream(tmp_path / "a.mig", {0: 1, 3: 7, 5: 0})
+    got = tmp_path / "got.mig"
+    saved = tmp_path / "saved.mig"
+    with open(a, "rb") as f:
+        recv = _run(FIXEDRAM, "receive", "-", "-o", str(got), "--json", stdin=f)
+    docs = {
+        "inspect": _run(FIXEDRAM, "inspect", str(a), "--json").stdout,
+        "verify": _run(FIXEDRAM, "verify", str(a), "--json").stdout,
+        "verify --against": _run(FIXEDRAM, "verify", str(a), "--against", str(got),
+                                 "--json").stdout,
+        "state": _run(FIXEDRAM, "state", str(a), "--json").stdout,
+        "map": _run(FIXEDRAM, "map", str(a), "--json").stdout,
+        "receive": recv.stdout,
+        "send": subprocess.run([FIXEDRAM, "send", str(a), "-", "--json"], text=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               timeout=60).stderr,  # stdout has the stream
+        "save": _run(FIXEDRAM, "save", str(saved), "--ram", "4M", "--json").stdout,
+        "restore": "",  # of the save, below
+        "demo": _run(FIXEDRAM, "demo", "--ram", "4M", "--dir", str(tmp_path / "demo"),
+                     "--json").stdout,
+    }
+    docs["restore"] = _run(FIXEDRAM, "restore", str(saved), "--json").stdout
+    for name, text in docs.items():
+        doc = json.loads(text)
+        assert next(iter(doc)) == "schema_version" and doc["schema_version"] == 1, name
+    size = os.stat(got)
+    r = json.loads(docs["receive"])
+    assert (r["apparent_bytes"], r["allocated_bytes"]) == (size.st_size, size.st_blocks * 512)
+    i = json.loads(docs["inspect"])
+    assert i["apparent_bytes"] == a.stat().st_size and "allocated_bytes" in i
+    for run in json.loads(docs["demo"])["runs"]:
+        assert run["apparent_bytes"] > 0 and run["allocated_bytes"] >= 0
+    old = ("apparent_size", "allocated_size", "file_apparent_bytes", "file_allocated_bytes",
+           "time_s")
+    assert not [k for t in docs.values() for k in old if f'"{k}"' in t]
+    assert json.loads(docs["restore"])["ram-digest"] == json.loads(docs["save"])["ram-digest"]

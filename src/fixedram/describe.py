@@ -8,7 +8,10 @@ from typing import Any
 from .format.migfile import MigrationFile
 from .format.sequential import OnePassFile
 
-__all__ = ["describe"]
+__all__ = ["SCHEMA_VERSION", "describe"]
+
+# Every ``--json`` document of the command line starts with this (docs/json.md).
+SCHEMA_VERSION = 1
 
 
 def describe(mf: MigrationFile | OnePassFile) -> dict[str, Any]:
@@ -44,6 +47,7 @@ def describe(mf: MigrationFile | OnePassFile) -> dict[str, Any]:
             e["gpa"] = b.record.gpa
         blocks.append(e)
     out: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
         "file": mf.path,
         "format": mf.format,
         "stream_offset": mf.start,

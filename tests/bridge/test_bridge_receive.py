@@ -33,8 +33,8 @@ def _check_result(out: Path, doc: dict[str, Any], stats: dict[str, Any], pmem: P
     assert doc["passes"] >= 3 and doc["pages_rewritten"] > 0
     assert doc["bytes_received"] > 3 * RAM
     assert_bounded(out, RAM)
-    assert doc["apparent_size"] == out.stat().st_size
-    assert doc["allocated_size"] < doc["apparent_size"]
+    assert doc["apparent_bytes"] == out.stat().st_size
+    assert doc["allocated_bytes"] < doc["apparent_bytes"]
     dst = loaded_vm(out, machine, {"mapped-ram": True})
     assert_ram_equal(dst, pmem, RAM, machine)
     guest_continues(dst)

@@ -181,13 +181,13 @@ def test_cli_demo_json_small(tmp_path: Path) -> None:
     modes = [x["mode"] for x in out["runs"]]
     assert modes == ["stream", "fixed-ram"]
     for run in out["runs"]:
-        for k in ("file_apparent_bytes", "file_allocated_bytes", "passes", "total_time_s",
+        for k in ("apparent_bytes", "allocated_bytes", "passes", "total_time_s",
                   "downtime_ms", "transferred_bytes"):
             assert isinstance(run[k], (int, float))
         assert run["verified"] is True
     st, fr = out["runs"]
-    assert st["file_apparent_bytes"] > 2 * out["ram_bytes"]
-    assert fr["file_apparent_bytes"] <= out["ram_bytes"] + (256 << 10) + 2 * (1 << 20) + 1024
+    assert st["apparent_bytes"] > 2 * out["ram_bytes"]
+    assert fr["apparent_bytes"] <= out["ram_bytes"] + (256 << 10) + 2 * (1 << 20) + 1024
     assert os.listdir(tmp_path) == []
 
 

@@ -99,13 +99,15 @@ class ReceiveSummary:
     passes: int = 0
     sync_rounds: int = 0
     device_sections: int = 0
-    apparent_size: int = 0
-    allocated_size: int = 0
+    apparent_bytes: int = 0
+    allocated_bytes: int = 0
     seconds: float = 0.0
     channel_bytes: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        from ..describe import SCHEMA_VERSION
+
+        return {"schema_version": SCHEMA_VERSION, **asdict(self)}
 
 
 class _Receiver(StreamEvents):
@@ -696,8 +698,8 @@ def receive(source: str, output: str, *, force: bool = False,
         summary.bytes_received = total()
         summary.passes = max((int(a.max()) for a in rx.sends if a.size), default=0)
         st = os.stat(output)
-        summary.apparent_size = st.st_size
-        summary.allocated_size = st.st_blocks * 512
+        summary.apparent_bytes = st.st_size
+        summary.allocated_bytes = st.st_blocks * 512
         summary.seconds = round(time.monotonic() - t0, 3)
         return summary
     except OSError as e:

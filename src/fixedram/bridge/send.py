@@ -59,7 +59,9 @@ class SendSummary:
     multifd_packets: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        from ..describe import SCHEMA_VERSION
+
+        return {"schema_version": SCHEMA_VERSION, **asdict(self)}
 
 
 def send(path: str, dest: str, *, stdout: BinaryIO | None = None,

@@ -31,8 +31,8 @@ def cmd_receive(a: argparse.Namespace) -> int:
     else:
         print(f"{a.output}: {printable(s.machine)}, {s.ram_bytes >> 20} MiB RAM; received "
               f"{s.bytes_received / (1 << 20):.1f} MiB in {s.seconds:.1f} s, {s.passes} passes, "
-              f"{s.pages_rewritten} pages rewritten; file {s.apparent_size / (1 << 20):.1f} MiB "
-              f"({s.allocated_size / (1 << 20):.1f} MiB allocated)", file=sys.stderr)
+              f"{s.pages_rewritten} pages rewritten; file {s.apparent_bytes / (1 << 20):.1f} MiB "
+              f"({s.allocated_bytes / (1 << 20):.1f} MiB allocated)", file=sys.stderr)
     return 0
 
 

@@ -100,6 +100,7 @@ def _as_uri(target: str) -> str:
 
 
 def cmd_save(a: argparse.Namespace) -> int:
+    from ..describe import SCHEMA_VERSION
     from ..engine.precopy import Migration
 
     uri = _as_uri(a.uri)
@@ -113,7 +114,7 @@ def cmd_save(a: argparse.Namespace) -> int:
             g.stop()
         with _mig_progress("saving", g.ram_size) as prog:
             m = Migration(g, cfg, uri, on_progress=prog).run()
-        q = m.query()
+        q = {"schema_version": SCHEMA_VERSION, **m.query()}
         q["x-passes"] = m.passes
         q["ram-digest"] = g.digest()
         if a.json:
@@ -158,8 +159,10 @@ def cmd_restore(a: argparse.Namespace) -> int:
             raise inc.exc from None
         raise
     dt = time.monotonic() - t
-    out = {"status": inc.status, "ram_bytes": ram, "pages_loaded": inc.pages,
-           "time_s": round(dt, 3), "ram-digest": g.digest()}
+    from ..describe import SCHEMA_VERSION
+
+    out = {"schema_version": SCHEMA_VERSION, "status": inc.status, "ram_bytes": ram,
+           "pages_loaded": inc.pages, "seconds": round(dt, 3), "ram-digest": g.digest()}
     if a.json:
         print(json.dumps(out, indent=2))
     else:
@@ -226,8 +229,8 @@ def _demo_run(a: argparse.Namespace, mode: str, path: str) -> dict[str, Any]:
     tt = q["total-time"] / 1000
     return {
         "mode": mode,
-        "file_apparent_bytes": st.st_size,
-        "file_allocated_bytes": st.st_blocks * 512,
+        "apparent_bytes": st.st_size,
+        "allocated_bytes": st.st_blocks * 512,
         "ram_total_bytes": ram_total,
         "passes": m.passes,
         "dirty_sync_count": q["ram"]["dirty-sync-count"],
@@ -273,7 +276,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
         if made and not a.keep:
             shutil.rmtree(workdir, ignore_errors=True)
             unregister_temporary(os.path.abspath(workdir))
+    from ..describe import SCHEMA_VERSION
+
     out = {
+        "schema_version": SCHEMA_VERSION,
         "ram_bytes": a.ram,
         "ram_blocks": 2,
         "workload": {"pattern": a.workload, "rate_bytes_s": a.workload_rate,
@@ -308,9 +314,9 @@ def _print_demo(out: dict[str, Any]) -> None:
                 "throughput", "downtime", "total", "restore", "RAM equal"):
         t.add_column(col, justify="left" if col == "mode" else "right")
     for r in out["runs"]:
-        t.add_row(r["mode"], f"{r['file_apparent_bytes'] / mib:,.1f} MiB",
-                  f"{r['file_allocated_bytes'] / mib:,.1f} MiB",
-                  f"{r['file_apparent_bytes'] / ram:.2f}x", str(r["passes"]),
+        t.add_row(r["mode"], f"{r['apparent_bytes'] / mib:,.1f} MiB",
+                  f"{r['allocated_bytes'] / mib:,.1f} MiB",
+                  f"{r['apparent_bytes'] / ram:.2f}x", str(r["passes"]),
                   f"{r['transferred_bytes'] / mib:,.0f} MiB",
                   f"{r['throughput_mib_s']:,.0f} MiB/s", f"{r['downtime_ms']} ms",
                   f"{r['total_time_s']:.2f} s", f"{r['restore_time_s']:.2f} s",

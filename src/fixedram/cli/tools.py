@@ -44,7 +44,9 @@ def cmd_verify(a: argparse.Namespace) -> int:
     a.error_status = VERIFY_ERROR  # unreadable input, or nothing to compare: main() exits 2
     one_a = is_one_pass(a.file)
     one_b = a.against is not None and is_one_pass(a.against)
-    result: dict[str, object] = {"file": a.file}
+    from ..describe import SCHEMA_VERSION
+
+    result: dict[str, object] = {"schema_version": SCHEMA_VERSION, "file": a.file}
     if one_a or one_b:
         probs, probs_b, diff_objs = _verify_one_pass(a.file, a.against, one_a, one_b)
     else:
