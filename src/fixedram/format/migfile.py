@@ -25,7 +25,13 @@ from ..errors import BadMagic, CorruptFile, TruncatedFile, UnsupportedFeature
 from .constants import STREAM_MAGIC_BYTES
 from .primitives import ByteReader
 from .ram import RAMBlockRecord, RamStreamState
-from .walker import DeviceSection, StreamEvents, StreamSummary, read_vmdesc_at_end, walk_stream
+from .walker import (
+    SaveFacts,
+    StreamEvents,
+    StreamSummary,
+    read_vmdesc_at_end,
+    walk_stream,
+)
 
 if TYPE_CHECKING:
     from .devstate import DeviceState
@@ -358,7 +364,7 @@ class RAMBlock:
         return bytes(out)
 
 
-class MigrationFile:
+class MigrationFile(SaveFacts):
     """A QEMU migration file: a sequential stream or a mapped-ram file.
 
     Opening parses the whole stream structure once (seeking past page data)
@@ -453,28 +459,8 @@ class MigrationFile:
 
     # -- facts ---------------------------------------------------------------
 
-    @property
-    def format(self) -> str:
-        return "mapped-ram" if "mapped-ram" in self.header.capabilities else "stream"
-
-    @property
-    def machine(self) -> str | None:
-        return self.header.machine
-
-    @property
-    def capabilities(self) -> list[str]:
-        return list(self.header.capabilities)
-
-    @property
-    def complete(self) -> bool:
-        if self.libvirt is not None and not self.libvirt.complete:
-            return False
-        return self.error is None and self.summary.complete
-
-    @property
-    def sections(self) -> list[DeviceSection]:
-        """The device (non-RAM) FULL sections, located but not decoded."""
-        return self.summary.devices
+    def walked(self) -> StreamSummary:
+        return self.summary
 
     def devices(self) -> list[DeviceState]:
         """The device sections decoded field by field through the vmdesc, in stream order.

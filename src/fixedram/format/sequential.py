@@ -58,7 +58,7 @@ from .primitives import ByteReader
 from .ram import RAMBlockRecord, RamStreamState
 from .stream import StreamHeader
 from .vmdesc import VMDesc
-from .walker import DeviceSection, StreamEvents, StreamSummary, walk_stream
+from .walker import DeviceSection, SaveFacts, StreamEvents, StreamSummary, walk_stream
 
 __all__ = ["COMPRESSION_MAGIC", "OnePassBlock", "OnePassFile", "PageTarget",
            "SequentialInput", "is_one_pass", "open_sequential", "scan", "seekable_path"]
@@ -646,7 +646,7 @@ class OnePassBlock:
         return int(self._sends.max()) if self._sends is not None and self._sends.size else 0
 
 
-class OnePassFile:
+class OnePassFile(SaveFacts):
     """What one pass over a stream found; answers like a MigrationFile.
 
     :ivar fd: an in-memory file holding the stream's configuration and device
@@ -690,27 +690,8 @@ class OnePassFile:
     def vmdesc(self) -> VMDesc | None:
         return self._summary.vmdesc if self._summary is not None else None
 
-    @property
-    def format(self) -> str:
-        return "mapped-ram" if "mapped-ram" in self.header.capabilities else "stream"
-
-    @property
-    def machine(self) -> str | None:
-        return self.header.machine
-
-    @property
-    def capabilities(self) -> list[str]:
-        return list(self.header.capabilities)
-
-    @property
-    def complete(self) -> bool:
-        if self.libvirt is not None and not self.libvirt.complete:
-            return False
-        return self.error is None and self._summary is not None and self._summary.complete
-
-    @property
-    def sections(self) -> list[DeviceSection]:
-        return self._summary.devices if self._summary is not None else []
+    def walked(self) -> StreamSummary | None:
+        return self._summary
 
     def devices(self) -> list[Any]:
         from .devstate import decode_devices

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ..errors import CorruptFile, TruncatedFile, UnsupportedFeature, UnsupportedVersion
 from .constants import (
@@ -26,7 +27,8 @@ from .ram import RamRecordSink, RamStreamState
 from .stream import SectionHeader, StreamHeader, read_footer, read_header, read_section_header
 from .vmdesc import VMDesc, find_trailer, parse_trailer
 
-__all__ = ["DeviceSection", "StreamEvents", "StreamSummary", "read_vmdesc_at_end", "walk_stream"]
+__all__ = ["DeviceSection", "SaveFacts", "StreamEvents", "StreamSummary", "read_vmdesc_at_end",
+           "walk_stream"]
 
 # Device state after the RAM is small (KiB to a few MiB); a pipe's tail is
 # buffered to find the vmdesc trailer, within this bound.
@@ -79,6 +81,52 @@ class StreamSummary:
     @property
     def complete(self) -> bool:
         return self.eof_offset is not None
+
+
+class _Opened(Protocol):
+    @property
+    def header(self) -> StreamHeader: ...
+    @property
+    def libvirt(self) -> _Finished | None: ...
+    @property
+    def error(self) -> TruncatedFile | None: ...
+    def walked(self) -> StreamSummary | None: ...
+
+
+class _Finished(Protocol):
+    @property
+    def complete(self) -> bool: ...
+
+
+class SaveFacts:
+    """What an opened save answers from its header and walk, whether it was
+    read with random access (MigrationFile) or in one pass (a pipe)."""
+
+    @property
+    def format(self: _Opened) -> str:
+        return "mapped-ram" if "mapped-ram" in self.header.capabilities else "stream"
+
+    @property
+    def machine(self: _Opened) -> str | None:
+        return self.header.machine
+
+    @property
+    def capabilities(self: _Opened) -> list[str]:
+        return list(self.header.capabilities)
+
+    @property
+    def complete(self: _Opened) -> bool:
+        """Ended with EOF, not cut short, and not an unfinished libvirt image."""
+        if self.libvirt is not None and not self.libvirt.complete:
+            return False
+        s = self.walked()
+        return self.error is None and s is not None and s.complete
+
+    @property
+    def sections(self: _Opened) -> list[DeviceSection]:
+        """The device (non-RAM) FULL sections, located but not decoded."""
+        s = self.walked()
+        return s.devices if s is not None else []
 
 
 class StreamEvents:
