@@ -107,9 +107,17 @@ def cmd_extract(a: argparse.Namespace) -> int:
     from ..memory import extract
     from .progress import progress_bar
 
+    to_stdout = a.output == "-"
+    if to_stdout and a.format == "raw":
+        raise FixedramError("-o - needs --format physical or elf: raw output is a directory "
+                            "of files, one per RAMBlock")
     real = seekable_path(a.file)
     if real is None or is_one_pass(a.file):
         from ..memory.stream_extract import extract_one_pass
+
+        if to_stdout:
+            raise FixedramError(f"{a.file}: -o - needs an input file that can be read "
+                                "at any offset (not a pipe or a compressed image)")
 
         with open_sequential(a.file, offset=a.offset) as si:
             extract_one_pass(si, a.output, a.format, force=a.force,
@@ -119,8 +127,11 @@ def cmd_extract(a: argparse.Namespace) -> int:
         if not mf.complete and not a.allow_incomplete:
             raise FixedramError(f"{a.file}: the save is incomplete ({mf.error or 'unfinished'}); "
                                 "use --allow-incomplete to extract what it holds")
-        with progress_bar("extracting", extract.total_bytes(mf)) as prog:
-            if a.format == "raw":
+        # No bar with -o -: rich draws on its console, which is stdout.
+        with progress_bar("extracting", 0 if to_stdout else extract.total_bytes(mf)) as prog:
+            if to_stdout:  # in order, holes as zeros: stdout may be a pipe
+                extract.stream_image(mf, a.format, sys.stdout.buffer)
+            elif a.format == "raw":
                 extract.extract_raw(mf, a.output, force=a.force, progress=prog)
             elif a.format == "physical":
                 extract.extract_physical(mf, a.output, force=a.force, progress=prog)
@@ -163,6 +174,7 @@ examples:
   fixedram extract guest.mig -o ram/                      one file per RAMBlock
   fixedram extract guest.mig --format physical -o ram.img  guest-physical image
   fixedram extract guest.mig --format elf -o core.elf      ELF core for gdb, drgn, volatility3
+  fixedram extract guest.mig --format physical -o - | zstd > ram.img.zst
 """
 
 
@@ -192,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EXTRACT_EPILOG, formatter_class=raw)
     s.add_argument("file", help="the file (a libvirt image in any format), or - for stdin")
     s.add_argument("-o", "--output", required=True,
-                   help="directory (raw) or file (physical, elf)")
+                   help="directory (raw) or file (physical, elf); - for stdout (physical, elf: "
+                   "written in order, holes as zeros)")
     s.add_argument("--format", choices=("raw", "physical", "elf"), default="raw")
     s.add_argument("--offset", type=_size, default=None)
     s.add_argument("--force", action="store_true", help="replace existing outputs")

@@ -18,6 +18,7 @@ import secrets
 import shutil
 import threading
 from collections.abc import Callable, Iterator
+from typing import BinaryIO
 
 from ..errors import OutputError
 from ..format.migfile import MigrationFile
@@ -27,9 +28,11 @@ from .elfcore import build_core
 from .elfcore import log as elfcore_log
 from .layout import PhysRange, physical_ranges
 
-__all__ = ["extract_elf", "extract_physical", "extract_raw", "safe_block_filename", "total_bytes"]
+__all__ = ["extract_elf", "extract_physical", "extract_raw", "safe_block_filename",
+           "stream_image", "total_bytes"]
 
 Progress = Callable[[int], None]
+_ZEROS = bytes(1 << 20)  # holes of an image written in order to a pipe
 _SAFE = re.compile(r"[^A-Za-z0-9._@+-]")
 
 
@@ -260,3 +263,55 @@ def extract_elf(mf: MigrationFile, out_path: str | os.PathLike[str], *, force: b
         if scanner.ident is not None:
             scanner.join()
     return core.loads
+
+
+def stream_image(mf: MigrationFile, fmt: str, out: BinaryIO,
+                 progress: Progress | None = None) -> list[PhysRange]:
+    """A ``physical`` or ``elf`` image written in order to ``out`` (``-o -``, a pipe).
+
+    A pipe cannot seek, so holes are written as zeros and the ELF header goes
+    first: its notes are built before the copy, with RAM scanned for
+    VMCOREINFO beforehand (a second read of RAM, for that scan only).
+    """
+    if fmt == "physical":
+        ranges = physical_ranges(mf)
+        placed = [(r, r.gpa) for r in ranges]
+        head, size = b"", max(r.gpa + r.length for r in ranges)
+    elif fmt == "elf":
+        core = build_core(mf, scan_ram=True)
+        for w in core.warnings:
+            elfcore_log.warning("fixedram: warning: %s: %s", mf.path, w)
+        ranges, placed, head, size = core.loads, core.placed(), core.head(), core.size
+    else:
+        raise OutputError(f"--format {fmt} cannot go to standard output: it is a directory "
+                          "of files, one per RAMBlock")
+    pos = 0
+
+    def fill(upto: int) -> None:
+        nonlocal pos
+        while pos < upto:
+            n = min(upto - pos, len(_ZEROS))
+            out.write(_ZEROS[:n])
+            pos += n
+
+    out.write(head)
+    pos = len(head)
+    copier = RunCopier(mf.fd, 4096, RUN_PAGES, src_name=mf.path)
+    for pr, dst in sorted(placed, key=lambda p: p[1]):
+        if dst < pos:  # layouts never overlap; a pipe could not go back if one did
+            raise OutputError(f"{mf.path}: output ranges overlap at 0x{dst:x}")
+        ps = pr.block.page_size
+        lo, hi = pr.block_offset // ps, (pr.block_offset + pr.length) // ps
+        for r in pr.block.runs(RUN_PAGES):
+            c = r.clip(lo, hi)
+            if c is None:
+                continue
+            fill(dst + (c.first - lo) * ps)
+            out.write(copier.read_run(c))
+            pos += c.count * ps
+            if progress is not None:
+                progress(c.count * ps)
+        fill(dst + pr.length)
+    fill(size)
+    out.flush()
+    return ranges
