@@ -275,3 +275,34 @@ def test_extract_to_stdout(tmp_path: Path) -> None:
     assert r.returncode == 1 and "raw output is a directory" in r.stderr and r.stdout == ""
     r = _run("bash", "-c", f"cat {stream} | {FIXEDRAM} extract - --format physical -o -")
     assert r.returncode == 1 and "-o - needs an input file" in r.stderr and r.stdout == ""
+
+
+@pytest.mark.qemu
+def test_extract_elf_to_stdout_of_a_qemu_save(qemu: str, tmp_path: Path,
+                                              guest_image: Path) -> None:
+    """A QEMU save with registers and a VMCOREINFO note in guest RAM: the core written to a
+    pipe has the notes (found by scanning RAM first) and the LOADs of the core written to a
+    file, and gdb reads the same registers from both."""
+    from qemu_harness import QemuVM, file_uri
+    from test_elf_core import TEXT, _plant, _vmcoreinfo, gdb_registers, read_core
+
+    with QemuVM(tmp_path, guest_image, machine="pc", memory="64M") as vm:
+        vm.wait_for_progress(2)
+        vm.stop()
+        vm.migrate(file_uri(tmp_path / "vm.sav"))
+    planted = tmp_path / "planted.sav"
+    _plant(tmp_path / "vm.sav", planted, [(0x300000 - 12, _vmcoreinfo(TEXT))])
+    f, p = tmp_path / "file.elf", tmp_path / "pipe.elf"
+    r = _run(FIXEDRAM, "extract", str(planted), "--format", "elf", "-o", str(f))
+    assert r.returncode == 0, r.stderr
+    r = _run("bash", "-c", f"set -o pipefail; {FIXEDRAM} extract {planted} --format elf -o - "
+             f"| cat > {p}")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    cf, cp = read_core(f), read_core(p)
+    assert [(n.name, n.type) for n in cp.notes] == [(b"CORE", 1), (b"QEMU", 0),
+                                                    (b"VMCOREINFO", 0)]
+    assert cp.notes == cf.notes and cp.notes[-1].desc == TEXT
+    assert cp.loads() == cf.loads()
+    assert [s for s in _segments(p) if s[0] == 1] == [s for s in _segments(f) if s[0] == 1]
+    regs = "pc sp eax eflags cs"
+    assert gdb_registers(p, regs) == gdb_registers(f, regs)
