@@ -9,13 +9,11 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..errors import CapabilityError, MigrationError, TransportError
-from ..output import register_temporary, unregister_temporary
 from .main import _ram_size, _size, int_in, number_in
 
 __all__ = ["register"]
@@ -248,7 +246,10 @@ def _demo_run(a: argparse.Namespace, mode: str, path: str) -> dict[str, Any]:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
+    import tempfile
+
     from ..engine.sinks import probe_direct_io
+    from ..output import register_temporary, unregister_temporary
 
     workdir = a.dir or tempfile.mkdtemp(prefix="fixedram-demo-", dir=".")
     made = a.dir is None
