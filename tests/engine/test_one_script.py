@@ -46,7 +46,14 @@ async def save(sock: str, path: str) -> list[Any]:
                     break
         info = await qmp.execute("query-migrate")
         out.append((info["status"], info["ram"]["dirty-sync-count"]))
-        out.append(await qmp.execute("query-status"))
+        # QEMU emits "completed" before its migration thread leaves finish-migrate
+        # (a busy host can see the gap): wait for the run state to settle, as libvirt does.
+        for _ in range(200):
+            st = await qmp.execute("query-status")
+            if st["status"] != "finish-migrate":
+                break
+            await asyncio.sleep(0.05)
+        out.append(st)
         try:
             await qmp.execute("migrate", {"uri": f"file:/dev/fdset/{fdset}"})
         except ExecuteError as e:
