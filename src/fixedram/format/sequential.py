@@ -136,7 +136,25 @@ def is_one_pass(path: str, stdin_fd: int = 0) -> bool:
 # -- byte sources ------------------------------------------------------------------
 
 
-class _Raw:
+class _ReadOnly:
+    """A readable, unseekable file object built on ``read`` alone."""
+
+    def read(self, n: int = -1) -> bytes:
+        raise NotImplementedError
+
+    def readinto(self, buf: Any) -> int:
+        b = self.read(len(buf))
+        buf[:len(b)] = b
+        return len(b)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+
+class _Raw(_ReadOnly):
     """The input file or pipe, read with plain ``read`` calls; counts bytes."""
 
     def __init__(self, fd: int, name: str, close: bool) -> None:
@@ -168,16 +186,6 @@ class _Raw:
             got += len(b)
         return b"".join(parts)
 
-    def readinto(self, buf: Any) -> int:
-        b = self.read(len(buf))
-        buf[:len(b)] = b
-        return len(b)
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
 
     def close(self) -> None:
         if self._close and self.fd >= 0:
@@ -185,7 +193,7 @@ class _Raw:
         self.fd = -1
 
 
-class _Prefixed:
+class _Prefixed(_ReadOnly):
     """``prefix`` then the rest of ``raw``: bytes already read to recognise the input."""
 
     def __init__(self, prefix: bytes, raw: _Raw) -> None:
@@ -199,16 +207,6 @@ class _Prefixed:
             return b
         return self.raw.read(n)
 
-    def readinto(self, buf: Any) -> int:
-        b = self.read(len(buf))
-        buf[:len(b)] = b
-        return len(b)
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
 
 
 class _Decoded:
