@@ -21,7 +21,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, BinaryIO
 
@@ -95,32 +95,14 @@ def send(path: str, dest: str, *, stdout: BinaryIO | None = None,
         if not mf.complete:
             raise UnsupportedFeature("the save is incomplete; refusing to send it", path=path,
                                      offset=mf.size)
-        if dest == "-":
-            assert stdout is not None
-            try:
-                s.bytes_sent = to_stream(mf, stdout.write)
-                stdout.flush()
-            except BrokenPipeError as e:
-                raise TransportError("stdout closed by the reader (did QEMU reject the "
-                                     "stream? see its log)", e) from e
+        u = _destination(dest)
+        if u is not None and multifd_channels:
+            s.multifd_channels = multifd_channels
+            s.multifd_compression = multifd_compression
+            s.bytes_sent, s.multifd_packets = _send_multifd(mf, u, multifd_channels, uuid,
+                                                            multifd_compression)
         else:
-            u = parse_uri(dest)
-            if u.kind not in ("tcp", "unix"):
-                raise TransportError(f"cannot send to {dest!r}: use tcp:HOST:PORT, unix:PATH or "
-                                     "- (stdout, for QEMU's -incoming exec:)")
-            if multifd_channels:
-                s.multifd_channels = multifd_channels
-                s.multifd_compression = multifd_compression
-                s.bytes_sent, s.multifd_packets = _send_multifd(mf, u, multifd_channels, uuid,
-                                                                multifd_compression)
-            else:
-                ch = open_outgoing(u)
-                try:
-                    s.bytes_sent = to_stream(mf, ch.write)
-                    ch.commit()
-                except BaseException:
-                    ch.abort()
-                    raise
+            s.bytes_sent = _write_stream(u, stdout, lambda write: to_stream(mf, write))
     s.seconds = round(time.monotonic() - t0, 3)
     return s
 
@@ -131,26 +113,42 @@ def _send_one_pass(path: str, dest: str, s: SendSummary, stdout: BinaryIO | None
         raise TransportError(f"{path}: --multifd-channels needs a seekable uncompressed file "
                              "(a pipe or a compressed image is sent on one connection)")
     with open_sequential(path, offset=offset) as si:
-        if dest == "-":
-            assert stdout is not None
-            try:
-                s.bytes_sent = copy_one_pass(si, stdout.write)
-                stdout.flush()
-            except BrokenPipeError as e:
-                raise TransportError("stdout closed by the reader (did QEMU reject the "
-                                     "stream? see its log)", e) from e
-            return
-        u = parse_uri(dest)
-        if u.kind not in ("tcp", "unix"):
-            raise TransportError(f"cannot send to {dest!r}: use tcp:HOST:PORT, unix:PATH or "
-                                 "- (stdout, for QEMU's -incoming exec:)")
-        ch = open_outgoing(u)
+        s.bytes_sent = _write_stream(_destination(dest), stdout,
+                                     lambda write: copy_one_pass(si, write))
+
+
+def _destination(dest: str) -> MigrationURI | None:
+    """The socket URI to send to; None for ``-`` (stdout)."""
+    if dest == "-":
+        return None
+    u = parse_uri(dest)
+    if u.kind not in ("tcp", "unix"):
+        raise TransportError(f"cannot send to {dest!r}: use tcp:HOST:PORT, unix:PATH or "
+                             "- (stdout, for QEMU's -incoming exec:)")
+    return u
+
+
+def _write_stream(u: MigrationURI | None, stdout: BinaryIO | None,
+                  produce: Callable[[Callable[[bytes | memoryview], object]], int]) -> int:
+    """Run ``produce(write)`` into stdout (``u`` None) or one connection to ``u``;
+    returns the bytes it wrote. A connection is committed only when complete."""
+    if u is None:
+        assert stdout is not None
         try:
-            s.bytes_sent = copy_one_pass(si, ch.write)
-            ch.commit()
-        except BaseException:
-            ch.abort()
-            raise
+            n = produce(stdout.write)
+            stdout.flush()
+            return n
+        except BrokenPipeError as e:
+            raise TransportError("stdout closed by the reader (did QEMU reject the "
+                                 "stream? see its log)", e) from e
+    ch = open_outgoing(u)
+    try:
+        n = produce(ch.write)
+        ch.commit()
+        return n
+    except BaseException:
+        ch.abort()
+        raise
 
 
 # Packets a channel may have queued: enough to keep its socket busy, little
