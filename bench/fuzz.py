@@ -37,6 +37,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # qemu_harness, for --make-seeds
 
@@ -69,7 +71,7 @@ def make_seeds(out: Path) -> list[Path]:
         name = f"{machine}-{mode}-{'live' if live else 'paused'}"
         sf = save_vm(work, machine=machine, mode=mode, live=live, ram_mb=4, mem_end=mem_end,
                      image=img, name=name, bandwidth=(2 << 20) if live else None,
-                     min_syncs=2)
+                     min_syncs=2, min_transferred=(5 << 20) if live else None)
         dst = out / f"{name}.sav"
         os.rename(sf.path, dst)
         made.append(dst)
@@ -100,6 +102,7 @@ class Seed:
             for d in mf.sections:
                 self.fields += [(d.offset + 5, 1), (d.data_offset - 8, 4),
                                 (d.data_offset - 4, 4)]
+            self.names = [(b.record.record_offset, len(b.idstr.encode())) for b in mf.blocks]
             if mf.vmdesc is not None:
                 self.vmdesc_at = mf.vmdesc.offset
                 self.vmdesc_raw = mf.vmdesc.raw
@@ -181,9 +184,7 @@ def m_vmdesc(rng: random.Random, seed: Seed, buf: bytearray) -> str:
 
 def m_blockname(rng: random.Random, seed: Seed, buf: bytearray) -> str:
     """Empty, escape-laden, colliding or path-like RAMBlock names (length kept)."""
-    with MigrationFile(seed.path) as mf:
-        blk = rng.choice(mf.blocks)
-        at, n = blk.record.record_offset, len(blk.idstr.encode())
+    at, n = rng.choice(seed.names)
     if at + 1 + n > len(buf):
         return m_flip(rng, seed, buf)
     kind = rng.randrange(3)
@@ -201,15 +202,35 @@ MUTATIONS: list[tuple[Mutation, float]] = [
     (m_blockname, 0.5)]
 
 
-def mutate(rng: random.Random, seed: Seed) -> tuple[bytes, list[str]]:
-    buf = bytearray(seed.data)
+_CHUNK = 64 << 10
+
+
+def mutate(rng: random.Random, seed: Seed, buf: bytearray) -> list[str]:
+    """Mutate a copy of the seed into ``buf`` (reused: a fresh 10 MB buffer costs page faults)."""
+    buf[:] = seed.data
     names = []
     fns, weights = zip(*MUTATIONS, strict=True)
     for _ in range(rng.choice((1, 1, 1, 2, 3))):
         if not buf:
             break
         names.append(rng.choices(fns, weights)[0](rng, seed, buf))
-    return bytes(buf), names
+    return names
+
+
+def write_sparse(path: Path, buf: bytearray) -> None:
+    """Write ``buf`` leaving all-zero chunks as holes: mapped-ram seeds are mostly holes."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        whole = len(buf) // _CHUNK * _CHUNK
+        if whole:
+            nz = np.frombuffer(buf, np.uint64, whole // 8).reshape(-1, _CHUNK // 8).any(axis=1)
+            for c in np.flatnonzero(nz).tolist():
+                os.pwrite(fd, memoryview(buf)[c * _CHUNK:(c + 1) * _CHUNK], c * _CHUNK)
+        if whole < len(buf):
+            os.pwrite(fd, memoryview(buf)[whole:], whole)
+        os.ftruncate(fd, len(buf))
+    finally:
+        os.close(fd)
 
 
 # -- targets ---------------------------------------------------------------------------------
@@ -286,20 +307,32 @@ def vm_hwm_kib() -> int:
     return 0
 
 
+def _report(stats: dict[str, Any], t0: float) -> dict[str, Any]:
+    out = dict(stats)
+    out["seconds"] = round(time.monotonic() - t0, 1)
+    out["inputs_per_second"] = round(out["inputs"] / max(out["seconds"], 1e-9), 1)
+    out["peak_rss_mib"] = round(vm_hwm_kib() / 1024, 1)
+    for k in ("errors", "stages", "mutations"):
+        out[k] = dict(stats[k].most_common())
+    return out
+
+
 def fuzz(seeds: list[Path], *, seconds: float | None, inputs: int | None, rng_seed: int,
-         crashes: Path, input_timeout: float, deep_every: int) -> dict[str, Any]:
+         crashes: Path, input_timeout: float, deep_every: int,
+         checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     rng = random.Random(rng_seed)
     seeded = [Seed(p) for p in seeds]
     crashes.mkdir(parents=True, exist_ok=True)
     stats: dict[str, Any] = {"inputs": 0, "errors": Counter(), "stages": Counter(),
                              "mutations": Counter(), "crashes": [], "seeds": [p.name for p in
                                                                               seeds]}
-    t0 = time.monotonic()
+    t0 = last = time.monotonic()
 
     def on_alarm(_s: int, _f: Any) -> None:
         raise Timeout(f"input ran over {input_timeout} s")
 
     signal.signal(signal.SIGALRM, on_alarm)
+    buf = bytearray()
     with tempfile.TemporaryDirectory(prefix="fixedram-fuzz-", dir="/dev/shm") as td:
         tmp = Path(td)
         while True:
@@ -308,10 +341,10 @@ def fuzz(seeds: list[Path], *, seconds: float | None, inputs: int | None, rng_se
             if seconds is not None and time.monotonic() - t0 >= seconds:
                 break
             seed = rng.choice(seeded)
-            data, names = mutate(rng, seed)
+            names = mutate(rng, seed, buf)
             stats["mutations"].update(names)
             path = tmp / "in.sav"
-            path.write_bytes(data)
+            write_sparse(path, buf)
             work = tmp / "work"
             work.mkdir(exist_ok=True)
             deep = stats["inputs"] % deep_every == 0
@@ -335,20 +368,18 @@ def fuzz(seeds: list[Path], *, seconds: float | None, inputs: int | None, rng_se
             if left:
                 what = what or f"leftover temporary files: {left}"
             if what:
-                h = hashlib.sha256(data).hexdigest()[:16]
+                h = hashlib.sha256(buf).hexdigest()[:16]
                 keep = crashes / f"crash-{h}.sav"
-                keep.write_bytes(data)
+                keep.write_bytes(buf)
                 stats["crashes"].append({"file": str(keep), "seed": seed.path.name,
                                          "mutations": names, "error": what})
                 print(f"CRASH {keep}: {what.splitlines()[0]}", file=sys.stderr)
             shutil.rmtree(work, ignore_errors=True)
             stats["inputs"] += 1
-    stats["seconds"] = round(time.monotonic() - t0, 1)
-    stats["inputs_per_second"] = round(stats["inputs"] / max(stats["seconds"], 1e-9), 1)
-    stats["peak_rss_mib"] = round(vm_hwm_kib() / 1024, 1)
-    for k in ("errors", "stages", "mutations"):
-        stats[k] = dict(stats[k].most_common())
-    return stats
+            if checkpoint is not None and time.monotonic() - last >= 60:
+                last = time.monotonic()
+                checkpoint(_report(stats, t0))
+    return _report(stats, t0)
 
 
 def main() -> int:
@@ -375,12 +406,19 @@ def main() -> int:
         p.error(f"no *.sav seeds in {a.seeds}")
     if a.seconds is None and a.inputs is None:
         a.seconds = 60.0
+
+    def save(stats: dict[str, Any]) -> None:
+        """Write the statistics so far (a long run can be stopped at any time)."""
+        if a.json:
+            a.json.parent.mkdir(parents=True, exist_ok=True)
+            tmp = a.json.with_name(a.json.name + ".tmp")
+            tmp.write_text(json.dumps(stats, indent=2) + "\n")
+            tmp.replace(a.json)
+
     stats = fuzz(seeds, seconds=a.seconds, inputs=a.inputs, rng_seed=a.seed,
-                 crashes=a.crashes, input_timeout=a.input_timeout, deep_every=a.deep_every)
-    text = json.dumps(stats, indent=2)
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(text + "\n")
+                 crashes=a.crashes, input_timeout=a.input_timeout, deep_every=a.deep_every,
+                 checkpoint=save)
+    save(stats)
     print(f"{stats['inputs']} inputs in {stats['seconds']} s ({stats['inputs_per_second']}/s), "
           f"{len(stats['crashes'])} crashes, peak RSS {stats['peak_rss_mib']} MiB")
     return 1 if stats["crashes"] else 0

@@ -157,10 +157,13 @@ class ByteReader:
     def window(self, want: int) -> tuple[bytes, int, int]:
         """(buffer, index, available): lets a vectorised parser look ahead.
 
-        Tries to have ``want`` bytes buffered; may return fewer near the end.
+        Tries to have ``want`` bytes buffered; may return fewer near the end,
+        and returns what is buffered when that is at least a quarter of
+        ``want``: refilling copies the rest of the buffer, which a parser
+        calling often between short runs would pay each time.
         The caller consumes with :meth:`advance`.
         """
-        if len(self._buf) - self._i < want:
+        if len(self._buf) - self._i < want // 4:
             self._fill(want)
         return self._buf, self._i, len(self._buf) - self._i
 

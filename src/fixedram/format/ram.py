@@ -380,17 +380,28 @@ class RamStreamState:
             return 0, k
         ps = self.page_size
         mask = np.uint64(self.page_mask)
+        limit = self.blocks[bi].used_length
         words = np.ndarray((k,), dtype=">u8", buffer=buf, offset=i, strides=(stride,))
-        ok = (words & mask) == want
-        addrs = words & ~mask
-        ok &= addrs < self.blocks[bi].used_length
-        if stride == 9:
-            vals = np.ndarray((k,), dtype=np.uint8, buffer=buf, offset=i + 8, strides=(stride,))
-            ok &= vals == 0
-        n = k if ok.all() else int(np.argmin(ok))
+        vals = (np.ndarray((k,), dtype=np.uint8, buffer=buf, offset=i + 8, strides=(stride,))
+                if stride == 9 else None)
+        # Check a growing prefix: runs are often short (pages and zeros alternate), and
+        # testing the whole window each time would cost O(window) per short run.
+        n, c = 0, min(k, 64)
+        while True:
+            w = words[n:c]
+            ok = ((w & mask) == want) & ((w & ~mask) < limit)
+            if vals is not None:
+                ok &= vals[n:c] == 0
+            if not ok.all():
+                n += int(np.argmin(ok))
+                break
+            n = c
+            if c == k:
+                break
+            c = min(k, c * 16)
         if n < _MIN_BATCH:
             return 0, k
-        idx = (addrs[:n] // np.uint64(ps)).astype(np.int64)
+        idx = ((words[:n] & ~mask) // np.uint64(ps)).astype(np.int64)
         if stride == 9:
             sink.zeros_batch(bi, idx)
         else:
