@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import (
+    BadMagic,
     CorruptFile,
     FixedramError,
     FormatError,
@@ -37,6 +38,7 @@ from ..errors import (
     UnsupportedFeature,
 )
 from ..format.constants import STREAM_MAGIC_BYTES, Command
+from ..format.libvirt import MAGIC_DONE, LibvirtHeader, probe_libvirt
 from ..format.machine import DeviceRecord, MachineState
 from ..format.multifd import (
     FLAG_SYNC,
@@ -69,7 +71,7 @@ from .net import (
     recv_exact,
 )
 
-__all__ = ["ReceiveSummary", "receive"]
+__all__ = ["ReceiveSummary", "libvirt_header_of", "receive"]
 
 # After the main stream ends, channels must finish within this time.
 DRAIN_TIMEOUT = 60.0
@@ -113,8 +115,9 @@ class ReceiveSummary:
 class _Receiver(StreamEvents):
     """RAM sink and stream events of the main channel; owns the writer."""
 
-    def __init__(self, out: AtomicOutput, summary: ReceiveSummary) -> None:
+    def __init__(self, out: AtomicOutput, summary: ReceiveSummary, start: int = 0) -> None:
         self.out = out
+        self.start = start  # where the QEMU data start (after a libvirt header)
         self.s = summary
         self.w: MappedRamWriter | None = None
         self.sends: list[np.ndarray] = []
@@ -145,7 +148,7 @@ class _Receiver(StreamEvents):
         # Devices join the state as they arrive; the writer reads them at finish.
         self.state = MachineState(hdr.machine, tuple(hdr.capabilities), hdr.uuid,
                                   self.ram_sid or 2).with_mapped_ram(True)
-        self.w = MappedRamWriter(self.out.fd, self.state, specs, fresh=True)
+        self.w = MappedRamWriter(self.out.fd, self.state, specs, start=self.start, fresh=True)
         self.sends = [np.zeros(b.npages, dtype=np.uint16) for b in specs]
         self.block_index = {b.idstr: i for i, b in enumerate(specs)}
         self.ready.set()
@@ -595,11 +598,32 @@ class _Ticker:
             sys.stderr.flush()
 
 
+def libvirt_header_of(path: str) -> LibvirtHeader:
+    """The header of the libvirt save image ``path`` (any format, finished or not),
+    made the header of a sparse image: the same domain XML, cookie and ``data_len``.
+
+    :raise BadMagic: ``path`` is not a libvirt save image.
+    """
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        hdr = probe_libvirt(fd, os.fstat(fd).st_size, path, allow_compressed=True)
+    if hdr is None:
+        raise BadMagic(f"not a libvirt save image (no {MAGIC_DONE.decode()} header), so it has "
+                       "no domain XML for --libvirt-header", path=path, offset=0)
+    try:
+        hdr.encode()  # now, not after the whole migration has arrived
+    except ValueError as e:
+        raise CorruptFile(f"libvirt save header cannot be rewritten: {e}", path=path,
+                          offset=20) from None
+    return hdr.with_format("sparse")
+
+
 def receive(source: str, output: str, *, force: bool = False,
             multifd_channels: int | None = None, stdin_fd: int = 0,
             on_listening: Callable[[str], None] | None = None,
             accept_timeout: float | None = None, peer_timeout: float = PEEK_TIMEOUT,
-            on_dropped: Callable[[str, str], None] | None = None) -> ReceiveSummary:
+            on_dropped: Callable[[str, str], None] | None = None,
+            libvirt_header: LibvirtHeader | None = None) -> ReceiveSummary:
     """Receive one migration from ``source`` (``tcp:``/``unix:`` URI or ``-``) into ``output``.
 
     Connections that do not start like QEMU's (the stream magic, or the
@@ -613,6 +637,11 @@ def receive(source: str, output: str, *, force: bool = False,
     :param accept_timeout: give up if no migration has started after this
         many seconds (default: wait for ever).
     :param on_dropped: called with (peer, reason) for each connection closed.
+    :param libvirt_header: write a libvirt save image with this header (see
+        :func:`libvirt_header_of`): the mapped-ram data start at its
+        ``data_offset``, with offsets absolute in the image as libvirt 11
+        writes them, and the header is written only once the migration is
+        complete, so ``virsh restore`` never meets a half-received image.
     :raise TransportError: the peer disconnected or a socket failed.
     :raise FormatError: the peer sent something that is not a migration stream.
     Nothing is left under ``output`` unless the whole migration arrived.
@@ -620,7 +649,8 @@ def receive(source: str, output: str, *, force: bool = False,
     t0 = time.monotonic()
     summary = ReceiveSummary(output=os.path.abspath(output), source=source)
     out = AtomicOutput(output, force=force)
-    rx = _Receiver(out, summary)
+    lv = libvirt_header.with_format("sparse") if libvirt_header is not None else None
+    rx = _Receiver(out, summary, lv.data_offset if lv is not None else 0)
     listener: Listener | None = None
     mfd: _Multifd | None = None
     main_sock: socket.socket | None = None
@@ -691,6 +721,8 @@ def receive(source: str, output: str, *, force: bool = False,
         state.attach_descs(walked.vmdesc)
         try:
             end = w.finish()
+            if lv is not None:  # last: the image is whole only now
+                os.pwrite(out.fd, lv.encode(complete=True), 0)
             out.commit(end)
         except OSError as e:
             raise output_error(output, e) from e

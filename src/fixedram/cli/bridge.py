@@ -11,8 +11,11 @@ from .main import _size, int_in, number_in
 
 
 def cmd_receive(a: argparse.Namespace) -> int:
-    from ..bridge.receive import receive
+    from ..bridge.receive import libvirt_header_of, receive
     from .render import printable
+
+    # Read before listening: a wrong FROM.sav fails at once, not after the migration.
+    lv = libvirt_header_of(a.libvirt_header) if a.libvirt_header else None
 
     def listening(addr: str) -> None:
         print(f"fixedram: listening on {addr}", file=sys.stderr, flush=True)
@@ -23,7 +26,7 @@ def cmd_receive(a: argparse.Namespace) -> int:
 
     s = receive(a.source, a.output, force=a.force, multifd_channels=a.multifd_channels,
                 on_listening=listening, accept_timeout=a.accept_timeout,
-                on_dropped=dropped,
+                on_dropped=dropped, libvirt_header=lv,
                 **({} if a.peer_timeout is None else {"peer_timeout": a.peer_timeout}))
     if a.json:
         json.dump(s.as_dict(), sys.stdout, indent=2)
@@ -65,6 +68,8 @@ examples:
   fixedram receive tcp::4444 -o guest.mig       then in QEMU's monitor: migrate tcp:127.0.0.1:4444
   fixedram receive unix:/tmp/mig.sock -o guest.mig --multifd-channels 4
   (QMP) migrate {"uri": "exec:fixedram receive - -o guest.mig"}
+  fixedram receive unix:/tmp/mig.sock -o new.sav --libvirt-header old.sav
+                                                then: virsh restore new.sav
 """
 
 SEND_EPILOG = """\
@@ -96,6 +101,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    metavar="SECONDS",
                    help="close a connection that sends nothing like QEMU's first bytes "
                         "within this long (default 10)")
+    s.add_argument("--libvirt-header", default=None, metavar="FROM.sav",
+                   help="write a libvirt save image (format sparse) that virsh restore loads, "
+                        "with the domain XML and cookie of FROM.sav, an existing libvirt save "
+                        "image of the same domain (any format)")
     s.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     s.set_defaults(func=cmd_receive)
 
