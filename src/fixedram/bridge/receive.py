@@ -19,7 +19,6 @@ import errno
 import os
 import select
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -567,35 +566,43 @@ def _corrupt(name: str, msg: str) -> FormatError:
 
 
 class _Ticker:
-    """A one-line status on a terminal; silent otherwise."""
+    """Bytes received, handed to ``progress`` every 0.1 s from a thread (the
+    channels count their own bytes: nothing is added to their hot path), and
+    the incoming guest's RAM size to ``on_total`` once its RAMBlocks are known."""
 
     def __init__(self, summary: ReceiveSummary, counters: Callable[[], int],
-                 rx: _Receiver) -> None:
+                 progress: Callable[[int], None] | None,
+                 on_total: Callable[[int], None] | None) -> None:
         self.s = summary
         self.counters = counters
-        self.rx = rx
+        self.progress = progress
+        self.on_total = on_total
+        self.done = 0
+        self.told = False
         self.stop = threading.Event()
         self.t: threading.Thread | None = None
-        if sys.stderr.isatty():
-            self.t = threading.Thread(target=self._run, daemon=True)
+        if progress is not None or on_total is not None:
+            self.t = threading.Thread(target=self._run, daemon=True, name="receive-progress")
             self.t.start()
 
+    def _tick(self) -> None:
+        if not self.told and self.s.ram_bytes and self.on_total is not None:
+            self.told = True
+            self.on_total(self.s.ram_bytes)
+        n = self.counters()
+        if n > self.done and self.progress is not None:
+            self.progress(n - self.done)
+            self.done = n
+
     def _run(self) -> None:
-        t0 = time.monotonic()
-        while not self.stop.wait(0.5):
-            n = self.counters()
-            passes = max((int(a.max()) for a in self.rx.sends if a.size), default=0)
-            rate = n / max(time.monotonic() - t0, 1e-6) / (1 << 20)
-            sys.stderr.write(f"\rreceiving: {n / (1 << 20):9.1f} MiB  {rate:7.1f} MiB/s  "
-                             f"pass {passes}  rewritten {self.s.pages_rewritten} pages ")
-            sys.stderr.flush()
+        while not self.stop.wait(0.1):
+            self._tick()
 
     def close(self) -> None:
         self.stop.set()
         if self.t is not None:
             self.t.join()
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
+            self._tick()
 
 
 def libvirt_header_of(path: str) -> LibvirtHeader:
@@ -623,7 +630,9 @@ def receive(source: str, output: str, *, force: bool = False,
             on_listening: Callable[[str], None] | None = None,
             accept_timeout: float | None = None, peer_timeout: float = PEEK_TIMEOUT,
             on_dropped: Callable[[str, str], None] | None = None,
-            libvirt_header: LibvirtHeader | None = None) -> ReceiveSummary:
+            libvirt_header: LibvirtHeader | None = None,
+            progress: Callable[[int], None] | None = None,
+            on_total: Callable[[int], None] | None = None) -> ReceiveSummary:
     """Receive one migration from ``source`` (``tcp:``/``unix:`` URI or ``-``) into ``output``.
 
     Connections that do not start like QEMU's (the stream magic, or the
@@ -642,6 +651,11 @@ def receive(source: str, output: str, *, force: bool = False,
         ``data_offset``, with offsets absolute in the image as libvirt 11
         writes them, and the header is written only once the migration is
         complete, so ``virsh restore`` never meets a half-received image.
+    :param progress: called with the bytes received on all connections since
+        the last call, about every 0.1 s, from a thread of its own.
+    :param on_total: called once, from that thread, with the incoming guest's
+        RAM size once its RAMBlock list has arrived (a live migration sends
+        more than that: pages the guest dirties again are sent again).
     :raise TransportError: the peer disconnected or a socket failed.
     :raise FormatError: the peer sent something that is not a migration stream.
     Nothing is left under ``output`` unless the whole migration arrived.
@@ -688,7 +702,7 @@ def receive(source: str, output: str, *, force: bool = False,
             name = listener.address
             threading.Thread(target=_accept_rest, args=(listener, mfd, on_error),
                              daemon=True).start()
-        ticker = _Ticker(summary, total, rx)
+        ticker = _Ticker(summary, total, progress, on_total)
         r = ByteReader(f, name)
         try:
             walked = walk_stream(r, rx, rx)

@@ -41,6 +41,7 @@ from ..format.multifd import (
 from ..format.sequential import is_one_pass, open_sequential
 from ..format.writer import BlockSpec, StreamWriter
 from ..memory.copy import RunCopier
+from ..memory.extract import total_bytes
 from ..tools.convert import copy_one_pass, to_stream
 from ..transports.channels import SocketOut, open_outgoing
 from ..transports.uri import MigrationURI, parse_uri
@@ -64,9 +65,14 @@ class SendSummary:
         return {"schema_version": SCHEMA_VERSION, **asdict(self)}
 
 
+Progress = Callable[[int], None]
+
+
 def send(path: str, dest: str, *, stdout: BinaryIO | None = None,
          offset: int | None = None, multifd_channels: int = 0,
-         uuid: bytes = bytes(16), multifd_compression: str = "none") -> SendSummary:
+         uuid: bytes = bytes(16), multifd_compression: str = "none",
+         progress: Progress | None = None,
+         on_total: Callable[[int], None] | None = None) -> SendSummary:
     """Stream ``path`` to ``dest`` (``tcp:HOST:PORT``, ``unix:PATH`` or ``-``).
 
     :param multifd_channels: send with socket multifd on this many channels;
@@ -75,6 +81,11 @@ def send(path: str, dest: str, *, stdout: BinaryIO | None = None,
     :param uuid: the destination's ``-uuid`` (16 bytes), zeros without one.
     :param multifd_compression: none, zlib or zstd; it must equal the
         destination's ``multifd-compression`` (levels are QEMU's defaults).
+    :param progress: called with the bytes of guest RAM sent, per run or
+        packet of pages; for a one-pass input (a pipe, a compressed image),
+        with the stream bytes sent, per chunk read.
+    :param on_total: called once with the bytes of guest RAM to send, when
+        known (never for a one-pass input: its size is known at its end).
     """
     if multifd_channels and not 1 <= multifd_channels <= 255:
         raise TransportError(f"multifd channels must be 1..255, not {multifd_channels}")
@@ -88,7 +99,7 @@ def send(path: str, dest: str, *, stdout: BinaryIO | None = None,
     t0 = time.monotonic()
     s = SendSummary(os.path.abspath(path), dest)
     if is_one_pass(path):  # a pipe or a compressed image: its stream, checked as it goes
-        _send_one_pass(path, dest, s, stdout, offset, multifd_channels)
+        _send_one_pass(path, dest, s, stdout, offset, multifd_channels, progress)
         s.seconds = round(time.monotonic() - t0, 3)
         return s
     with MigrationFile(path, offset=offset) as mf:
@@ -96,25 +107,39 @@ def send(path: str, dest: str, *, stdout: BinaryIO | None = None,
             raise UnsupportedFeature("the save is incomplete; refusing to send it", path=path,
                                      offset=mf.size)
         u = _destination(dest)
+        if on_total is not None:
+            on_total(total_bytes(mf))
         if u is not None and multifd_channels:
             s.multifd_channels = multifd_channels
             s.multifd_compression = multifd_compression
             s.bytes_sent, s.multifd_packets = _send_multifd(mf, u, multifd_channels, uuid,
-                                                            multifd_compression)
+                                                            multifd_compression, progress)
         else:
-            s.bytes_sent = _write_stream(u, stdout, lambda write: to_stream(mf, write))
+            s.bytes_sent = _write_stream(u, stdout, lambda write: to_stream(
+                mf, write, progress=progress))
     s.seconds = round(time.monotonic() - t0, 3)
     return s
 
 
 def _send_one_pass(path: str, dest: str, s: SendSummary, stdout: BinaryIO | None,
-                   offset: int | None, multifd_channels: int) -> None:
+                   offset: int | None, multifd_channels: int,
+                   progress: Progress | None = None) -> None:
     if multifd_channels:
         raise TransportError(f"{path}: --multifd-channels needs a seekable uncompressed file "
                              "(a pipe or a compressed image is sent on one connection)")
     with open_sequential(path, offset=offset) as si:
+        def counted(write: Callable[[bytes | memoryview], object]
+                    ) -> Callable[[bytes | memoryview], object]:
+            if progress is None:
+                return write
+
+            def w(b: bytes | memoryview) -> None:  # one call per chunk the reader read
+                write(b)
+                progress(len(b))
+            return w
+
         s.bytes_sent = _write_stream(_destination(dest), stdout,
-                                     lambda write: copy_one_pass(si, write))
+                                     lambda write: copy_one_pass(si, counted(write)))
 
 
 def _destination(dest: str) -> MigrationURI | None:
@@ -278,13 +303,14 @@ class _ChannelFailed(Exception):
 
 
 def _send_multifd(mf: MigrationFile, u: MigrationURI, n: int, uuid: bytes,
-                  compression: str = "none") -> tuple[int, int]:
+                  compression: str = "none", progress: Progress | None = None
+                  ) -> tuple[int, int]:
     """The whole migration over a main connection and ``n`` multifd ones;
     returns (bytes sent on all connections, multifd packets)."""
     main = open_outgoing(u)
     chans: list[_Channel] = []
     failed = threading.Event()
-    pkt = _Packets(chans, compression)
+    pkt = _Packets(chans, compression, progress)
     try:
         try:
             state = MachineState.from_file(mf).with_mapped_ram(False)
@@ -335,8 +361,10 @@ class _Packets:
     them out round-robin (QEMU hands each batch to the next idle channel;
     which channel carries a page does not matter to the destination)."""
 
-    def __init__(self, chans: list[_Channel], compression: str = "none") -> None:
+    def __init__(self, chans: list[_Channel], compression: str = "none",
+                 progress: Progress | None = None) -> None:
         self.chans = chans
+        self.progress = progress
         self.num = 0
         self.next = 0
         self.compressed = compression != "none"
@@ -373,6 +401,8 @@ class _Packets:
         pages = np.concatenate([np.arange(r.first, r.first + r.count, dtype=np.int64)
                                 for r in batch])
         self._deal(self._packet(idstr, pages, np.zeros(0, dtype=np.int64)), batch)
+        if self.progress is not None:  # queued: a channel holds at most QUEUE_DEPTH more
+            self.progress(pages.size * 4096)
 
     def sync(self) -> None:
         for c in self.chans:

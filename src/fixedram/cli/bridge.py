@@ -12,6 +12,7 @@ from .main import _size, int_in, number_in
 
 def cmd_receive(a: argparse.Namespace) -> int:
     from ..bridge.receive import libvirt_header_of, receive
+    from .progress import progress_bar
     from .render import printable
 
     # Read before listening: a wrong FROM.sav fails at once, not after the migration.
@@ -24,10 +25,14 @@ def cmd_receive(a: argparse.Namespace) -> int:
         print(f"fixedram: closed a connection from {peer}: {printable(why)}", file=sys.stderr,
               flush=True)
 
-    s = receive(a.source, a.output, force=a.force, multifd_channels=a.multifd_channels,
-                on_listening=listening, accept_timeout=a.accept_timeout,
-                on_dropped=dropped, libvirt_header=lv,
-                **({} if a.peer_timeout is None else {"peer_timeout": a.peer_timeout}))
+    # Bytes received against the guest's RAM size once its RAMBlocks have arrived (a live
+    # migration's own total is never known: re-dirtied pages are sent again).
+    with progress_bar("receiving", None) as bar:
+        s = receive(a.source, a.output, force=a.force, multifd_channels=a.multifd_channels,
+                    on_listening=listening, accept_timeout=a.accept_timeout,
+                    on_dropped=dropped, libvirt_header=lv, progress=bar,
+                    on_total=bar.set_total if bar is not None else None,
+                    **({} if a.peer_timeout is None else {"peer_timeout": a.peer_timeout}))
     if a.json:
         json.dump(s.as_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -41,6 +46,7 @@ def cmd_receive(a: argparse.Namespace) -> int:
 
 def cmd_send(a: argparse.Namespace) -> int:
     from ..bridge.send import send
+    from .progress import progress_bar
 
     uuid = bytes(16)
     if a.uuid:
@@ -54,9 +60,11 @@ def cmd_send(a: argparse.Namespace) -> int:
         raise TransportError("--multifd-channels needs a tcp: or unix: destination")
     if a.multifd_compression != "none" and not a.multifd_channels:
         raise TransportError("--multifd-compression needs --multifd-channels")
-    s = send(a.file, a.destination, stdout=sys.stdout.buffer, offset=a.offset,
-             multifd_channels=a.multifd_channels, uuid=uuid,
-             multifd_compression=a.multifd_compression)
+    with progress_bar("sending", None) as bar:  # its total: once the file is read
+        s = send(a.file, a.destination, stdout=sys.stdout.buffer, offset=a.offset,
+                 multifd_channels=a.multifd_channels, uuid=uuid,
+                 multifd_compression=a.multifd_compression, progress=bar,
+                 on_total=bar.set_total if bar is not None else None)
     if a.json:
         json.dump(s.as_dict(), sys.stderr if a.destination == "-" else sys.stdout, indent=2)
         (sys.stderr if a.destination == "-" else sys.stdout).write("\n")

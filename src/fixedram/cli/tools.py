@@ -91,7 +91,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 def _verify_files(path: str, against: str | None) -> tuple[list[str], list[str], list[Any]]:
     from ..format.sequential import seekable_path
-    from ..tools.verify import compare, open_checked
+    from ..tools.verify import compare, compare_total, open_checked
+    from .progress import progress_bar
 
     mf, probs = open_checked(seekable_path(path) or path)
     if against is None:
@@ -104,8 +105,8 @@ def _verify_files(path: str, against: str | None) -> tuple[list[str], list[str],
             if m is not None:
                 m.close()
         raise FixedramError("cannot compare: " + "; ".join(probs + probs_b))
-    with mf, other:
-        return probs, probs_b, compare(mf, other)
+    with mf, other, progress_bar("comparing", compare_total(mf, other)) as prog:
+        return probs, probs_b, compare(mf, other, progress=prog)
 
 
 def _verify_one_pass(path: str, against: str | None, one_a: bool,
@@ -116,6 +117,7 @@ def _verify_one_pass(path: str, against: str | None, one_a: bool,
     from ..format.sequential import open_sequential, scan, seekable_path
     from ..memory.stream_extract import OnePassCompare
     from ..tools.verify import open_checked, structural_problems
+    from .progress import following, progress_bar
 
     if one_a and one_b:
         raise FixedramError(f"cannot compare {path} with {against}: both must be read in one "
@@ -132,10 +134,16 @@ def _verify_one_pass(path: str, against: str | None, one_a: bool,
     try:
         target = OnePassCompare(other) if other is not None else None
         try:
-            with open_sequential(seq) as si, scan(si, target) as f:
-                probs = structural_problems(f)  # type: ignore[arg-type]
-                if target is not None:
-                    diffs = target.result(f)
+            with open_sequential(seq) as si:
+                # Input bytes read (compressed ones for a compressed image) against the
+                # input's size; a pipe's is not known beforehand.
+                with progress_bar("checking", _input_size(seq)) as prog, \
+                        following(prog, lambda: si.bytes_read):
+                    f = scan(si, target)
+                with f:
+                    probs = structural_problems(f)  # type: ignore[arg-type]
+                    if target is not None:
+                        diffs = target.result(f)
         except FormatError as e:
             if other is not None:
                 raise FixedramError(f"cannot compare: {e}") from e
@@ -149,6 +157,18 @@ def _verify_one_pass(path: str, against: str | None, one_a: bool,
         d.only_in = {"a": "b", "b": "a"}.get(d.only_in or "")
         d.length_a, d.length_b = d.length_b, d.length_a
     return other_probs, probs, diffs
+
+
+def _input_size(path: str) -> int | None:
+    """The size of a regular file (or stdin redirected from one); None for a pipe."""
+    import os
+    import stat
+
+    try:
+        st = os.stat(path) if path != "-" else os.fstat(0)
+    except OSError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) and st.st_size > 0 else None
 
 
 VERIFY_EPILOG = """\

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ..errors import FixedramError, FormatError
-from ..format.migfile import MigrationFile
+from ..format.migfile import MigrationFile, RAMBlock
 from ..memory.pages import iter_chunks
 
-__all__ = ["BlockDiff", "compare", "structural_problems"]
+__all__ = ["BlockDiff", "compare", "compare_total", "structural_problems"]
 
 
 def structural_problems(mf: MigrationFile) -> list[str]:
@@ -65,8 +66,23 @@ class BlockDiff:
                 "used_length_a": self.length_a, "used_length_b": self.length_b}
 
 
-def compare(a: MigrationFile, b: MigrationFile, *, max_report: int = 1000) -> list[BlockDiff]:
-    """Guest RAM of two files of any format, page by page, per block."""
+def _comparable(a: RAMBlock, b: RAMBlock | None) -> bool:
+    return b is not None and a.used_length == b.used_length and a.page_size == b.page_size
+
+
+def compare_total(a: MigrationFile, b: MigrationFile) -> int:
+    """Bytes of guest RAM :func:`compare` reads page by page (its progress total)."""
+    names_b = {blk.idstr: blk for blk in b.blocks}
+    return sum(blk.used_length for blk in a.blocks if _comparable(blk, names_b.get(blk.idstr)))
+
+
+def compare(a: MigrationFile, b: MigrationFile, *, max_report: int = 1000,
+            progress: Callable[[int], None] | None = None) -> list[BlockDiff]:
+    """Guest RAM of two files of any format, page by page, per block.
+
+    :param progress: called with the bytes of each chunk of pages compared
+        (:func:`compare_total` in all).
+    """
     out: list[BlockDiff] = []
     names_b = {blk.idstr: blk for blk in b.blocks}
     for blk in a.blocks:
@@ -75,13 +91,15 @@ def compare(a: MigrationFile, b: MigrationFile, *, max_report: int = 1000) -> li
             out.append(BlockDiff(blk.idstr, only_in="a", length_a=blk.used_length))
             continue
         d = BlockDiff(blk.idstr, length_a=blk.used_length, length_b=other.used_length)
-        if blk.used_length != other.used_length or blk.page_size != other.page_size:
+        if not _comparable(blk, other):
             out.append(d)
             continue
         total = 0
         for (lo, pa), (_lo2, pb) in zip(iter_chunks(blk), iter_chunks(other), strict=True):
             rows = np.flatnonzero((pa.view(np.uint64) != pb.view(np.uint64)).any(axis=1))
             total += rows.size
+            if progress is not None:
+                progress(pa.nbytes)
             room = max_report - len(d.differing_pages)
             if room > 0:
                 d.differing_pages.extend((rows[:room] + lo).tolist())
