@@ -4,11 +4,11 @@ save image that ``virsh restore`` loads.
 FROM.sav is a zstd image that libvirt 11 wrote (``virsh save --image-format zstd``) of a running
 boot-sector guest. ``virsh restore FROM.sav`` brings the same domain back, and that QEMU, started by
 libvirt from the domain's own configuration, is the migration source: it is migrated live (QMP
-``migrate`` through ``virsh qemu-monitor-command``) into ``fixedram receive``, which writes OUT.sav
-with FROM.sav's domain XML and cookie in a sparse (mapped-ram) image. ``virsh restore OUT.sav``
-must then hold exactly the source's RAM after the migration (``pmemsave`` of both), RAM the guest
-rewrote after FROM.sav was taken. libvirtd is started by scripts/start-libvirt.sh: these tests fail,
-never skip, without libvirt.
+``migrate`` through ``virsh qemu-monitor-command``, plain precopy and multifd with 2 channels) into
+``fixedram receive``, which writes OUT.sav with FROM.sav's domain XML and cookie in a sparse
+(mapped-ram) image. ``virsh restore OUT.sav`` must then hold exactly the source's RAM after the
+migration (``pmemsave`` of both), RAM the guest rewrote after FROM.sav was taken. libvirtd is
+started by scripts/start-libvirt.sh: these tests fail, never skip, without libvirt.
 """
 
 from __future__ import annotations
@@ -161,13 +161,16 @@ def domain(tmp_path_factory: pytest.TempPathFactory,
                        check=False)
 
 
-def _migrate_live(dom: Domain, uri: str, timeout: float = 120) -> dict[str, Any]:
+def _migrate_live(dom: Domain, uri: str, channels: int, timeout: float = 120) -> dict[str, Any]:
     """Live migration of the re-dirtying guest: throttled for two dirty syncs, then let go."""
-    # A plain stream (libvirt sets capabilities for its own jobs only, but be explicit).
+    # A socket stream, never mapped-ram (libvirt sets capabilities for its own jobs only).
     _qmp(dom.name, "migrate-set-capabilities", capabilities=[
-        {"capability": "mapped-ram", "state": False}, {"capability": "multifd", "state": False}])
-    _qmp(dom.name, "migrate-set-parameters", **{"max-bandwidth": 48 * MIB,
-                                                "downtime-limit": 1})
+        {"capability": "mapped-ram", "state": False},
+        {"capability": "multifd", "state": channels > 0}])
+    params: dict[str, Any] = {"max-bandwidth": 48 * MIB, "downtime-limit": 1}
+    if channels:
+        params["multifd-channels"] = channels
+    _qmp(dom.name, "migrate-set-parameters", **params)
     _qmp(dom.name, "migrate", uri=uri)
     deadline = time.monotonic() + timeout
     let_go = False
@@ -185,7 +188,9 @@ def _migrate_live(dom: Domain, uri: str, timeout: float = 120) -> dict[str, Any]
         time.sleep(0.1)
 
 
-def test_receive_live_migration_as_libvirt_image(domain: Domain, tmp_path: Path) -> None:
+@pytest.mark.parametrize("channels", [0, 2], ids=["precopy", "multifd2"])
+def test_receive_live_migration_as_libvirt_image(domain: Domain, tmp_path: Path,
+                                                 channels: int) -> None:
     lv_in = _header(domain.from_sav)
     assert lv_in is not None and lv_in.complete and lv_in.format == "zstd" and lv_in.was_running
     out = tmp_path / "out.sav"
@@ -196,7 +201,7 @@ def test_receive_live_migration_as_libvirt_image(domain: Domain, tmp_path: Path)
         _virsh("restore", str(domain.from_sav))
         try:
             _wait_progress(domain.serial, 2)
-            stats = _migrate_live(domain, f"unix:{sock}")
+            stats = _migrate_live(domain, f"unix:{sock}", channels)
             src_pmem = _pmemsave(domain.name, tmp_path / "source.pmem")
         finally:
             _virsh("destroy", domain.name)
@@ -206,6 +211,7 @@ def test_receive_live_migration_as_libvirt_image(domain: Domain, tmp_path: Path)
     assert rc == 0 and doc is not None, err
     assert stats["ram"]["dirty-sync-count"] >= 2 and doc["passes"] >= 2, (stats, doc)
     assert doc["apparent_bytes"] == out.stat().st_size
+    assert doc["multifd_channels"] == channels and (doc["multifd_packets"] > 0) == (channels > 0)
 
     # A sparse libvirt image: FROM.sav's XML, cookie, data_len and was_running, QEMU's
     # mapped-ram data from data_offset with absolute offsets (pages at 1 MiB multiples).
