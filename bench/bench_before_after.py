@@ -3,7 +3,7 @@
 What a change costs (issue 9 asks hardening to cost at most 3%): the earlier tree is checked
 out with ``git worktree`` under ``build/bench/base`` and run with ``PYTHONPATH`` pointing at its
 ``src``; both trees use this venv's Python and libraries. Runs are interleaved (base, now, base,
-...) on a warm cache; medians of ``--reps``.
+...) on a warm cache, from compiled bytecode as installed copies run; medians of ``--reps``.
 
     python bench/make_inputs.py
     python bench/bench_before_after.py --base db6f1cb --reps 5
@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchlib import INPUTS, ROOT, WORK, median, remove, run, warm
+from benchlib import INPUTS, ROOT, WORK, bytecode, median, remove, run, warm
 
 OUT = WORK / "before-after"
 
@@ -59,6 +59,7 @@ def main() -> int:
             sys.exit(f"missing {INPUTS / f}: run bench/make_inputs.py first")
     OUT.mkdir(parents=True, exist_ok=True)
     trees = {"base": worktree(a.base) / "src", "now": ROOT / "src"}
+    bytecode(*trees.values())
     warm(INPUTS / "stream.mig", INPUTS / "mapped.mig")
     print(f"base = {a.base}, now = {subprocess.run(['git', '-C', str(ROOT), 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()}; medians of {a.reps}, warm cache")  # noqa: E501
     print(f"{'command':28} {'base s':>8} {'now s':>8} {'now/base':>9}")

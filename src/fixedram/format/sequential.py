@@ -30,19 +30,11 @@ compressed one (the reader's name says which).
 
 from __future__ import annotations
 
-import bz2
-import contextlib
-import lzma
 import os
-import queue
 import stat
-import subprocess
-import threading
-import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -60,6 +52,9 @@ from .stream import StreamHeader
 from .vmdesc import VMDesc
 from .walker import DeviceSection, SaveFacts, StreamEvents, StreamSummary, walk_stream
 
+if TYPE_CHECKING:
+    from .decompress import Decoded
+
 __all__ = ["COMPRESSION_MAGIC", "OnePassBlock", "OnePassFile", "PageTarget",
            "SequentialInput", "is_one_pass", "open_sequential", "scan", "seekable_path"]
 
@@ -73,20 +68,13 @@ COMPRESSION_MAGIC = {
     "lzop": b"\x89LZO\x00\r\n\x1a\n",
 }
 _BZIP2_BLOCK = b"1AY&SY"
-# Decoded bytes handed over per queue item, and items queued ahead of the parser.
-CHUNK = 1 << 20
-QUEUE_DEPTH = 8
-# Compressed bytes read per system call, and bytes asked of a pipe per read.
+# Decoded bytes the stream reader buffers (one decoder chunk).
+DECODED_CHUNK = 1 << 20
+# Bytes read per system call, and bytes asked of a pipe per read.
 READ_SIZE = 1 << 20
 PIPE_READ = 64 << 10
-GZIP_READ = 64 << 10
-# Most memory an xz stream may make the decoder allocate (zstd's own default limit
-# is a 128 MiB window).
-XZ_MEMLIMIT = 256 << 20
 # The stream's first bytes kept for the configuration section (far below this).
 HEAD_KEEP = 64 << 10
-# lzop as libvirt runs it to read its images (qemuSaveImageGetCompressionCommand).
-LZOP_COMMAND = ("lzop", "-dc", "--ignore-warn")
 
 
 def _sniff_compression(head: bytes) -> str | None:
@@ -209,225 +197,6 @@ class _Prefixed(_ReadOnly):
 
 
 
-class _Decoded:
-    """The decompressed stream, produced by a thread and read in order.
-
-    The thread decodes ``CHUNK`` bytes at a time into a bounded queue, so
-    memory stays at a few MiB however large the image and however well it
-    compressed. A decoding error reaches the reader after every byte decoded
-    before it, so its offset is where the stream broke.
-    """
-
-    def __init__(self, kind: str, src: _Prefixed, name: str, path: str) -> None:
-        self.kind = kind
-        self.name = name
-        self.path = path
-        self.pos = 0  # decoded bytes handed over
-        self._buf = b""
-        self._q: queue.Queue[bytes | BaseException | None] = queue.Queue(QUEUE_DEPTH)
-        self._stop = threading.Event()
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._feeder: threading.Thread | None = None
-        self._dec = self._open(kind, src)
-        self._eof = False
-        self._t = threading.Thread(target=self._run, name=f"fixedram-{kind}-decoder",
-                                   daemon=True)
-        self._t.start()
-
-    def _open(self, kind: str, src: _Prefixed) -> Any:
-        if kind in ("gzip", "bzip2", "xz"):
-            return _Stdlib(kind, src)
-        if kind == "zstd":
-            import zstandard
-
-            return zstandard.ZstdDecompressor().stream_reader(
-                cast("IO[bytes]", src), read_size=READ_SIZE, read_across_frames=True)
-        if kind == "lzop":
-            return self._open_lzop(src)
-        raise ValueError(kind)
-
-    def _open_lzop(self, src: _Prefixed) -> IO[bytes]:
-        # No maintained Python binding reads lzop's file format (python-lzo
-        # only handles single LZO blocks): run the lzop tool, as libvirt does.
-        direct = not src.prefix
-        try:
-            proc = subprocess.Popen(LZOP_COMMAND, stdin=src.raw.fd if direct else subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        except FileNotFoundError:
-            raise UnsupportedFeature("reading an lzop-compressed image needs the lzop program "
-                                     "(Debian package lzop)", path=self.path) from None
-        self._proc = proc
-        if not direct:
-            self._feeder = threading.Thread(target=self._feed, args=(src, proc), daemon=True,
-                                            name="fixedram-lzop-feeder")
-            self._feeder.start()
-        assert proc.stdout is not None
-        return proc.stdout
-
-    @staticmethod
-    def _feed(src: _Prefixed, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stdin is not None
-        try:
-            while True:
-                b = src.read(READ_SIZE)
-                if not b:
-                    break
-                proc.stdin.write(b)
-        except (OSError, ValueError):
-            pass  # lzop stopped reading: its exit status says why
-        finally:
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                b = self._dec.read(CHUNK)
-                if not b:
-                    self._finish_lzop()
-                    break
-                self._q.put(b)
-            self._q.put(None)
-        except BaseException as e:  # handed to the reader, in order
-            self._q.put(e)
-
-    def _finish_lzop(self) -> None:
-        if self._proc is None:
-            return
-        assert self._proc.stderr is not None
-        err = self._proc.stderr.read().decode("utf-8", "replace").strip()
-        rc = self._proc.wait()
-        if rc not in (0, 2):  # 2: warnings only, which libvirt ignores too
-            raise _LzopError(err.splitlines()[-1] if err else f"lzop exit status {rc}")
-
-    def _error(self, e: BaseException) -> FixedramError:
-        if isinstance(e, FixedramError):
-            return e
-        if isinstance(e, EOFError):
-            return TruncatedFile(f"the {self.kind} data end before their end-of-stream marker "
-                                 "(the image is cut short)", path=self.name, offset=self.pos)
-        if isinstance(e, _LzopError) and "unexpected end of file" in str(e):
-            return TruncatedFile(f"the {self.kind} data are cut short ({e})", path=self.name,
-                                 offset=self.pos)
-        if isinstance(e, (OSError, lzma.LZMAError, zlib.error, _LzopError)) or \
-                type(e).__name__ == "ZstdError":
-            return CorruptFile(f"corrupt {self.kind} data: {e}", path=self.name,
-                               offset=self.pos)
-        raise e
-
-    def read(self, n: int = -1) -> bytes:
-        if not self._buf:
-            if self._eof:
-                return b""
-            item = self._q.get()
-            if item is None:
-                self._eof = True
-                return b""
-            if isinstance(item, BaseException):
-                self._eof = True
-                raise self._error(item)
-            self._buf = item
-        # Whole decoded chunks even past ``n``: the stream reader takes them
-        # (it only needs at least what it asked for, or the end), and slicing
-        # would copy each chunk twice more.
-        b, self._buf = self._buf, b""
-        self.pos += len(b)
-        return b
-
-    def seekable(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._proc is not None:
-            with contextlib.suppress(OSError):
-                self._proc.kill()
-            self._proc.wait()
-        # Unblock a put() on a full queue. A thread blocked reading a pipe
-        # whose writer stalls is left behind (a daemon): it holds no output.
-        deadline = time.monotonic() + 2.0
-        while self._t.is_alive() and time.monotonic() < deadline:
-            with contextlib.suppress(queue.Empty):
-                self._q.get(timeout=0.05)
-        if self._proc is not None:
-            for f in (self._proc.stdout, self._proc.stderr, self._proc.stdin):
-                if f is not None:
-                    with contextlib.suppress(OSError):
-                        f.close()
-        with contextlib.suppress(Exception):
-            self._dec.close()
-
-
-class _LzopError(Exception):
-    pass
-
-
-class _Stdlib:
-    """gzip, bzip2 or xz data through the standard library's decompressor objects,
-    driven directly: 1 MiB of input per call and at most ``n`` bytes out. (Their
-    file classes feed 8 KiB at a time: measured 2-3x slower on RAM images.)
-    Concatenated streams (multi-member gzip, pbzip2, xz) are read one after another.
-    """
-
-    def __init__(self, kind: str, src: _Prefixed) -> None:
-        self.kind = kind
-        self.src = src
-        self.d = self._new()
-        self.pending = b""  # input not yet given to the decompressor
-        self.done = False
-
-    def _new(self) -> Any:
-        if self.kind == "xz":
-            # A header can ask for a 1.5 GiB dictionary; xz -9 needs 65 MiB.
-            return lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT)
-        if self.kind == "bzip2":
-            return bz2.BZ2Decompressor()
-        return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # one gzip member
-
-    def read(self, n: int) -> bytes:
-        while not self.done:
-            d = self.d
-            if not self.pending and (self.kind == "gzip" or d.needs_input):
-                # zlib hands back the input it has not used as a new bytes object
-                # on every call: small pieces keep that copy small.
-                self.pending = self.src.read(GZIP_READ if self.kind == "gzip" else READ_SIZE)
-                if not self.pending:
-                    raise EOFError("compressed data end before the end-of-stream marker")
-            if self.kind == "gzip":
-                out = d.decompress(self.pending, n)
-                self.pending = d.unconsumed_tail
-            else:
-                data = self.pending if d.needs_input else b""
-                self.pending = b"" if d.needs_input else self.pending
-                out = d.decompress(data, n)
-            assert isinstance(out, bytes)
-            if d.eof:
-                self._next_stream()
-            if out:
-                return out
-        return b""
-
-    def _next_stream(self) -> None:
-        """After one stream's end: the next one, or the end of the data. Zero
-        bytes between or after streams are padding (xz allows it, the tools
-        skip it); anything else must be another stream, or it is corrupt."""
-        # (At a zlib stream's end its unused input is in unused_data, and also
-        # still in unconsumed_tail: take it once.)
-        tail = b"" if self.kind == "gzip" else self.pending
-        rest = (self.d.unused_data + tail).lstrip(b"\0")
-        while not rest:
-            more = self.src.read(READ_SIZE)
-            if not more:
-                self.done = True
-                return
-            rest = more.lstrip(b"\0")
-        self.d = self._new()
-        self.pending = rest
-
-    def close(self) -> None:
-        pass
-
-
 class _Head:
     """Passes reads through, keeps the first ``HEAD_KEEP`` bytes and hands
     every byte to ``sink`` when one is set (a copy of the stream)."""
@@ -470,7 +239,7 @@ class SequentialInput:
     input_allocated: int | None
     _raw: _Raw
     _head: _Head
-    _decoded: _Decoded | None = None
+    _decoded: Decoded | None = None
 
     @property
     def head(self) -> bytes:
@@ -563,17 +332,19 @@ def _open(raw: _Raw, path: str, name: str, offset: int | None) -> SequentialInpu
         prefix, start = head, 0
         kind = _sniff_compression(head)
     src = _Prefixed(prefix, raw)
-    decoded: _Decoded | None = None
+    decoded: Decoded | None = None
     if kind is not None:
         where = "compressed image" if lv is not None else "compressed file"
         sname = f"{name} (decompressed {kind} stream of the {where})"
-        decoded = _Decoded(kind, src, sname, name)
+        from .decompress import Decoded
+
+        decoded = Decoded(kind, src, sname, name)
         tap = _Head(decoded)
         start = 0
     else:
         sname = name
         tap = _Head(src)
-    r = ByteReader(tap, sname, start=start, bufsize=CHUNK)  # type: ignore[arg-type]
+    r = ByteReader(tap, sname, start=start, bufsize=DECODED_CHUNK)  # type: ignore[arg-type]
     return SequentialInput(path, sname, r, start, lv, kind, size, alloc, raw, tap, decoded)
 
 
