@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -51,8 +52,11 @@ def _mig_progress(label: str, total: int) -> Iterator[Callable[[Any], None] | No
         return
     from rich.progress import BarColumn, Progress, TextColumn
 
+    from .progress import stderr_console
+
+    # On stderr, as every bar (stdout carries the results, --json too).
     with Progress("[bold]{task.description}", BarColumn(), TextColumn("{task.fields[info]}"),
-                  transient=True) as p:
+                  console=stderr_console(), transient=True, redirect_stdout=False) as p:
         task = p.add_task(label, total=total, info="")
         state = {"pass": 0, "t": 0.0}
 
@@ -201,6 +205,45 @@ def cmd_guest(a: argparse.Namespace) -> int:
 # -- demo -------------------------------------------------------------------------
 
 
+class _SizeSampler:
+    """The output file's apparent size (st_size) against seconds since the save
+    started, sampled by a thread every :data:`SAMPLE_S` seconds while the engine
+    writes it under its temporary name (which the file: channel names)."""
+
+    SAMPLE_S = 0.05  # ~20 Hz
+
+    def __init__(self, m: Any) -> None:
+        self.m = m
+        self.series: list[tuple[float, int]] = []
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self._run, daemon=True, name="demo-sizes")
+        self.t.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.SAMPLE_S):
+            m = self.m
+            path = getattr(getattr(m.sink, "ch", None), "write_path", None)
+            if path is None or not m.t_start:
+                continue  # the save has not opened its file yet
+            with contextlib.suppress(OSError):  # renamed into place meanwhile
+                size = os.stat(path).st_size
+                if not self.series:
+                    self.series.append((0.0, 0))  # the file was created empty
+                self.series.append((time.monotonic() - m.t_start, size))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.t.join()
+
+    def finish(self, path: str) -> list[list[float]]:
+        """The series, ending with the committed file's size when the save ended."""
+        self.close()
+        m = self.m
+        self.series = [(t, n) for t, n in self.series if t < m.t_end - m.t_start]
+        self.series.append((m.t_end - m.t_start, os.stat(path).st_size))
+        return [[round(t, 3), n] for t, n in self.series]
+
+
 def _demo_run(a: argparse.Namespace, mode: str, path: str) -> dict[str, Any]:
     from ..engine.guest import BuiltinGuest
     from ..engine.incoming import load_file
@@ -212,7 +255,14 @@ def _demo_run(a: argparse.Namespace, mode: str, path: str) -> dict[str, Any]:
     try:
         time.sleep(0.3)  # let the workload get going
         with _mig_progress(f"{mode:9}", g.ram_size) as prog:
-            m = Migration(g, cfg, f"file:{path}", on_progress=prog).run()
+            m = Migration(g, cfg, f"file:{path}", on_progress=prog)
+            sampler = _SizeSampler(m) if a.plot else None
+            try:
+                m.run()
+            finally:
+                if sampler is not None:
+                    sampler.close()
+        series = sampler.finish(path) if sampler is not None else None
         q = m.query()
         src_digest, src_seq = g.digest(), g.seq
         ram_total = sum(b.size for b in g.blocks)
@@ -225,7 +275,7 @@ def _demo_run(a: argparse.Namespace, mode: str, path: str) -> dict[str, Any]:
     restore_s = time.monotonic() - t
     verified = dst.digest() == src_digest and dst.seq == src_seq
     tt = q["total-time"] / 1000
-    return {
+    run: dict[str, Any] = {
         "mode": mode,
         "apparent_bytes": st.st_size,
         "allocated_bytes": st.st_blocks * 512,
@@ -243,9 +293,36 @@ def _demo_run(a: argparse.Namespace, mode: str, path: str) -> dict[str, Any]:
         "restore_time_s": round(restore_s, 3),
         "verified": verified,
     }
+    if series is not None:
+        run["size_series"] = series  # [seconds, apparent_bytes] pairs, with --plot
+    return run
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
+    from ..output import AtomicOutput
+
+    plot: AtomicOutput | None = None
+    if a.plot:
+        _check_plotting()
+        plot = AtomicOutput(a.plot, force=a.force, mode=0o644)  # refused now, not after
+    try:
+        return _demo(a, plot)
+    finally:
+        if plot is not None and not plot.done:
+            plot.abort()
+
+
+def _check_plotting() -> None:
+    from ..errors import FixedramError
+    from .map import _check_matplotlib
+
+    try:
+        _check_matplotlib()  # the check map --svg makes, named for this option
+    except FixedramError:
+        raise FixedramError("--plot needs matplotlib: pip install 'fixedram[plot]'") from None
+
+
+def _demo(a: argparse.Namespace, plot: Any) -> int:
     import tempfile
 
     from ..engine.sinks import probe_direct_io
@@ -295,11 +372,49 @@ def cmd_demo(a: argparse.Namespace) -> int:
     }
     if note:
         out["note"] = note
+    if plot is not None:
+        _plot_sizes(out, plot)
     if a.json:
         print(json.dumps(out, indent=2))
     else:
         _print_demo(out)
     return 0 if all(r["verified"] for r in runs) else 1
+
+
+def _plot_sizes(out: dict[str, Any], dest: Any) -> None:
+    """File size against time of both saves, with RAM size (the mapped-ram bound)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    mib = 2**20
+    labels = {"stream": "stream (sequential)", "fixed-ram": "fixed-ram (mapped-ram, "
+              f"{out['multifd_channels']} multifd channels)"}
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for r in out["runs"]:
+        ts, sizes = zip(*r["size_series"], strict=True)
+        # gid: each series is an SVG group named after its mode.
+        ax.plot(ts, [n / mib for n in sizes], label=labels[r["mode"]],
+                gid=f"series-{r['mode']}", linewidth=1.8)
+    ram = out["runs"][0]["ram_total_bytes"] if out["runs"] else out["ram_bytes"]
+    ax.axhline(ram / mib, color="0.4", linestyle="--", linewidth=1, gid="ram-size",
+               label=f"guest RAM {ram / mib:,.0f} MiB (mapped-ram bound)")
+    ax.set_xlabel("seconds since the save started")
+    ax.set_ylabel("file size (MiB)")
+    ax.set_ylim(bottom=0)
+    ax.set_xlim(left=0)
+    ax.set_title(f"Live save of a {out['ram_bytes'] / mib:,.0f} MiB guest re-dirtied at "
+                 f"{out['workload']['rate_bytes_s'] / mib:,.0f} MiB/s", fontsize=11)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", fontsize=9)
+    fig.tight_layout()
+    try:
+        with os.fdopen(os.dup(dest.fd), "wb") as f:
+            fig.savefig(f, format="svg")
+        dest.commit()
+    finally:
+        plt.close(fig)
 
 
 def _print_demo(out: dict[str, Any]) -> None:
@@ -348,6 +463,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    "under the current one)")
     s.add_argument("--keep", action="store_true", help="keep the files")
     s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--plot", metavar="OUT.svg", help="draw both files' size against time "
+                   "into OUT.svg (needs matplotlib: pip install 'fixedram[plot]'); --json runs "
+                   "then hold size_series, [seconds, bytes] pairs")
+    s.add_argument("--force", action="store_true", help="replace an existing --plot output")
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("save", help="save the built-in guest to a URI (file:, tcp:, unix:, "
