@@ -59,10 +59,12 @@ def test_receive_live(transport: str, tmp_path: Path, vm_factory: Callable[..., 
     _check_result(out, doc, res.stats, res.pmem, res.machine, loaded_vm)
 
 
-def test_receive_multifd(tmp_path: Path, vm_factory: Callable[..., Any],
+@pytest.mark.parametrize("told", [False, True], ids=["detected", "told"])
+def test_receive_multifd(told: bool, tmp_path: Path, vm_factory: Callable[..., Any],
                          loaded_vm: Callable[..., Any]) -> None:
+    """Channels counted at the first SYNC, or given with ``--multifd-channels``."""
     out = tmp_path / "mfd.mig"
-    rx = Receiver("tcp:127.0.0.1:0", out)
+    rx = Receiver("tcp:127.0.0.1:0", out, *(["--multifd-channels", "4"] if told else []))
     try:
         src = vm_factory("q35")
         res = migrate_live(src, rx.address, min_transferred=3 * RAM + 16 * MIB,

@@ -287,9 +287,18 @@ class _Multifd:
 
     _pending = 0
 
+    def _counted(self, pending: int = 0) -> bool:
+        """No channel may join any more (called under the lock): the end was reached,
+        the count was fixed at the first SYNC, or ``--multifd-channels`` are all here."""
+        if self.sealed or self.failed:
+            return True
+        if self.expected:
+            return len(self.threads) + pending >= self.expected
+        return self.barrier is not None
+
     def _full(self) -> str | None:
         """Why a new connection cannot be a channel now (called under the lock)."""
-        if self.barrier is not None or self.sealed or self.failed:
+        if self._counted(self._pending):
             return "it connected after the multifd channels were counted"
         if self._pending >= MAX_PENDING:
             return f"{MAX_PENDING} connections are already waiting to be identified"
@@ -298,7 +307,7 @@ class _Multifd:
     def adopt(self, c: socket.socket) -> None:
         """A connection already seen to start with the multifd magic."""
         with self.lock:
-            late = self.barrier is not None or self.sealed or self.failed
+            late = self._counted()
             t = None if late else self._add_locked(c)
         if t is None:
             self._drop(c, "it connected after the multifd channels were counted")
@@ -334,7 +343,7 @@ class _Multifd:
             # One step, so a count taken meanwhile sees it as pending or as a thread.
             self._pending -= 1
             self._pending_socks.pop(c, None)
-            if why is None and (self.barrier is not None or self.sealed or self.failed):
+            if why is None and self._counted():
                 why = "it connected after the multifd channels were counted"
             t = self._add_locked(c) if why is None else None
             self.classified.notify_all()
