@@ -364,7 +364,7 @@ class RAMBlock:
         return bytes(out)
 
 
-class MigrationFile(SaveFacts):
+class MigrationFile(SaveFacts[RAMBlock]):
     """A QEMU migration file: a sequential stream or a mapped-ram file.
 
     Opening parses the whole stream structure once (seeking past page data)
@@ -471,17 +471,6 @@ class MigrationFile(SaveFacts):
         from .devstate import decode_devices
 
         return decode_devices(self)
-
-    def block(self, idstr: str) -> RAMBlock:
-        for b in self.blocks:
-            if b.idstr == idstr:
-                return b
-        raise KeyError(idstr)
-
-    @property
-    def passes(self) -> int:
-        """Most times any page was sent (1 for a paused save, more for live)."""
-        return max((b.max_sends for b in self.blocks), default=0)
 
     @property
     def resent_bytes(self) -> int:

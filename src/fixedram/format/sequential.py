@@ -415,7 +415,7 @@ class OnePassBlock:
         return int(self._sends.max()) if self._sends is not None and self._sends.size else 0
 
 
-class OnePassFile(SaveFacts):
+class OnePassFile(SaveFacts[OnePassBlock]):
     """What one pass over a stream found; answers like a MigrationFile.
 
     :ivar fd: an in-memory file holding the stream's configuration and device
@@ -466,16 +466,6 @@ class OnePassFile(SaveFacts):
         from .devstate import decode_devices
 
         return decode_devices(self)  # type: ignore[arg-type]
-
-    def block(self, idstr: str) -> OnePassBlock:
-        for b in self.blocks:
-            if b.idstr == idstr:
-                return b
-        raise KeyError(idstr)
-
-    @property
-    def passes(self) -> int:
-        return max((b.max_sends for b in self.blocks), default=0)
 
     @property
     def resent_bytes(self) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from ..errors import CorruptFile, TruncatedFile, UnsupportedFeature, UnsupportedVersion
 from .constants import (
@@ -98,9 +98,32 @@ class _Finished(Protocol):
     def complete(self) -> bool: ...
 
 
-class SaveFacts:
+class _Block(Protocol):
+    @property
+    def idstr(self) -> str: ...
+    @property
+    def max_sends(self) -> int: ...
+
+
+BlockT = TypeVar("BlockT", bound=_Block)
+
+
+class SaveFacts(Generic[BlockT]):
     """What an opened save answers from its header and walk, whether it was
     read with random access (MigrationFile) or in one pass (a pipe)."""
+
+    blocks: list[BlockT]
+
+    def block(self, idstr: str) -> BlockT:
+        for b in self.blocks:
+            if b.idstr == idstr:
+                return b
+        raise KeyError(idstr)
+
+    @property
+    def passes(self) -> int:
+        """Most times any page was sent (1 for a paused save, more for live)."""
+        return max((b.max_sends for b in self.blocks), default=0)
 
     @property
     def format(self: _Opened) -> str:
