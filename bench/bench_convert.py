@@ -14,12 +14,10 @@ same durability) is measured too.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from typing import Any
 
-from benchlib import FIXEDRAM, INPUTS, MIB, ROOT, WORK, median, remove, run, warm
+from benchlib import FIXEDRAM, INPUTS, MIB, ROOT, WORK, median, options, remove, run
 
 CASES = (("stream", "mapped-ram"), ("mapped", "stream"))
 
@@ -50,16 +48,8 @@ def bench(name: str, to: str, reps: int, cold: bool) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--cold", action="store_true", help="drop caches before every run")
-    ap.add_argument("--json", action="store_true")
-    a = ap.parse_args()
-    if not all((INPUTS / f"{n}.mig").exists() for n, _ in CASES):
-        sys.exit("inputs missing: run python bench/make_inputs.py first")
+    a = options(__doc__, (n for n, _ in CASES))
     WORK.mkdir(parents=True, exist_ok=True)
-    if not a.cold:
-        warm(*(INPUTS / f"{n}.mig" for n, _ in CASES))
     res = {"cache": "cold" if a.cold else "warm", "reps": a.reps,
            "cases": [bench(n, to, a.reps, a.cold) for n, to in CASES]}
     if a.json:

@@ -16,13 +16,12 @@ extract <= 1.1x the time of cp + sync (the extract fsyncs its output before rena
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from typing import Any
 
-from benchlib import FIXEDRAM, INPUTS, MIB, ROOT, WORK, drop_caches, median, remove, run, warm
+from benchlib import FIXEDRAM, INPUTS, MIB, ROOT, WORK, drop_caches, median, options, remove, run
 from fixedram.format.migfile import MigrationFile
 from fixedram.memory import elfcore
 
@@ -76,16 +75,7 @@ def bench_scan(name: str, reps: int, cold: bool) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--cold", action="store_true", help="drop caches before every run")
-    ap.add_argument("--json", action="store_true")
-    a = ap.parse_args()
-    for n in NAMES:
-        if not (INPUTS / f"{n}.mig").exists():
-            sys.exit("inputs missing: run python bench/make_inputs.py first")
-    if not a.cold:
-        warm(*(INPUTS / f"{n}.mig" for n in NAMES))
+    a = options(__doc__, NAMES)
     res: dict[str, Any] = {"cache": "cold" if a.cold else "warm", "reps": a.reps,
                            "target": TARGET}
     for n in NAMES:

@@ -28,9 +28,9 @@ from benchlib import (
     baseline_rss,
     drop_caches,
     median,
+    options,
     remove,
     run,
-    warm,
 )
 from fixedram.format.migfile import MigrationFile
 
@@ -106,18 +106,11 @@ def bench_vol3(reps: int, cold: bool, mib: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--vol-reps", type=int, default=3)
-    ap.add_argument("--vol-mib", type=int, default=64, help="MiB volatility3 reads")
-    ap.add_argument("--cold", action="store_true", help="drop caches before every run")
-    ap.add_argument("--json", action="store_true")
-    a = ap.parse_args()
-    for n in ("mapped", "stream", "stream-vol3"):
-        if not (INPUTS / f"{n}.mig").exists():
-            sys.exit("inputs missing: run python bench/make_inputs.py first")
-    if not a.cold:
-        warm(*(INPUTS / f"{n}.mig" for n in ("mapped", "stream", "stream-vol3")))
+    def vol_options(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--vol-reps", type=int, default=3)
+        ap.add_argument("--vol-mib", type=int, default=64, help="MiB volatility3 reads")
+
+    a = options(__doc__, ("mapped", "stream", "stream-vol3"), vol_options)
     base = baseline_rss()
     res: dict[str, Any] = {"cache": "cold" if a.cold else "warm", "reps": a.reps,
                            "baseline_rss": base}

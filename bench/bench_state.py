@@ -14,14 +14,12 @@ default (inputs read once), or ``--cold`` to drop the page cache before every ru
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
-import sys
 import time
 from typing import Any
 
-from benchlib import FIXEDRAM, INPUTS, ROOT, median, run, warm
+from benchlib import FIXEDRAM, INPUTS, ROOT, median, options, run
 
 CASES = ("stream", "mapped")
 TARGET_S = 0.1
@@ -63,15 +61,7 @@ def bench(name: str, reps: int, cold: bool) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--cold", action="store_true", help="drop caches before every run")
-    ap.add_argument("--json", action="store_true")
-    a = ap.parse_args()
-    if not all((INPUTS / f"{n}.mig").exists() for n in CASES):
-        sys.exit("inputs missing: run python bench/make_inputs.py first")
-    if not a.cold:
-        warm(*(INPUTS / f"{n}.mig" for n in CASES))
+    a = options(__doc__, CASES)
     res = {"cache": "cold" if a.cold else "warm", "reps": a.reps, "target_s": TARGET_S,
            "cases": [bench(n, a.reps, a.cold) for n in CASES]}
     if a.json:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,3 +88,24 @@ def baseline_rss() -> int:
 
 def mib(n: float) -> str:
     return f"{n / MIB:.1f}"
+
+
+def options(doc: str, names: Iterable[str],
+            extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """The options every file benchmark takes (``--reps``, ``--cold``, ``--json``, and
+    ``extra``'s), after checking that the inputs ``INPUTS/<name>.mig`` exist; warms
+    them into the page cache unless ``--cold``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--cold", action="store_true", help="drop caches before every run")
+    ap.add_argument("--json", action="store_true")
+    if extra is not None:
+        extra(ap)
+    a = ap.parse_args()
+    paths = [INPUTS / f"{n}.mig" for n in names]
+    if not all(p.exists() for p in paths):
+        sys.exit("inputs missing: run python bench/make_inputs.py first")
+    if not a.cold:
+        warm(*paths)
+    return a
+
