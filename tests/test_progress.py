@@ -8,6 +8,7 @@ no QEMU is needed.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import struct
@@ -132,6 +133,24 @@ def test_verify_against_bar(saves: dict[str, Path], tmp_path: Path) -> None:
     r = plain(["verify", str(a), "--against", str(b)], tmp_path)
     assert r.returncode == 0 and r.stderr == b""
     assert r.stdout == out
+
+
+def test_verify_indexing_bar(saves: dict[str, Path], tmp_path: Path) -> None:
+    """``verify FILE`` of a stream: the bar follows the walk through the file's sections
+    and ends at the file's size."""
+    a = saves["stream"]
+    rc, out, err = Run(["verify", str(a)], tmp_path).wait()
+    assert rc == 0, err
+    assert out == f"{a}: OK\n".encode()
+    frames = bar_values(err, f"indexing {a.name}")
+    assert frames, err
+    done, total, unit = frames[-1]
+    assert total == in_unit(a.stat().st_size, unit) == done
+    assert binary_units_only(err)
+    # inspect, state and map open files the same way; their stdout stays clean
+    rc, out, err = Run(["inspect", "--json", str(a)], tmp_path).wait()
+    assert rc == 0 and json.loads(out)["complete"], err
+    assert bar_values(err, f"indexing {a.name}")[-1][0] == done
 
 
 def test_verify_one_pass_bar(saves: dict[str, Path], tmp_path: Path) -> None:

@@ -65,8 +65,8 @@ def number_in(lo: float, hi: float) -> Callable[[str], float]:
 
 def cmd_inspect(a: argparse.Namespace) -> int:
     from ..describe import describe
-    from ..format.migfile import MigrationFile
     from ..format.sequential import is_one_pass, open_sequential, scan, seekable_path
+    from .progress import open_indexed
 
     if a.xml:
         return _print_xml(a.file)
@@ -75,7 +75,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         with open_sequential(a.file, offset=a.offset) as si, scan(si) as f:
             d = describe(f)
     else:
-        with MigrationFile(real, offset=a.offset, strict=False) as mf:
+        with open_indexed(real, offset=a.offset, strict=False) as mf:
             d = describe(mf)
     # An incomplete save is described in full, then exits 1: scripts see it is unfinished.
     status = 0 if d["complete"] else 1
@@ -102,10 +102,9 @@ def _print_xml(path: str) -> int:
 
 
 def cmd_extract(a: argparse.Namespace) -> int:
-    from ..format.migfile import MigrationFile
     from ..format.sequential import is_one_pass, open_sequential, seekable_path
     from ..memory import extract
-    from .progress import progress_bar
+    from .progress import open_indexed, progress_bar
 
     to_stdout = a.output == "-"
     if to_stdout and a.format == "raw":
@@ -123,7 +122,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
             extract_one_pass(si, a.output, a.format, force=a.force,
                              allow_incomplete=a.allow_incomplete).close()
         return 0
-    with MigrationFile(real, offset=a.offset, strict=False) as mf:
+    with open_indexed(real, offset=a.offset, strict=False) as mf:
         if not mf.complete and not a.allow_incomplete:
             raise FixedramError(f"{a.file}: the save is incomplete ({mf.error or 'unfinished'}); "
                                 "use --allow-incomplete to extract what it holds")

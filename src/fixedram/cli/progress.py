@@ -7,9 +7,12 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["Bar", "binary_size", "following", "progress_bar", "stderr_console"]
+if TYPE_CHECKING:
+    from ..format.migfile import MigrationFile
+
+__all__ = ["Bar", "binary_size", "following", "open_indexed", "progress_bar", "stderr_console"]
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -111,3 +114,18 @@ def following(bar: Bar | None, counter: Callable[[], int],
         stop.set()
         t.join()
         bar.set_completed(counter())
+
+
+def open_indexed(path: str, **kw: Any) -> MigrationFile:
+    """:class:`MigrationFile` with an "indexing" bar while its stream is walked: opening a
+    multi-GiB stream reads every record header, which takes seconds on a cold cache."""
+    import os
+
+    from ..format.migfile import MigrationFile
+
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        size = 0  # MigrationFile names the file in its error
+    with progress_bar(f"indexing {os.path.basename(path)}", size) as bar:
+        return MigrationFile(path, progress=bar, **kw)

@@ -25,8 +25,8 @@ examples:
 
 def cmd_state(a: argparse.Namespace) -> int:
     from ..format.devstate import decode_configuration, jsonable
-    from ..format.migfile import MigrationFile
     from ..format.sequential import is_one_pass, open_sequential, scan, seekable_path
+    from .progress import open_indexed
 
     real = seekable_path(a.file)
     if real is None or is_one_pass(a.file):  # a pipe or a compressed image: one pass
@@ -37,7 +37,7 @@ def cmd_state(a: argparse.Namespace) -> int:
                      f"{f' ({f.compression}-compressed)' if f.compression else ''}, machine "
                      f"{f.machine}")
     else:
-        with MigrationFile(real, offset=a.offset) as mf:
+        with open_indexed(real, offset=a.offset) as mf:
             config = decode_configuration(mf)
             devices = mf.devices()
             facts = f"{mf.format} format, stream at offset {mf.start}, machine {mf.machine}"

@@ -92,14 +92,17 @@ def cmd_verify(a: argparse.Namespace) -> int:
 def _verify_files(path: str, against: str | None) -> tuple[list[str], list[str], list[Any]]:
     from ..format.sequential import seekable_path
     from ..tools.verify import compare, compare_total, open_checked
-    from .progress import progress_bar
+    from .progress import open_indexed, progress_bar
 
-    mf, probs = open_checked(seekable_path(path) or path)
+    def indexed(p: str) -> tuple[Any, list[str]]:
+        return open_checked(seekable_path(p) or p, opener=open_indexed)
+
+    mf, probs = indexed(path)
     if against is None:
         if mf is not None:
             mf.close()
         return probs, [], []
-    other, probs_b = open_checked(seekable_path(against) or against)
+    other, probs_b = indexed(against)
     if mf is None or other is None:
         for m in (mf, other):
             if m is not None:

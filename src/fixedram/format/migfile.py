@@ -13,7 +13,7 @@ import errno
 import itertools
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from types import TracebackType
@@ -35,6 +35,7 @@ from .walker import (
 
 if TYPE_CHECKING:
     from .devstate import DeviceState
+    from .stream import SectionHeader
 
 __all__ = ["MigrationFile", "RAMBlock", "Run", "find_stream_start"]
 
@@ -121,6 +122,13 @@ class _StreamIndex(StreamEvents):
         self.zero_records = 0
         self.mapped = False
         self.announced = False  # the whole RAMBlock list was read
+        self.progress: Callable[[int], None] | None = None
+        self.walked = 0  # bytes reported to progress
+
+    def section(self, sh: SectionHeader) -> None:
+        if self.progress is not None and sh.offset > self.walked:
+            self.progress(sh.offset - self.walked)
+            self.walked = sh.offset
 
     def ram_blocks(self, state: RamStreamState) -> None:
         self.mapped = state.mapped_ram
@@ -375,10 +383,13 @@ class MigrationFile(SaveFacts[RAMBlock]):
     :param path: the file.
     :param offset: where the stream starts; default: find the QEVM magic.
     :param strict: raise on an incomplete (truncated) stream.
+    :param progress: called with the bytes walked since its last call (at
+        each RAM section, so a caller can show how far indexing a large
+        stream has got); the calls add up to the file's size.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, offset: int | None = None,
-                 strict: bool = True) -> None:
+                 strict: bool = True, progress: Callable[[int], None] | None = None) -> None:
         self.path = os.fspath(path)
         # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below.
         self.fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -392,7 +403,7 @@ class MigrationFile(SaveFacts[RAMBlock]):
             regular = stat.S_ISREG(st.st_mode)
             self.size = st.st_size if regular else os.lseek(self.fd, 0, os.SEEK_END)
             os.set_blocking(self.fd, True)
-            self._open(offset, strict)
+            self._open(offset, strict, progress)
         except OSError as e:
             os.close(self.fd)
             if e.filename is None:  # every I/O error names the file
@@ -402,7 +413,8 @@ class MigrationFile(SaveFacts[RAMBlock]):
             os.close(self.fd)
             raise
 
-    def _open(self, offset: int | None, strict: bool) -> None:
+    def _open(self, offset: int | None, strict: bool,
+              progress: Callable[[int], None] | None) -> None:
         from .libvirt import LibvirtHeader, probe_libvirt
 
         self.libvirt: LibvirtHeader | None = probe_libvirt(self.fd, self.size, self.path)
@@ -416,6 +428,7 @@ class MigrationFile(SaveFacts[RAMBlock]):
         self.vmdesc = read_vmdesc_at_end(self.fd, self.size, offset, self.path)
         self.error: TruncatedFile | None = None
         index = _StreamIndex(self.path, INDEX_FLOOR + INDEX_PER_FILE_BYTE * (self.size - offset))
+        index.progress = progress
         with os.fdopen(os.dup(self.fd), "rb", buffering=0) as f:
             f.seek(offset)
             r = ByteReader(f, self.path, start=offset)
@@ -430,6 +443,8 @@ class MigrationFile(SaveFacts[RAMBlock]):
                 if not index.announced:
                     # Cut inside the RAMBlock list: no block is known whole.
                     self.summary.ram.blocks = []
+        if progress is not None:
+            progress(self.size - index.walked)
         self._index = None if index.mapped else index
         if index.mapped:
             self._check_bitmap_layout(self.summary.header.machine)

@@ -111,10 +111,14 @@ def compare(a: MigrationFile, b: MigrationFile, *, max_report: int = 1000,
     return out
 
 
-def open_checked(path: str) -> tuple[MigrationFile | None, list[str]]:
-    """Open with strict parsing; a format error becomes a problem line."""
+def open_checked(path: str, opener: Callable[..., MigrationFile] = MigrationFile
+                 ) -> tuple[MigrationFile | None, list[str]]:
+    """Open with strict parsing; a format error becomes a problem line.
+
+    :param opener: makes the MigrationFile (the CLI's shows a progress bar).
+    """
     try:
-        mf = MigrationFile(path, strict=False)
+        mf = opener(path, strict=False)
     except FormatError as e:
         return None, [str(e)]
     except FixedramError:
