@@ -8,32 +8,32 @@ without libvirt or the compressors libvirt runs."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import subprocess
-import sys
-import threading
-import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pytest
+from bridge_helpers import FIXEDRAM, MIB
+from libvirt_helpers import (
+    assert_same_ram,
+    cli,
+    libvirt_header,
+    one_error_line,
+    pmemsave,
+    running_domain,
+    virsh,
+    wait_progress,
+)
 
-from fixedram.format.libvirt import HEADER_SIZE, probe_libvirt
+from fixedram.format.libvirt import HEADER_SIZE
 from fixedram.format.migfile import MigrationFile
-from qemu_harness import diff_pages, qemu_binary, ram_compare_ranges
 
 pytestmark = pytest.mark.qemu
 
-FIXEDRAM = [sys.executable, "-m", "fixedram.cli.main"]
-MIB = 1 << 20
-RAM = 128 * MIB
-ROOT = Path(__file__).resolve().parents[2]
 FORMATS = ("raw", "gzip", "bzip2", "xz", "lzop", "zstd", "sparse")
 COMPRESSED = ("gzip", "bzip2", "xz", "lzop", "zstd")
 
@@ -47,109 +47,32 @@ class Saves:
     images: dict[str, Path] = field(default_factory=dict)
 
 
-def _virsh(*args: str, timeout: float = 120) -> str:
-    p = subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True,
-                       check=False, timeout=timeout)
-    if p.returncode != 0:
-        pytest.fail(f"virsh {' '.join(args)}: {p.stderr.strip()}", pytrace=False)
-    return p.stdout
-
-
-def _cli(*args: str, stdin: Path | None = None,
-         limit: int | None = None) -> subprocess.CompletedProcess[str]:
-    """fixedram ARGS; ``stdin`` (its first ``limit`` bytes) through a real pipe."""
-    p = subprocess.Popen([*FIXEDRAM, *args], stdin=subprocess.PIPE if stdin else None,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if stdin is not None:
-        pipe, p.stdin = p.stdin, None
-        assert pipe is not None
-
-        def feed() -> None:
-            try:
-                data = stdin.read_bytes()
-                pipe.write(data[:limit] if limit is not None else data)
-            except BrokenPipeError:
-                pass
-            finally:
-                with contextlib.suppress(BrokenPipeError):
-                    pipe.close()
-
-        threading.Thread(target=feed, daemon=True).start()
-    out, err = p.communicate(timeout=300)
-    return subprocess.CompletedProcess(p.args, p.returncode, out.decode(), err.decode())
-
-
-def _pmemsave(name: str, path: Path) -> Path:
-    cmd = {"execute": "pmemsave", "arguments": {"val": 0, "size": RAM, "filename": str(path)}}
-    out = json.loads(_virsh("qemu-monitor-command", name, json.dumps(cmd)))
-    assert "error" not in out, out
-    return path
-
-
-def _same_ram(a: Path, b: Path | np.ndarray, machine: str) -> None:
-    ref = a.read_bytes()
-    other = b if isinstance(b, np.ndarray) else np.memmap(b, dtype=np.uint8, mode="r")
-    bad = diff_pages(ref, memoryview(other[:len(ref)]), ram_compare_ranges(RAM, machine))
-    assert not bad, f"{len(bad)} pages differ from pmemsave, first at 0x{bad[0]:x}"
-
-
 @pytest.fixture(scope="module")
 def saves(tmp_path_factory: pytest.TempPathFactory, guest_image: Path) -> Iterator[Saves]:
-    p = subprocess.run(["bash", str(ROOT / "scripts" / "start-libvirt.sh")], capture_output=True,
-                       text=True, check=False, timeout=600)
-    if p.returncode != 0:
-        pytest.fail(f"libvirt unavailable: {p.stderr.strip()}", pytrace=False)
     for tool in COMPRESSED:
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} missing: libvirt cannot write {tool} images "
                         "(scripts/install-qemu.sh installs it)", pytrace=False)
-    d = tmp_path_factory.mktemp("libvirt-formats")
-    os.chmod(d, 0o755)
-    img = d / "disk.img"
-    shutil.copyfile(guest_image, img)
-    name = f"fixedram-fmt-{uuid.uuid4().hex[:8]}"
-    xml = d / "dom.xml"
-    xml.write_text(f"""<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>{RAM >> 20}</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
-  <devices>
-    <emulator>{qemu_binary()}</emulator>
-    <disk type='file' device='disk'><driver name='qemu' type='raw'/>
-      <source file='{img}'/><target dev='hda' bus='ide'/></disk>
-    <controller type='usb' model='none'/>
-    <serial type='file'><source path='{d / "serial.txt"}'/><target port='0'/></serial>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-""")
-    _virsh("create", str(xml))
-    try:
-        deadline = time.monotonic() + 30
-        while (d / "serial.txt").read_bytes().count(b"P") < 2:
-            assert time.monotonic() < deadline, "libvirt guest made no progress"
-            time.sleep(0.1)
-        _virsh("suspend", name)
-        s = Saves(d, name, _pmemsave(name, d / "src.pmem"))
+    with running_domain(tmp_path_factory, "libvirt-formats", guest_image, "fixedram-fmt") as dom:
+        d, name = dom.dir, dom.name
+        wait_progress(dom.serial, 2, timeout=30)
+        virsh("suspend", name)
+        s = Saves(d, name, pmemsave(name, d / "src.pmem"))
         # Each save stops the domain; restoring it --paused keeps the very same RAM.
         for i, fmt in enumerate(FORMATS):
             if i:
-                _virsh("restore", str(s.images[FORMATS[i - 1]]), "--paused")
+                virsh("restore", str(s.images[FORMATS[i - 1]]), "--paused")
             s.images[fmt] = d / f"{fmt}.sav"
-            _virsh("save", name, str(s.images[fmt]), "--image-format", fmt)
+            virsh("save", name, str(s.images[fmt]), "--image-format", fmt)
         with MigrationFile(s.images["raw"]) as mf:
             s.machine = mf.machine or ""
         yield s
-    finally:
-        subprocess.run(["virsh", "-c", "qemu:///system", "destroy", name], capture_output=True,
-                       check=False)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_libvirt_format_reads(saves: Saves, fmt: str, tmp_path: Path) -> None:
     path = saves.images[fmt]
-    p = _cli("inspect", "--json", str(path))
+    p = cli("inspect", "--json", str(path))
     assert p.returncode == 0, p.stderr
     info = json.loads(p.stdout)
     lv = info["libvirt"]
@@ -157,26 +80,26 @@ def test_every_libvirt_format_reads(saves: Saves, fmt: str, tmp_path: Path) -> N
     assert info["complete"] and info["compression"] == (fmt if fmt in COMPRESSED else None)
     assert info["format"] == ("mapped-ram" if fmt == "sparse" else "stream")
     # The same header, XML and cookie as libvirt's raw image of the same domain.
-    raw = json.loads(_cli("inspect", "--json", str(saves.images["raw"])).stdout)["libvirt"]
+    raw = json.loads(cli("inspect", "--json", str(saves.images["raw"])).stdout)["libvirt"]
     assert {k: lv[k] for k in ("data_len", "cookie_offset", "xml_bytes", "cookie_bytes")} == \
         {k: raw[k] for k in ("data_len", "cookie_offset", "xml_bytes", "cookie_bytes")}
-    xml = _cli("inspect", "--xml", str(path)).stdout
+    xml = cli("inspect", "--xml", str(path)).stdout
     stored = path.read_bytes()[HEADER_SIZE:HEADER_SIZE + lv["xml_bytes"]].decode()
     assert xml.rstrip("\n") == stored.rstrip("\n") and f"<name>{saves.name}</name>" in xml
-    dumped = _virsh("save-image-dumpxml", str(path))
+    dumped = virsh("save-image-dumpxml", str(path))
     uid = dumped.split("<uuid>")[1].split("</uuid>")[0]
     assert f"<uuid>{uid}</uuid>" in xml  # libvirt re-formats it, adding its defaults
     # Guest RAM equals QEMU's pmemsave of the domain.
     phys = tmp_path / "phys.img"
-    p = _cli("extract", str(path), "--format", "physical", "-o", str(phys))
+    p = cli("extract", str(path), "--format", "physical", "-o", str(phys))
     assert p.returncode == 0, p.stderr
-    _same_ram(saves.pmem, phys, saves.machine)
-    p = _cli("verify", str(path), "--against", str(saves.images["raw"]))
+    assert_same_ram(saves.pmem, phys, saves.machine)
+    p = cli("verify", str(path), "--against", str(saves.images["raw"]))
     assert p.returncode == 0 and "RAM equal" in p.stdout, p.stdout + p.stderr
-    p = _cli("state", "--json", str(path))
+    p = cli("state", "--json", str(path))
     assert p.returncode == 0, p.stderr
     st = json.loads(p.stdout)
-    ref = json.loads(_cli("state", "--json", str(saves.images["raw"])).stdout)
+    ref = json.loads(cli("state", "--json", str(saves.images["raw"])).stdout)
     assert [d["name"] for d in st["devices"]] == [d["name"] for d in ref["devices"]]
     assert st["configuration"]["name"] == ref["configuration"]["name"] == saves.machine
     regs = next(d for d in st["devices"] if d["name"] == "cpu")["fields"]["env.regs"]
@@ -194,30 +117,27 @@ def test_every_libvirt_format_reads(saves: Saves, fmt: str, tmp_path: Path) -> N
         assert sent.stdout == ref_stream
         # The same image on a pipe: decoded as it arrives.
         out = tmp_path / "raw-set"
-        p = _cli("extract", "-", "-o", str(out), stdin=path)
+        p = cli("extract", "-", "-o", str(out), stdin=path)
         assert p.returncode == 0, p.stderr
-        _same_ram(saves.pmem, np.memmap(out / "pc.ram.bin", dtype=np.uint8, mode="r"),
-                  saves.machine)
+        assert_same_ram(saves.pmem, out / "pc.ram.bin", saves.machine)
 
 
 def _restored_ram(saves: Saves, image: Path, tmp_path: Path) -> Path:
-    _virsh("restore", str(image), "--paused")
+    virsh("restore", str(image), "--paused")
     try:
-        return _pmemsave(saves.name, tmp_path / f"{image.name}.pmem")
+        return pmemsave(saves.name, tmp_path / f"{image.name}.pmem")
     finally:
-        _virsh("destroy", saves.name)
+        virsh("destroy", saves.name)
 
 
 @pytest.mark.parametrize("fmt", ["zstd", "xz", "raw", "sparse"])
 def test_converted_images_restore_in_libvirt(saves: Saves, fmt: str, tmp_path: Path) -> None:
     src = saves.images[fmt]
-    with open(src, "rb") as f:
-        fd = f.fileno()
-        lv_in = probe_libvirt(fd, os.fstat(fd).st_size, str(src), allow_compressed=True)
+    lv_in = libvirt_header(src)
     assert lv_in is not None
     for to, lv_fmt in (("mapped-ram", "sparse"), ("stream", "raw")):
         out = tmp_path / f"{fmt}-{to}.sav"
-        p = _cli("convert", str(src), str(out), "--to", to)
+        p = cli("convert", str(src), str(out), "--to", to)
         assert p.returncode == 0, p.stderr
         with MigrationFile(out) as mf:
             lv = mf.libvirt
@@ -228,35 +148,26 @@ def test_converted_images_restore_in_libvirt(saves: Saves, fmt: str, tmp_path: P
             if to == "mapped-ram":  # offsets absolute in the image, as libvirt 11 writes them
                 m = mf.block("pc.ram").record.mapped
                 assert m is not None and m.pages_offset % MIB == 0 and m.bitmap_offset > mf.start
-        assert _virsh("save-image-dumpxml", str(out)) == _virsh("save-image-dumpxml", str(src))
-        _same_ram(saves.pmem, _restored_ram(saves, out, tmp_path), saves.machine)
+        assert virsh("save-image-dumpxml", str(out)) == virsh("save-image-dumpxml", str(src))
+        assert_same_ram(saves.pmem, _restored_ram(saves, out, tmp_path), saves.machine)
     # --bare: the plain QEMU file.
     bare = tmp_path / "bare.mig"
-    assert _cli("convert", str(src), str(bare), "--to", "mapped-ram", "--bare").returncode == 0
+    assert cli("convert", str(src), str(bare), "--to", "mapped-ram", "--bare").returncode == 0
     with MigrationFile(bare) as mf:
         assert mf.libvirt is None and mf.start == 0 and mf.complete
 
 
-def _one_error_line(p: subprocess.CompletedProcess[str], *words: str) -> str:
-    assert p.returncode == 1, p.stdout + p.stderr
-    line, = p.stderr.strip().splitlines()
-    assert line.startswith("fixedram: error: "), line
-    for w in words:
-        assert w in line, (w, line)
-    return line
-
-
 def test_bad_libvirt_images(saves: Saves, tmp_path: Path) -> None:
     data = saves.images["zstd"].read_bytes()
-    start = json.loads(_cli("inspect", "--json", str(saves.images["zstd"])).stdout)[
+    start = json.loads(cli("inspect", "--json", str(saves.images["zstd"])).stdout)[
         "libvirt"]["data_offset"]
     # A corrupt compressed payload: named, with the offset in the decompressed stream.
     bad = tmp_path / "corrupt.sav"
     mid = start + (len(data) - start) // 2
     bad.write_bytes(data[:mid] + bytes(b ^ 0xFF for b in data[mid:mid + 32]) + data[mid + 32:])
     out = tmp_path / "out"
-    _one_error_line(_cli("extract", str(bad), "-o", str(out)), str(bad), "zstd",
-                    "decompressed", "byte offset")
+    one_error_line(cli("extract", str(bad), "-o", str(out)), str(bad), "zstd",
+                   "decompressed", "byte offset")
     assert not out.exists()
     # An unknown header format.
     unk = tmp_path / "unknown.sav"
@@ -266,24 +177,24 @@ def test_bad_libvirt_images(saves: Saves, tmp_path: Path) -> None:
         args = [cmd[0], str(unk), *cmd[1:]]
         if cmd[0] == "convert":
             args = ["convert", str(unk), str(out), "--to", "stream"]
-        p = _cli(*args)
+        p = cli(*args)
         if cmd[0] == "verify":  # verify reports problems on stdout
             assert p.returncode == 1 and "format 9 unknown" in p.stdout and "28" in p.stdout
         else:
-            _one_error_line(p, str(unk), "format 9 unknown", "byte offset 28")
+            one_error_line(p, str(unk), "format 9 unknown", "byte offset 28")
         assert not out.exists()
     # A truncated compressed image, as a file and as a pipe closing mid-stream.
     for comp in ("gzip", "xz"):
         whole = saves.images[comp].read_bytes()
         cut = tmp_path / f"cut-{comp}.sav"
         cut.write_bytes(whole[:start + (len(whole) - start) // 2])
-        _one_error_line(_cli("extract", str(cut), "-o", str(out)), str(cut), "byte offset")
+        one_error_line(cli("extract", str(cut), "-o", str(out)), str(cut), "byte offset")
         assert not out.exists()
-        p = _cli("convert", "-", str(out), "--to", "mapped-ram", stdin=saves.images[comp],
-                 limit=len(cut.read_bytes()))
-        _one_error_line(p, "stdin", "byte offset")
+        p = cli("convert", "-", str(out), "--to", "mapped-ram", stdin=saves.images[comp],
+                limit=len(cut.read_bytes()))
+        one_error_line(p, "stdin", "byte offset")
         assert not out.exists()
     assert not [n for n in os.listdir(tmp_path) if "partial" in n]
     # A sparse (mapped-ram) image on a pipe.
-    p = _cli("inspect", "-", stdin=saves.images["sparse"])
-    _one_error_line(p, "mapped-ram needs a seekable file")
+    p = cli("inspect", "-", stdin=saves.images["sparse"])
+    one_error_line(p, "mapped-ram needs a seekable file")
