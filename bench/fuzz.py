@@ -248,12 +248,13 @@ def run_readers(path: Path, work: Path, deep: bool) -> list[str]:
     from fixedram.format.devstate import decode_configuration
     from fixedram.memory.extract import extract_elf, extract_physical, extract_raw
     from fixedram.tools.convert import to_stream
-    from fixedram.tools.verify import open_checked
+    from fixedram.tools.verify import structural_problems
 
     reached = []
     with MigrationFile(path, strict=False) as mf:
         json.dumps(describe(mf))
         reached.append("open")
+        structural_problems(mf)  # verify's checks (verify opens the file as above)
         with contextlib.suppress(FixedramError):
             decode_configuration(mf)
             mf.devices()
@@ -273,9 +274,6 @@ def run_readers(path: Path, work: Path, deep: bool) -> list[str]:
             if mf.complete:
                 to_stream(mf, _null)
                 reached.append("convert")
-    m, _probs = open_checked(str(path))
-    if m is not None:
-        m.close()
     return reached
 
 
