@@ -2,8 +2,8 @@
 
 What a change costs (issue 9 asks hardening to cost at most 3%): the earlier tree is checked
 out with ``git worktree`` under ``build/bench/base`` and run with ``PYTHONPATH`` pointing at its
-``src``; both trees use this venv's Python and libraries. Runs are interleaved (base, now, base,
-...) on a warm cache, from compiled bytecode as installed copies run; medians of ``--reps``.
+``src``; both trees use this venv's Python and libraries. Runs are interleaved (base, now, now,
+base, ...) on a warm cache, from compiled bytecode as installed copies run; medians of ``--reps``.
 
     python bench/make_inputs.py
     python bench/bench_before_after.py --base db6f1cb --reps 5
@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchlib import INPUTS, ROOT, WORK, bytecode, median, remove, run, warm
+from benchlib import INPUTS, ROOT, WORK, bytecode, drop_caches, median, remove, run, warm
 
 OUT = WORK / "before-after"
 
@@ -53,6 +53,10 @@ def main() -> int:
     p.add_argument("--base", required=True, help="the earlier commit")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--only", help="run only commands whose name contains this")
+    p.add_argument("--settle", action="store_true",
+                   help="drop the page cache and read the inputs back before every run: "
+                        "a run that writes 1 GiB otherwise pays for reclaiming whatever "
+                        "else is cached, which varies from run to run")
     a = p.parse_args()
     for f in ("stream.mig", "mapped.mig"):
         if not (INPUTS / f).exists():
@@ -67,12 +71,19 @@ def main() -> int:
         if a.only and a.only not in name:
             continue
         times: dict[str, list[float]] = {"base": [], "now": []}
-        for _ in range(a.reps):
-            for which, src in trees.items():
+        for rep in range(a.reps):
+            # ABBA order: the run after another pays for the other's output being freed.
+            order = list(trees.items())
+            for which, src in order if rep % 2 == 0 else order[::-1]:
                 env_path = os.environ.get("PYTHONPATH", "")
                 os.environ["PYTHONPATH"] = f"{src}:{env_path}" if env_path else str(src)
                 try:
                     cmd = [sys.executable, "-m", "fixedram.cli.main", *args]
+                    if a.settle:
+                        if out is not None:
+                            remove(out)
+                        drop_caches()
+                        warm(*(Path(x) for x in args if x.startswith(str(INPUTS))))
                     times[which].append(run(cmd, cold=False, out=out).seconds)
                 finally:
                     os.environ["PYTHONPATH"] = env_path

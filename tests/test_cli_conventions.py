@@ -10,6 +10,7 @@ import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,6 +60,26 @@ def test_help_ends_with_examples(command: str) -> None:
     assert r.returncode == 0
     tail = r.stdout[r.stdout.rindex("\nexamples:\n"):]
     assert f"fixedram {command} " in tail
+
+
+def test_one_command_parser_is_the_whole_parsers_part() -> None:
+    """A command is parsed by a parser holding only that command (faster start), which
+    must accept and describe exactly what the whole parser does for it."""
+    from fixedram.cli.main import build_parser
+
+    def sub(p: Any) -> Any:
+        return next(a for a in p._actions if a.dest == "command")
+
+    whole = build_parser()
+    names = list(sub(whole).choices)
+    assert len(names) >= 13
+    for name in names:
+        one = build_parser(name)
+        assert list(sub(one).choices) == [name]
+        assert one._subparsers is not None
+        assert sub(one).choices[name].format_help() == sub(whole).choices[name].format_help()
+    # an unknown command gets the whole parser, so its error lists every command
+    assert list(sub(build_parser("nonsense")).choices) == names
 
 
 def _complete(script: str, *words: str) -> list[str]:

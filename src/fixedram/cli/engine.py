@@ -6,10 +6,8 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -213,6 +211,8 @@ class _SizeSampler:
     SAMPLE_S = 0.05  # ~20 Hz
 
     def __init__(self, m: Any) -> None:
+        import threading  # here: every command's parser imports this module
+
         self.m = m
         self.series: list[tuple[float, int]] = []
         self.stop = threading.Event()
@@ -352,6 +352,8 @@ def _demo(a: argparse.Namespace, plot: Any) -> int:
                         os.unlink(path)
     finally:
         if made and not a.keep:
+            import shutil
+
             shutil.rmtree(workdir, ignore_errors=True)
             unregister_temporary(os.path.abspath(workdir))
     from ..describe import SCHEMA_VERSION

@@ -177,9 +177,24 @@ examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Unused:
+    """Stands in for the parser of a command that is not being run."""
+
+    def add_argument(self, *args: Any, **kw: Any) -> None:
+        pass
+
+    def set_defaults(self, **kw: Any) -> None:
+        pass
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole command line. Each command module adds its own subcommands;
-    they are imported here, and import only argparse-level things at the top."""
+    they are imported here, and import only argparse-level things at the top.
+
+    :param only: build just this command's parser (the one being run): the
+        others' parsers and help texts cost every command about 10 ms. None
+        when ``only`` names no command.
+    """
     from . import bridge, completion, engine, state, tools
     from . import map as map_cli
 
@@ -187,6 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
                                 "migration files: inspect, extract, convert, verify, migrate.")
     p.add_argument("--version", action=_Version, help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    if only is not None:
+        add = sub.add_parser
+        found: list[str] = []
+
+        def add_only(name: str, **kw: Any) -> Any:
+            if name != only:
+                return _Unused()
+            found.append(name)
+            return add(name, **kw)
+
+        sub.add_parser = add_only  # type: ignore[method-assign]
 
     raw = argparse.RawDescriptionHelpFormatter
     s = sub.add_parser("inspect", help="describe a migration or save file",
@@ -214,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in (tools, engine, bridge, state, map_cli, completion):
         module.register(sub)
+    if only is not None and not found:
+        return build_parser()
     return p
 
 
@@ -275,8 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if list(sys.argv[1:] if argv is None else argv) == ["--version"]:
         _print_version()  # without building the parser: no command module imported
         return 0
-    p = build_parser()
-    a = p.parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    # The command's own parser only; the whole one for top-level options and errors.
+    p = build_parser(args[0] if args and not args[0].startswith("-") else None)
+    a = p.parse_args(args)
     with _SignalGuard():
         try:
             return _run(a)
