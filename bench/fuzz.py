@@ -328,11 +328,33 @@ def fuzz(seeds: list[Path], *, seconds: float | None, inputs: int | None, rng_se
                                                                               seeds]}
     t0 = last = time.monotonic()
 
+    # A run paused with SIGSTOP (to give a benchmark the machine) must not turn the input
+    # in progress into a timeout: the expired timer is delivered before SIGCONT's handler
+    # runs, so an expiry first re-checks one second later, by when a resume is known.
+    state = {"resumed": False, "rechecking": False}
+
+    def on_cont(_s: int, _f: Any) -> None:
+        state["resumed"] = True
+
     def on_alarm(_s: int, _f: Any) -> None:
+        if state["resumed"]:
+            state["resumed"] = state["rechecking"] = False
+            signal.setitimer(signal.ITIMER_REAL, input_timeout)  # the input starts over
+            return
+        if not state["rechecking"]:
+            state["rechecking"] = True
+            signal.setitimer(signal.ITIMER_REAL, 1.0)
+            return
         raise Timeout(f"input ran over {input_timeout} s")
 
+    def on_term(_s: int, _f: Any) -> None:
+        raise KeyboardInterrupt  # stop at once, with the statistics so far
+
     signal.signal(signal.SIGALRM, on_alarm)
-    with tempfile.TemporaryDirectory(prefix="fixedram-fuzz-", dir="/dev/shm") as td:
+    signal.signal(signal.SIGCONT, on_cont)
+    signal.signal(signal.SIGTERM, on_term)
+    with tempfile.TemporaryDirectory(prefix="fixedram-fuzz-", dir="/dev/shm") as td, \
+            contextlib.suppress(KeyboardInterrupt):  # Ctrl-C, SIGTERM: report what ran
         tmp = Path(td)
         while True:
             if inputs is not None and stats["inputs"] >= inputs:
@@ -348,6 +370,7 @@ def fuzz(seeds: list[Path], *, seconds: float | None, inputs: int | None, rng_se
             work.mkdir(exist_ok=True)
             deep = stats["inputs"] % deep_every == 0
             what = ""
+            state["resumed"] = state["rechecking"] = False
             signal.setitimer(signal.ITIMER_REAL, input_timeout)
             try:
                 stats["stages"].update(run_readers(path, work, deep))
