@@ -26,6 +26,7 @@ from .constants import STREAM_MAGIC_BYTES
 from .primitives import ByteReader
 from .ram import RAMBlockRecord, RamStreamState
 from .walker import (
+    BlockFacts,
     SaveFacts,
     StreamEvents,
     StreamSummary,
@@ -188,20 +189,12 @@ class _StreamIndex(StreamEvents):
 _EMPTY = np.zeros(0, dtype=np.int64)
 
 
-class RAMBlock:
+class RAMBlock(BlockFacts):
     """One guest RAMBlock in a migration file, with lazy access to its pages."""
 
     def __init__(self, mf: MigrationFile, index: int, rec: RAMBlockRecord) -> None:
+        super().__init__(index, rec)
         self._mf = mf
-        self.index = index
-        self.record = rec
-        self.idstr = rec.idstr
-        self.used_length = rec.used_length
-        self.page_size = rec.page_size
-        self.npages = rec.npages
-
-    def __repr__(self) -> str:
-        return f"<RAMBlock {self.idstr!r} 0x{self.used_length:x}>"
 
     # -- page validity -------------------------------------------------------
 

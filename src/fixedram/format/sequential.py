@@ -50,7 +50,7 @@ from .primitives import ByteReader
 from .ram import RAMBlockRecord, RamStreamState
 from .stream import StreamHeader
 from .vmdesc import VMDesc
-from .walker import DeviceSection, SaveFacts, StreamEvents, StreamSummary, walk_stream
+from .walker import BlockFacts, DeviceSection, SaveFacts, StreamEvents, StreamSummary, walk_stream
 
 if TYPE_CHECKING:
     from .decompress import Decoded
@@ -370,21 +370,13 @@ class PageTarget(Protocol):
 NEVER, DATA, ZERO = 0, 1, 2
 
 
-class OnePassBlock:
+class OnePassBlock(BlockFacts):
     """A RAMBlock seen in one pass: what its pages' last copies were."""
 
     def __init__(self, index: int, rec: RAMBlockRecord) -> None:
-        self.index = index
-        self.record = rec
-        self.idstr = rec.idstr
-        self.used_length = rec.used_length
-        self.page_size = rec.page_size
-        self.npages = rec.npages
+        super().__init__(index, rec)
         self._last: np.ndarray | None = None
         self._sends: np.ndarray | None = None
-
-    def __repr__(self) -> str:
-        return f"<OnePassBlock {self.idstr!r} 0x{self.used_length:x}>"
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(last-copy state, send count) per page, allocated at the first record

@@ -23,7 +23,7 @@ from .constants import (
     SectionType,
 )
 from .primitives import BE32, ByteReader
-from .ram import RamRecordSink, RamStreamState
+from .ram import RAMBlockRecord, RamRecordSink, RamStreamState
 from .stream import SectionHeader, StreamHeader, read_footer, read_header, read_section_header
 from .vmdesc import VMDesc, find_trailer, parse_trailer
 
@@ -96,6 +96,21 @@ class _Opened(Protocol):
 class _Finished(Protocol):
     @property
     def complete(self) -> bool: ...
+
+
+class BlockFacts:
+    """What a RAMBlock's record in the stream says, for either reader's block."""
+
+    def __init__(self, index: int, rec: RAMBlockRecord) -> None:
+        self.index = index
+        self.record = rec
+        self.idstr = rec.idstr
+        self.used_length = rec.used_length
+        self.page_size = rec.page_size
+        self.npages = rec.npages
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.idstr!r} 0x{self.used_length:x}>"
 
 
 class _Block(Protocol):
