@@ -102,6 +102,7 @@ def options(doc: str, names: Iterable[str],
     if extra is not None:
         extra(ap)
     a = ap.parse_args()
+    bytecode(ROOT / "src")
     paths = [INPUTS / f"{n}.mig" for n in names]
     if not all(p.exists() for p in paths):
         sys.exit("inputs missing: run python bench/make_inputs.py first")
