@@ -321,6 +321,37 @@ def vmdesc_doc(path: Path) -> dict[str, Any]:
         return copy.deepcopy(mf.vmdesc.doc)
 
 
+def test_struct_arrays_in_one_unpack_equal_field_by_field(
+        real_files: dict[str, SavedFile], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Arrays of plain structs (q35's AHCI NCQ slots) decode in one unpack, to exactly
+    what the field-by-field walk gives, types included."""
+    from fixedram.format import devstate
+
+    def shapes(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: shapes(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [shapes(v) for v in x]
+        return (type(x).__name__, x)
+
+    used = []
+    flat = devstate._Walk.flat_structs
+
+    def counting(self: Any, *args: Any) -> Any:
+        used.append(args)
+        return flat(self, *args)
+
+    for saved in real_files.values():
+        with MigrationFile(saved.path) as mf:
+            monkeypatch.setattr(devstate._Walk, "flat_structs", counting)
+            fast = [shapes(d.fields) for d in devstate.decode_devices(mf)]
+            monkeypatch.setattr(devstate._Walk, "plan", lambda self, desc, size: None)
+            slow = [shapes(d.fields) for d in devstate.decode_devices(mf)]
+            monkeypatch.undo()
+        assert fast == slow
+    assert used  # the q35 file has such arrays
+
+
 def test_libvirt_raw_image(real_files: dict[str, SavedFile], tmp_path: Path,
                            capsys: pytest.CaptureFixture[str]) -> None:
     """A stream behind a libvirt save header (raw format, as ``virsh save`` writes): the same
