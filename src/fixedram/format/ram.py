@@ -378,6 +378,10 @@ class RamStreamState:
         k = avail // stride
         if k < _MIN_BATCH:
             return 0, k
+        # The last record of a run is often met here (the other kind follows): one
+        # header, read in Python, settles it without the array set-up.
+        if BE64.unpack_from(buf, i + (_MIN_BATCH - 1) * stride)[0] & self.page_mask != want:
+            return 0, k
         ps = self.page_size
         mask = np.uint64(self.page_mask)
         limit = self.blocks[bi].used_length
