@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from util import elf_phdrs
+
 FIXEDRAM = str(Path(sys.executable).with_name("fixedram"))
 COMMANDS = ("inspect", "extract", "convert", "verify", "demo", "save", "restore", "guest",
             "receive", "send", "state", "map", "completion")
@@ -251,17 +253,9 @@ def test_every_json_document_has_schema_version_1(tmp_path: Path) -> None:
 
 def _segments(path: Path) -> list[tuple[int, int, int, bytes]]:
     """(p_type, p_paddr, p_memsz, data) of each program header of an ELF64 core."""
-    import struct
-
     data = path.read_bytes()
-    phoff, = struct.unpack_from("<Q", data, 32)
-    phentsize, phnum = struct.unpack_from("<HH", data, 54)
-    out = []
-    for i in range(phnum):
-        p_type, _fl, off, _va, pa, filesz, memsz, _al = struct.unpack_from(
-            "<IIQQQQQQ", data, phoff + i * phentsize)
-        out.append((p_type, pa, memsz, data[off:off + filesz]))
-    return out
+    return [(p_type, pa, memsz, data[off:off + filesz])
+            for p_type, off, pa, filesz, memsz in elf_phdrs(data)]
 
 
 def test_extract_to_stdout(tmp_path: Path) -> None:

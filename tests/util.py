@@ -28,21 +28,26 @@ def sparse_prefix(src: Path, dst: Path, n: int) -> None:
             pos = hole
 
 
-def elf_segments(path: Path) -> list[tuple[int, int, int]]:
-    """(p_offset, p_paddr, p_filesz) of each PT_LOAD of an ELF64 core."""
+def elf_phdrs(data: bytes) -> list[tuple[int, int, int, int, int]]:
+    """(p_type, p_offset, p_paddr, p_filesz, p_memsz) of each program header of an ELF64
+    core whose first bytes are ``data`` (the headers are near the start)."""
     import struct
 
-    data = path.read_bytes()[:65536]
     assert data[:4] == b"\x7fELF"
     phoff, = struct.unpack_from("<Q", data, 32)
     phentsize, phnum = struct.unpack_from("<HH", data, 54)
     out = []
     for i in range(phnum):
-        p_type, _fl, off, _va, pa, filesz, _memsz, _al = struct.unpack_from(
+        p_type, _fl, off, _va, pa, filesz, memsz, _al = struct.unpack_from(
             "<IIQQQQQQ", data, phoff + i * phentsize)
-        if p_type == 1:
-            out.append((off, pa, filesz))
+        out.append((p_type, off, pa, filesz, memsz))
     return out
+
+
+def elf_segments(path: Path) -> list[tuple[int, int, int]]:
+    """(p_offset, p_paddr, p_filesz) of each PT_LOAD of an ELF64 core."""
+    return [(off, pa, filesz) for p_type, off, pa, filesz, _ in
+            elf_phdrs(path.read_bytes()[:65536]) if p_type == 1]
 
 
 def assert_truthful_vmdesc(path: Path | str) -> dict[str, object]:
