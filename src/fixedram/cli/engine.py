@@ -303,23 +303,15 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     plot: AtomicOutput | None = None
     if a.plot:
-        _check_plotting()
+        from .map import _check_matplotlib
+
+        _check_matplotlib("--plot")
         plot = AtomicOutput(a.plot, force=a.force, mode=0o644)  # refused now, not after
     try:
         return _demo(a, plot)
     finally:
         if plot is not None and not plot.done:
             plot.abort()
-
-
-def _check_plotting() -> None:
-    from ..errors import FixedramError
-    from .map import _check_matplotlib
-
-    try:
-        _check_matplotlib()  # the check map --svg makes, named for this option
-    except FixedramError:
-        raise FixedramError("--plot needs matplotlib: pip install 'fixedram[plot]'") from None
 
 
 def _demo(a: argparse.Namespace, plot: Any) -> int:

@@ -126,10 +126,9 @@ def cmd_extract(a: argparse.Namespace) -> int:
         if not mf.complete and not a.allow_incomplete:
             raise FixedramError(f"{a.file}: the save is incomplete ({mf.error or 'unfinished'}); "
                                 "use --allow-incomplete to extract what it holds")
-        # No bar with -o -: rich draws on its console, which is stdout.
-        with progress_bar("extracting", 0 if to_stdout else extract.total_bytes(mf)) as prog:
+        with progress_bar("extracting", extract.total_bytes(mf)) as prog:
             if to_stdout:  # in order, holes as zeros: stdout may be a pipe
-                extract.stream_image(mf, a.format, sys.stdout.buffer)
+                extract.stream_image(mf, a.format, sys.stdout.buffer, progress=prog)
             elif a.format == "raw":
                 extract.extract_raw(mf, a.output, force=a.force, progress=prog)
             elif a.format == "physical":

@@ -62,11 +62,11 @@ def _print_table(maps: list[BlockMap]) -> None:
               f"{e.kind:<6} {off:>12} {e.copies}\n")
 
 
-def _check_matplotlib() -> None:
+def _check_matplotlib(option: str = "--svg") -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise FixedramError("--svg needs matplotlib: pip install 'fixedram[plot]'") from None
+        raise FixedramError(f"{option} needs matplotlib: pip install 'fixedram[plot]'") from None
 
 
 # Colours: zero light grey, absent white; data by copies sent (1, 2, 3, 4 and more),

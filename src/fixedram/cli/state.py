@@ -10,7 +10,6 @@ from typing import Any
 from ..errors import FixedramError
 from .main import _size
 
-SCHEMA_VERSION = 1
 # The readable tree shows this much of a buffer; --json has all of it.
 _SHOW_BYTES = 32
 _INLINE_ITEMS = 16
@@ -24,6 +23,7 @@ examples:
 
 
 def cmd_state(a: argparse.Namespace) -> int:
+    from ..describe import SCHEMA_VERSION
     from ..format.devstate import decode_configuration, jsonable
     from ..format.sequential import is_one_pass, open_sequential, scan, seekable_path
     from .progress import open_indexed

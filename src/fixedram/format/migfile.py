@@ -124,12 +124,12 @@ class _StreamIndex(StreamEvents):
         self.mapped = False
         self.announced = False  # the whole RAMBlock list was read
         self.progress: Callable[[int], None] | None = None
-        self.walked = 0  # bytes reported to progress
+        self.reported = 0  # bytes reported to progress
 
     def section(self, sh: SectionHeader) -> None:
-        if self.progress is not None and sh.offset > self.walked:
-            self.progress(sh.offset - self.walked)
-            self.walked = sh.offset
+        if self.progress is not None and sh.offset > self.reported:
+            self.progress(sh.offset - self.reported)
+            self.reported = sh.offset
 
     def ram_blocks(self, state: RamStreamState) -> None:
         self.mapped = state.mapped_ram
@@ -437,7 +437,7 @@ class MigrationFile(SaveFacts[RAMBlock]):
                     # Cut inside the RAMBlock list: no block is known whole.
                     self.summary.ram.blocks = []
         if progress is not None:
-            progress(self.size - index.walked)
+            progress(self.size - index.reported)
         self._index = None if index.mapped else index
         if index.mapped:
             self._check_bitmap_layout(self.summary.header.machine)

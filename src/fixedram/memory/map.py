@@ -27,11 +27,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..describe import SCHEMA_VERSION
 from ..format.migfile import MigrationFile, RAMBlock
 
 __all__ = ["KINDS", "BlockMap", "Extent", "block_map", "file_map", "stride_of"]
 
-SCHEMA_VERSION = 1
 DATA, ZERO, ABSENT = 0, 1, 2
 KINDS = ("data", "zero", "absent")
 _STREAM_RECORD_HEADER = 8  # be64 address | flags before each page's data
