@@ -13,6 +13,10 @@ Outputs under ``build/bench/inputs/`` (gitignored):
 * ``stream-vol3.mig``: ``stream.mig`` without its 5-byte SWITCHOVER_START
   command section (QEMU >= 9.2 sends it; volatility3's QEMU layer stops at
   it with "unknown section encountered: 8"), page records unchanged;
+* ``content.stream``: a paused 1 GiB guest whose RAM holds what a used guest's RAM holds
+  (programs, libraries, text, already-compressed files, free zero pages) saved by QEMU as a
+  stream: the page fill above compresses about 500:1, far from what real RAM does, which makes
+  it useless for measuring decompression (``bench_inputs.py``);
 * ``inputs.json``: how they were made (QEMU's final query-migrate stats).
 """
 
@@ -31,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from fixedram.format.migfile import MigrationFile  # noqa: E402
-from qemu_harness.vm import save_vm  # noqa: E402
+from qemu_harness.vm import QemuVM, file_uri, save_vm  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -79,6 +83,63 @@ def make(name: str, mode: str, live: bool, force: bool) -> dict[str, Any]:
     return info
 
 
+# content.stream: file data from /usr laid into guest RAM at 1 MiB, 7 MiB of data then 3 MiB of
+# zeros (free memory), until 1000 MiB; files in sorted order, so one machine always makes the
+# same content.
+CONTENT_DIRS = ("/usr/bin", "/usr/lib", "/usr/share")
+CONTENT_DATA, CONTENT_GAP = 7 * MIB, 3 * MIB
+
+
+def content_blob(out: Path, size: int = MEM_END - MIB) -> dict[str, Any]:
+    """Write ``size`` bytes of RAM-like content to ``out``; return what went in."""
+    files = (p for d in CONTENT_DIRS for p in sorted(Path(d).rglob("*"))
+             if p.is_file() and not p.is_symlink())
+    written = data = 0
+    with open(out, "wb") as fo:
+        while written < size:
+            want = min(CONTENT_DATA, size - written)
+            while want:
+                try:
+                    path = next(files)
+                    b = path.read_bytes()[:want]
+                except OSError:
+                    continue
+                fo.write(b)
+                want -= len(b)
+                written += len(b)
+                data += len(b)
+            gap = min(CONTENT_GAP, size - written)
+            fo.write(bytes(gap))
+            written += gap
+    return {"bytes": size, "file_bytes": data, "from": list(CONTENT_DIRS)}
+
+
+def make_content(force: bool) -> dict[str, Any]:
+    out = INPUTS / "content.stream"
+    meta = INPUTS / "content.json"
+    if out.exists() and meta.exists() and not force:
+        return dict(json.loads(meta.read_text()))
+    work = INPUTS / "content.work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    blob = work / "ram.bin"
+    made = content_blob(blob)
+    # The generic loader device copies the blob into RAM at reset; -S keeps the CPUs from
+    # ever running, so QEMU saves exactly that RAM.
+    loader = f"loader,file={blob},addr={MIB:#x},force-raw=on"
+    with QemuVM(work, None, machine="pc", memory=f"{RAM_MB}M", paused=True,
+                extra_args=["-device", loader]) as vm:
+        info = vm.migrate(file_uri(work / "content.mig"), timeout=600)
+    (work / "content.mig").replace(out)
+    ram = info.get("ram", {})
+    res = {"file": str(out.relative_to(ROOT)), "ram_mb": RAM_MB, "content": made,
+           "qemu": {k: ram.get(k) for k in ("transferred", "normal", "duplicate")},
+           "synthetic": False, **_describe(out)}
+    meta.write_text(json.dumps(res, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return res
+
+
 def strip_commands(src: Path, dst: Path) -> list[int]:
     """Copy ``src`` to ``dst`` without its command sections; return their offsets."""
     with MigrationFile(src) as mf:
@@ -106,6 +167,7 @@ def main() -> None:
     vol = INPUTS / "stream-vol3.mig"
     if a.force or not vol.exists() or vol.stat().st_mtime < (INPUTS / "stream.mig").stat().st_mtime:
         strip_commands(INPUTS / "stream.mig", vol)
+    res["content"] = make_content(a.force)
     res["stream-vol3"] = {"file": str(vol.relative_to(ROOT)), "size": vol.stat().st_size,
                           "derived_from": "stream.mig, command sections removed"}
     (INPUTS / "inputs.json").write_text(json.dumps(res, indent=2) + "\n")

@@ -73,6 +73,8 @@ DECODED_CHUNK = 1 << 20
 # Bytes read per system call, and bytes asked of a pipe per read.
 READ_SIZE = 1 << 20
 PIPE_READ = 64 << 10
+PIPE_SIZE = 1 << 20
+F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032  # Linux fcntl commands
 # The stream's first bytes kept for the configuration section (far below this).
 HEAD_KEEP = 64 << 10
 
@@ -150,10 +152,9 @@ class _Raw(_ReadOnly):
         self.name = name
         self._close = close
         self.pos = 0
-        # A pipe keeps its default size: with larger pipes reads return
-        # uneven large pieces, and the allocator's heap was measured to grow
-        # with the stream's length (64 KiB reads keep it flat, and are faster).
         self.is_pipe = not stat.S_ISREG(os.fstat(fd).st_mode)
+        if self.is_pipe:
+            _grow_pipe(fd)
 
     def read(self, n: int = -1) -> bytes:
         if n < 0:
@@ -179,6 +180,23 @@ class _Raw(_ReadOnly):
         if self._close and self.fd >= 0:
             os.close(self.fd)
         self.fd = -1
+
+
+def _grow_pipe(fd: int) -> None:
+    """Give a pipe a 1 MiB buffer (Linux's default unprivileged ceiling).
+
+    With the default 64 KiB the writer and this reader wake each other for
+    every 64 KiB: reading 1 GiB through ``cat |`` took 0.85-1.0 s, against
+    0.30-0.36 s with 1 MiB. Reads stay at 64 KiB: larger ones return uneven
+    pieces whose allocations were measured to grow the heap with the stream.
+    """
+    try:
+        import fcntl
+
+        if fcntl.fcntl(fd, F_GETPIPE_SZ) < PIPE_SIZE:
+            fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+    except (OSError, ImportError):
+        pass  # not a pipe (a socket, a tty), or over the user's pipe quota: keep it
 
 
 class _Prefixed(_ReadOnly):
