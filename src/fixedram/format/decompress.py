@@ -1,4 +1,4 @@
-"""Decompression for one-pass inputs: gzip, bzip2, xz, zstd and lzop, on a thread.
+"""Decompression for one-pass inputs: gzip, bzip2, xz, zstd and lzop, on a read-ahead thread.
 
 Imported only when an input is compressed: the decoders and their threads cost
 every other command import time for nothing.
@@ -9,15 +9,13 @@ from __future__ import annotations
 import bz2
 import contextlib
 import lzma
-import queue
 import subprocess
 import threading
-import time
 import zlib
 from typing import IO, TYPE_CHECKING, Any, cast
 
 from ..errors import CorruptFile, FixedramError, TruncatedFile, UnsupportedFeature
-from .sequential import DECODED_CHUNK as CHUNK
+from .readahead import ReadAhead
 from .sequential import READ_SIZE
 
 if TYPE_CHECKING:
@@ -25,8 +23,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Decoded"]
 
-# Decoded chunks queued ahead of the parser.
-QUEUE_DEPTH = 8
 GZIP_READ = 64 << 10
 # Most memory an xz stream may make the decoder allocate (zstd's own default limit
 # is a 128 MiB window).
@@ -35,30 +31,22 @@ XZ_MEMLIMIT = 256 << 20
 LZOP_COMMAND = ("lzop", "-dc", "--ignore-warn")
 
 
-class Decoded:
+class Decoded(ReadAhead):
     """The decompressed stream, produced by a thread and read in order.
 
-    The thread decodes ``CHUNK`` bytes at a time into a bounded queue, so
-    memory stays at a few MiB however large the image and however well it
-    compressed. A decoding error reaches the reader after every byte decoded
-    before it, so its offset is where the stream broke.
+    The thread decodes a chunk at a time into a bounded queue, so memory stays
+    at a few MiB however large the image and however well it compressed; a
+    decoding error names the offset in the decompressed stream where it broke.
     """
 
     def __init__(self, kind: str, src: _Prefixed, name: str, path: str) -> None:
+        super().__init__(name, f"fixedram-{kind}-decoder")
         self.kind = kind
-        self.name = name
         self.path = path
-        self.pos = 0  # decoded bytes handed over
-        self._buf = b""
-        self._q: queue.Queue[bytes | BaseException | None] = queue.Queue(QUEUE_DEPTH)
-        self._stop = threading.Event()
         self._proc: subprocess.Popen[bytes] | None = None
         self._feeder: threading.Thread | None = None
         self._dec = self._open(kind, src)
-        self._eof = False
-        self._t = threading.Thread(target=self._run, name=f"fixedram-{kind}-decoder",
-                                   daemon=True)
-        self._t.start()
+        self.start()
 
     def _open(self, kind: str, src: _Prefixed) -> Any:
         if kind in ("gzip", "bzip2", "xz"):
@@ -105,19 +93,11 @@ class Decoded:
             with contextlib.suppress(OSError):
                 proc.stdin.close()
 
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                b = self._dec.read(CHUNK)
-                if not b:
-                    self._finish_lzop()
-                    break
-                self._q.put(b)
-            self._q.put(None)
-        except BaseException as e:  # handed to the reader, in order
-            self._q.put(e)
+    def readinto(self, mv: memoryview) -> int:
+        n: int = self._dec.readinto(mv)
+        return n
 
-    def _finish_lzop(self) -> None:
+    def finished(self) -> None:
         if self._proc is None:
             return
         assert self._proc.stderr is not None
@@ -126,7 +106,7 @@ class Decoded:
         if rc not in (0, 2):  # 2: warnings only, which libvirt ignores too
             raise _LzopError(err.splitlines()[-1] if err else f"lzop exit status {rc}")
 
-    def _error(self, e: BaseException) -> FixedramError:
+    def error(self, e: BaseException) -> FixedramError:
         if isinstance(e, FixedramError):
             return e
         if isinstance(e, EOFError):
@@ -141,40 +121,15 @@ class Decoded:
                                offset=self.pos)
         raise e
 
-    def read(self, n: int = -1) -> bytes:
-        if not self._buf:
-            if self._eof:
-                return b""
-            item = self._q.get()
-            if item is None:
-                self._eof = True
-                return b""
-            if isinstance(item, BaseException):
-                self._eof = True
-                raise self._error(item)
-            self._buf = item
-        # Whole decoded chunks even past ``n``: the stream reader takes them
-        # (it only needs at least what it asked for, or the end), and slicing
-        # would copy each chunk twice more.
-        b, self._buf = self._buf, b""
-        self.pos += len(b)
-        return b
-
-    def seekable(self) -> bool:
-        return False
-
-    def close(self) -> None:
+    def close(self) -> bool:
         self._stop.set()
         if self._proc is not None:
             with contextlib.suppress(OSError):
                 self._proc.kill()
             self._proc.wait()
-        # Unblock a put() on a full queue. A thread blocked reading a pipe
-        # whose writer stalls is left behind (a daemon): it holds no output.
-        deadline = time.monotonic() + 2.0
-        while self._t.is_alive() and time.monotonic() < deadline:
-            with contextlib.suppress(queue.Empty):
-                self._q.get(timeout=0.05)
+        # A thread blocked reading a pipe whose writer stalls is left behind
+        # (a daemon): it holds no output.
+        stopped = super().close()
         if self._proc is not None:
             for f in (self._proc.stdout, self._proc.stderr, self._proc.stdin):
                 if f is not None:
@@ -182,6 +137,7 @@ class Decoded:
                         f.close()
         with contextlib.suppress(Exception):
             self._dec.close()
+        return stopped
 
 
 class _LzopError(Exception):
@@ -209,6 +165,11 @@ class _Stdlib:
         if self.kind == "bzip2":
             return bz2.BZ2Decompressor()
         return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # one gzip member
+
+    def readinto(self, mv: memoryview) -> int:
+        out = self.read(len(mv))
+        mv[:len(out)] = out
+        return len(out)
 
     def read(self, n: int) -> bytes:
         while not self.done:

@@ -46,7 +46,12 @@ class ByteReader:
         self.f = f
         self.name = name
         self._bufsize = bufsize
-        self._buf = b""
+        # bytes, or a bytearray from a spaced source (never changed once filled)
+        self._buf: bytes | bytearray = b""
+        # A source with ``room`` hands over chunks with that much free space in
+        # front (``read_spaced``): the unread rest of the buffer is copied into
+        # it, instead of the whole new chunk being copied behind the rest.
+        self._room: int = getattr(f, "room", 0) or 0
         self._i = 0
         self._base = start  # absolute offset of _buf[0]
         try:
@@ -94,16 +99,28 @@ class ByteReader:
         avail = len(self._buf) - self._i
         if avail >= need:
             return True
-        chunks = [self._buf[self._i:]] if avail else []
+        if self._room and avail <= self._room:
+            b: bytearray = self.f.read_spaced()  # type: ignore[attr-defined]
+            if len(b) <= self._room:
+                return False  # end of input
+            at = self._room - avail
+            if avail:
+                b[at:self._room] = memoryview(self._buf)[self._i:]
+            self._base += self._i - at
+            self._buf, self._i = b, at
+            avail = len(b) - at
+            if avail >= need:
+                return True
+        chunks: list[bytes | bytearray] = [self._buf[self._i:]] if avail else []
         self._base += self._i
         got = avail
         want = max(need, self._bufsize)
         while got < need:
-            b = self.f.read(want - got)
-            if not b:
+            more = self.f.read(want - got)
+            if not more:
                 break
-            chunks.append(b)
-            got += len(b)
+            chunks.append(more)
+            got += len(more)
         self._buf = b"".join(chunks) if len(chunks) != 1 else chunks[0]
         self._i = 0
         return got >= need
@@ -154,7 +171,7 @@ class ByteReader:
         self._i += 8
         return v
 
-    def window(self, want: int) -> tuple[bytes, int, int]:
+    def window(self, want: int) -> tuple[bytes | bytearray, int, int]:
         """(buffer, index, available): lets a vectorised parser look ahead.
 
         Tries to have ``want`` bytes buffered; may return fewer near the end,
@@ -207,9 +224,9 @@ class ByteReader:
                                 path=self.name, offset=self.tell())
         if len(self._buf) - self._i < n and not self._fill(n):
             raise self._short(n, what)
-        b = self._buf[self._i:self._i + n]
-        self._i += n
-        return b
+        i, buf = self._i, self._buf
+        self._i = i + n
+        return buf[i:i + n] if type(buf) is bytes else bytes(memoryview(buf)[i:i + n])
 
     def view(self, n: int, what: str = "data") -> memoryview:
         """Like :meth:`read` but without a copy; valid until the next read."""

@@ -368,7 +368,8 @@ class RamStreamState:
                 if n < _MIN_BATCH or n < k:
                     break
 
-    def _take(self, r: ByteReader, sink: RamBatchSink, bi: int, buf: bytes | mmap.mmap,
+    def _take(self, r: ByteReader, sink: RamBatchSink, bi: int,
+              buf: bytes | bytearray | mmap.mmap,
               i: int, avail: int, stride: int, want: int, pos0: int) -> tuple[int, int]:
         """Hand over the leading run of acceptable records in ``buf[i:i+avail]``.
 

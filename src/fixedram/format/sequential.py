@@ -53,7 +53,7 @@ from .vmdesc import VMDesc
 from .walker import BlockFacts, DeviceSection, SaveFacts, StreamEvents, StreamSummary, walk_stream
 
 if TYPE_CHECKING:
-    from .decompress import Decoded
+    from .readahead import ReadAhead
 
 __all__ = ["COMPRESSION_MAGIC", "OnePassBlock", "OnePassFile", "PageTarget",
            "SequentialInput", "is_one_pass", "open_sequential", "scan", "seekable_path"]
@@ -68,7 +68,7 @@ COMPRESSION_MAGIC = {
     "lzop": b"\x89LZO\x00\r\n\x1a\n",
 }
 _BZIP2_BLOCK = b"1AY&SY"
-# Decoded bytes the stream reader buffers (one decoder chunk).
+# Bytes the stream reader buffers (one read-ahead chunk).
 DECODED_CHUNK = 1 << 20
 # Bytes read per system call, and bytes asked of a pipe per read.
 READ_SIZE = 1 << 20
@@ -165,6 +165,11 @@ class _Raw(_ReadOnly):
         self.pos += len(b)
         return b
 
+    def readinto(self, buf: Any) -> int:
+        n = os.readv(self.fd, [buf])
+        self.pos += n
+        return n
+
     def read_exact(self, n: int) -> bytes:
         parts, got = [], 0
         while got < n:
@@ -213,6 +218,11 @@ class _Prefixed(_ReadOnly):
             return b
         return self.raw.read(n)
 
+    def readinto(self, buf: Any) -> int:
+        if self.prefix:
+            return super().readinto(buf)
+        return self.raw.readinto(buf)
+
 
 
 class _Head:
@@ -223,14 +233,23 @@ class _Head:
         self.src = src
         self.head = bytearray()
         self.sink: Callable[[bytes], object] | None = None
+        self.room: int = getattr(src, "room", 0)  # see ByteReader: passed through
 
     def read(self, n: int = -1) -> bytes:
         b: bytes = self.src.read(n)
+        self._saw(b)
+        return b
+
+    def read_spaced(self) -> bytearray:
+        b: bytearray = self.src.read_spaced()
+        self._saw(memoryview(b)[self.room:])
+        return b
+
+    def _saw(self, b: bytes | memoryview) -> None:
         if len(self.head) < HEAD_KEEP:
             self.head += b[:HEAD_KEEP - len(self.head)]
         if self.sink is not None and b:
-            self.sink(b)
-        return b
+            self.sink(b)  # type: ignore[arg-type]
 
     def seekable(self) -> bool:
         return False
@@ -257,7 +276,7 @@ class SequentialInput:
     input_allocated: int | None
     _raw: _Raw
     _head: _Head
-    _decoded: Decoded | None = None
+    _ahead: ReadAhead | None = None
 
     @property
     def head(self) -> bytes:
@@ -277,9 +296,10 @@ class SequentialInput:
         return self._raw.pos
 
     def close(self) -> None:
-        if self._decoded is not None:
-            self._decoded.close()
-        self._raw.close()
+        # A thread still blocked reading keeps the descriptor: closing it
+        # could hand its number, and the thread's reads, to another file.
+        if self._ahead is None or self._ahead.close():
+            self._raw.close()
 
     def __enter__(self) -> SequentialInput:
         return self
@@ -350,20 +370,24 @@ def _open(raw: _Raw, path: str, name: str, offset: int | None) -> SequentialInpu
         prefix, start = head, 0
         kind = _sniff_compression(head)
     src = _Prefixed(prefix, raw)
-    decoded: Decoded | None = None
+    ahead: ReadAhead | None = None
     if kind is not None:
         where = "compressed image" if lv is not None else "compressed file"
         sname = f"{name} (decompressed {kind} stream of the {where})"
         from .decompress import Decoded
 
-        decoded = Decoded(kind, src, sname, name)
-        tap = _Head(decoded)
+        ahead = Decoded(kind, src, sname, name)
         start = 0
+    elif raw.is_pipe:
+        from .readahead import PipeAhead
+
+        sname = name
+        ahead = PipeAhead(src, name)
     else:
         sname = name
-        tap = _Head(src)
+    tap = _Head(src if ahead is None else ahead)
     r = ByteReader(tap, sname, start=start, bufsize=DECODED_CHUNK)  # type: ignore[arg-type]
-    return SequentialInput(path, sname, r, start, lv, kind, size, alloc, raw, tap, decoded)
+    return SequentialInput(path, sname, r, start, lv, kind, size, alloc, raw, tap, ahead)
 
 
 # -- one pass ----------------------------------------------------------------------
