@@ -161,12 +161,22 @@ class _Raw(_ReadOnly):
             n = READ_SIZE
         # A pipe gives at most its buffer (64 KiB) per read: asking for more
         # only costs a large allocation per call (measured 2.5x slower).
-        b = os.read(self.fd, min(n, PIPE_READ) if self.is_pipe else n)
+        try:
+            b = os.read(self.fd, min(n, PIPE_READ) if self.is_pipe else n)
+        except OSError as e:
+            raise self._failed(e) from e
         self.pos += len(b)
         return b
 
+    def _failed(self, e: OSError) -> FixedramError:
+        return FixedramError(f"{self.name}: reading at byte {self.pos} failed: "
+                             f"{e.strerror or e}")
+
     def readinto(self, buf: Any) -> int:
-        n = os.readv(self.fd, [buf])
+        try:
+            n = os.readv(self.fd, [buf])
+        except OSError as e:
+            raise self._failed(e) from e
         self.pos += n
         return n
 
