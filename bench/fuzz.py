@@ -5,7 +5,8 @@ mutations: byte flips, interesting integers written over the stream's own length
 fields, truncations, deleted or repeated chunks, and the forged classes found by review (deep or
 huge-number vmdesc JSON, empty or colliding RAMBlock names, huge block lengths). Every input goes
 through opening, ``inspect``'s description, device-state decoding, RAM runs and reads, the
-physical layout, an ELF core, conversion to a stream, and (for streams) ``receive -``.
+physical layout, an ELF core, conversion to a stream, and (for streams) ``receive -`` and
+``extract -`` from a pipe and from a gzip file (one pass, read or decoded ahead on a thread).
 
 Only :class:`fixedram.errors.FixedramError` may come out. Anything else, a run over
 ``--input-timeout`` seconds, or a leftover file is a crash: the input is kept under
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import hashlib
 import json
 import os
@@ -296,6 +298,37 @@ def run_receive(path: Path, work: Path) -> None:
         t.join(10)
 
 
+def run_one_pass(path: Path, work: Path, gz: bool) -> list[str]:
+    """``fixedram extract -`` with the mutated bytes on a pipe (read ahead on a
+    thread, parsed in one pass); with ``gz`` from a gzip file of them instead
+    (decoded on a thread)."""
+    from fixedram.format.sequential import open_sequential
+    from fixedram.memory.stream_extract import extract_one_pass
+
+    if gz:
+        src = work / "in.sav.gz"
+        with open(path, "rb") as fi, gzip.open(src, "wb", compresslevel=1) as fo:
+            shutil.copyfileobj(fi, fo)
+        with open_sequential(str(src)) as si:
+            extract_one_pass(si, str(work / "gz"), force=True, allow_incomplete=True).close()
+        return ["one-pass-gzip"]
+    r, w = os.pipe()
+
+    def feed() -> None:
+        with open(path, "rb") as f, contextlib.suppress(BrokenPipeError, OSError):
+            shutil.copyfileobj(f, os.fdopen(w, "wb", closefd=True))
+
+    t = threading.Thread(target=feed, daemon=True)
+    t.start()
+    try:
+        with open_sequential("-", stdin_fd=r) as si:
+            extract_one_pass(si, str(work / "pipe"), force=True, allow_incomplete=True).close()
+    finally:
+        os.close(r)
+        t.join(10)
+    return ["one-pass-pipe"]
+
+
 # -- the loop ------------------------------------------------------------------------------
 
 
@@ -376,6 +409,8 @@ def fuzz(seeds: list[Path], *, seconds: float | None, inputs: int | None, rng_se
                 stats["stages"].update(run_readers(path, work, deep))
                 if not seed.mapped and deep:
                     run_receive(path, work)
+                    stats["stages"].update(
+                        run_one_pass(path, work, gz=stats["inputs"] % (2 * deep_every) == 0))
             except FixedramError as e:
                 stats["errors"][type(e).__name__] += 1
             except BaseException as e:  # every other exception is the finding
