@@ -129,7 +129,7 @@ class ReadAhead:
         """Stop the thread; False when it is still blocked in a read (the
         caller must then leave the descriptor open: it may be reused)."""
         self._stop.set()
-        deadline = time.monotonic() + 2.0
+        deadline = time.monotonic() + 0.5  # a chunk takes milliseconds; a stalled pipe, forever
         while self._t.is_alive() and time.monotonic() < deadline:
             with contextlib.suppress(queue.Empty):  # unblock a put() on a full queue
                 self._q.get(timeout=0.05)
