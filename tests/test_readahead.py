@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from fixedram.errors import FixedramError, TruncatedFile
-from fixedram.format.primitives import ByteReader
 from fixedram.format.readahead import CHUNK, ROOM
 from fixedram.format.sequential import open_sequential
 from fixedram.memory.stream_extract import _Placed, _Segment
