@@ -35,7 +35,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -279,10 +279,9 @@ def run_readers(path: Path, work: Path, deep: bool) -> list[str]:
     return reached
 
 
-def run_receive(path: Path, work: Path) -> None:
-    """``fixedram receive -`` with the mutated bytes on its standard input."""
-    from fixedram.bridge.receive import receive
-
+@contextlib.contextmanager
+def piped(path: Path) -> Iterator[int]:
+    """The read end of a pipe a thread fills with ``path``'s bytes."""
     r, w = os.pipe()
 
     def feed() -> None:
@@ -292,10 +291,18 @@ def run_receive(path: Path, work: Path) -> None:
     t = threading.Thread(target=feed, daemon=True)
     t.start()
     try:
-        receive("-", str(work / "rx.sav"), stdin_fd=r, force=True)
+        yield r
     finally:
-        os.close(r)
+        os.close(r)  # a feeder still writing gets EPIPE
         t.join(10)
+
+
+def run_receive(path: Path, work: Path) -> None:
+    """``fixedram receive -`` with the mutated bytes on its standard input."""
+    from fixedram.bridge.receive import receive
+
+    with piped(path) as r:
+        receive("-", str(work / "rx.sav"), stdin_fd=r, force=True)
 
 
 def run_one_pass(path: Path, work: Path, gz: bool) -> list[str]:
@@ -312,20 +319,8 @@ def run_one_pass(path: Path, work: Path, gz: bool) -> list[str]:
         with open_sequential(str(src)) as si:
             extract_one_pass(si, str(work / "gz"), force=True, allow_incomplete=True).close()
         return ["one-pass-gzip"]
-    r, w = os.pipe()
-
-    def feed() -> None:
-        with open(path, "rb") as f, contextlib.suppress(BrokenPipeError, OSError):
-            shutil.copyfileobj(f, os.fdopen(w, "wb", closefd=True))
-
-    t = threading.Thread(target=feed, daemon=True)
-    t.start()
-    try:
-        with open_sequential("-", stdin_fd=r) as si:
-            extract_one_pass(si, str(work / "pipe"), force=True, allow_incomplete=True).close()
-    finally:
-        os.close(r)
-        t.join(10)
+    with piped(path) as r, open_sequential("-", stdin_fd=r) as si:
+        extract_one_pass(si, str(work / "pipe"), force=True, allow_incomplete=True).close()
     return ["one-pass-pipe"]
 
 
