@@ -129,3 +129,12 @@ def test_direct_writes_and_unaligned_fallback(tmp_path: Path, base: int) -> None
             assert still == direct
     finally:
         os.close(fd)
+
+
+def test_closed_stdin_is_one_error() -> None:
+    # ``fixedram extract - <&-``: standard input is not open at all.
+    fd = 4000
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    with pytest.raises(FixedramError, match=r"^stdin: Bad file descriptor"):
+        open_sequential("-", stdin_fd=fd)

@@ -339,7 +339,12 @@ def open_sequential(path: str, *, offset: int | None = None,
         except OSError as e:
             raise FixedramError(f"{path}: {e.strerror}") from e
         name, close = path, True
-    raw = _Raw(fd, name, close)
+    try:
+        raw = _Raw(fd, name, close)
+    except OSError as e:  # standard input closed (``<&-``)
+        if close:
+            os.close(fd)
+        raise FixedramError(f"{name}: {e.strerror}") from e
     try:
         return _open(raw, path, name, offset)
     except BaseException:
