@@ -20,13 +20,13 @@ import time
 from typing import TYPE_CHECKING
 
 from ..errors import FixedramError
+from .sequential import DECODED_CHUNK as CHUNK
 
 if TYPE_CHECKING:
     from .sequential import _Prefixed
 
 __all__ = ["CHUNK", "ROOM", "PipeAhead", "ReadAhead"]
 
-CHUNK = 1 << 20
 # The stream reader refills when less than a quarter of its buffer is left
 # (ByteReader.window): that much room takes what it has not read.
 ROOM = CHUNK // 4
@@ -65,11 +65,10 @@ class ReadAhead:
         """The input ended: raise if it ended badly (on the thread)."""
 
     def error(self, e: BaseException) -> FixedramError:
-        """``e``, raised on the thread, as the reader's error."""
+        """``e``, raised on the thread, as the reader's error (the byte
+        sources raise typed errors themselves; anything else is a bug)."""
         if isinstance(e, FixedramError):
             return e
-        if isinstance(e, OSError):
-            return FixedramError(f"{self.name}: {e.strerror or e}")
         raise e
 
     # -- the thread ----------------------------------------------------------------

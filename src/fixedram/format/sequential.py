@@ -203,8 +203,7 @@ def _grow_pipe(fd: int) -> None:
 
     With the default 64 KiB the writer and this reader wake each other for
     every 64 KiB: reading 1 GiB through ``cat |`` took 0.85-1.0 s, against
-    0.30-0.36 s with 1 MiB. Reads stay at 64 KiB: larger ones return uneven
-    pieces whose allocations were measured to grow the heap with the stream.
+    0.30-0.36 s with 1 MiB.
     """
     try:
         import fcntl
