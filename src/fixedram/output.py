@@ -13,18 +13,24 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import errno
+import json
 import os
 import queue
 import secrets
 import shutil
+import stat
+import sys
 import threading
+from collections.abc import Iterator
 from types import TracebackType
 
 from .errors import OutputError
 
-__all__ = ["AtomicOutput", "BackgroundWriter", "output_error", "register_temporary",
-           "remove_temporaries", "unregister_temporary"]
+__all__ = ["AtomicOutput", "BackgroundWriter", "check_replaceable_directory", "never_replaced",
+           "output_error", "register_temporary", "remove_temporaries", "replace_dir",
+           "staged_directory", "unlink_stale_socket", "unregister_temporary"]
 
 _temporaries: set[str] = set()
 _temporaries_lock = threading.Lock()
@@ -94,12 +100,59 @@ def _create_temporary(path: str, mode: int) -> tuple[int, str]:
     raise FileExistsError(errno.EEXIST, "no free temporary name", path)
 
 
+def never_replaced(path: str) -> str | None:
+    """Why the directory ``path`` may never be replaced by an output, or None.
+
+    Replacing a directory swaps out everything under it, so the places a
+    user works from are off limits whatever they hold: the root, the home
+    directory, the current directory and its ancestors (``.``, ``..``), and
+    mount points (a rename cannot replace them, and their contents are
+    another file system's).
+    """
+    real = os.path.realpath(path)
+    if real == os.path.realpath(os.sep):
+        return "the root directory"
+    if real == os.path.realpath(os.path.expanduser("~")):
+        return "the home directory"
+    with contextlib.suppress(OSError):
+        cwd = os.path.realpath(os.getcwd())
+        if cwd == real:
+            return "the current directory"
+        if cwd.startswith(real.rstrip(os.sep) + os.sep):
+            return "a directory holding the current directory"
+    if os.path.ismount(real):
+        return "a mount point"
+    return None
+
+
+def unlink_stale_socket(path: str) -> None:
+    """Remove a socket left at ``path`` by an earlier server, before binding.
+
+    Anything else there is a user's file and is never removed.
+
+    :raise FileExistsError: ``path`` exists and is not a socket.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(errno.EEXIST, "exists and is not a socket; not removed", path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 class AtomicOutput:
     """A file that appears under ``path`` only when :meth:`commit` succeeds.
 
+    A symlink is written through: the link stays and its target is replaced
+    (a dangling link creates its target). Only a regular file is ever
+    replaced: a directory, a device, a FIFO or a socket under ``path`` is an
+    error even with ``force``, because fixedram never writes one.
+
     :param path: final name.
-    :param force: replace an existing file; otherwise an existing ``path``
-        is an error and is never touched.
+    :param force: replace an existing regular file; otherwise an existing
+        ``path`` is an error and is never touched.
     :param mode: permission bits of the new file (migration files hold guest
         memory, so private by default).
     """
@@ -107,15 +160,26 @@ class AtomicOutput:
     def __init__(self, path: str | os.PathLike[str], *, force: bool = False,
                  mode: int = 0o600) -> None:
         self.path = os.path.abspath(os.fspath(path))
-        if os.path.lexists(self.path) and not force:
+        named = os.path.lexists(self.path)
+        target = os.path.realpath(self.path) if os.path.islink(self.path) else self.path
+        try:
+            st: os.stat_result | None = os.stat(target)
+        except FileNotFoundError:
+            st = None
+        except OSError as e:
+            raise output_error(self.path, e) from e
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise OutputError(f"{self.path}: is a directory (a file output never replaces one)")
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise OutputError(f"{self.path}: exists and is not a regular file; not replaced")
+        if named and not force:
             raise OutputError(f"{self.path}: already exists (use --force to replace it)")
-        if os.path.isdir(self.path):
-            raise OutputError(f"{self.path}: is a directory")
+        self.target = target
         self.fd = -1
         self.done = False
         self.tmp = ""
         try:
-            self.fd, self.tmp = _create_temporary(self.path, mode)
+            self.fd, self.tmp = _create_temporary(target, mode)
         except OSError as e:
             raise output_error(self.path, e) from e
 
@@ -125,9 +189,9 @@ class AtomicOutput:
             if size is not None:
                 os.ftruncate(self.fd, size)
             os.fsync(self.fd)
-            os.rename(self.tmp, self.path)
+            os.rename(self.tmp, self.target)
             unregister_temporary(self.tmp)
-            dfd = os.open(os.path.dirname(self.path), os.O_RDONLY)
+            dfd = os.open(os.path.dirname(self.target), os.O_RDONLY)
             try:
                 os.fsync(dfd)
             finally:
@@ -238,3 +302,165 @@ class BackgroundWriter:
             self._t.join()
         if self._error is not None:
             raise self._error
+
+
+INDEX_NAME = "index.json"
+_INDEX_LIMIT = 64 << 20  # an index of 20,000 RAMBlocks is a few MiB
+
+
+def _extract_listing(outdir: str) -> set[str] | None:
+    """The names an earlier fixedram extract in ``outdir`` consists of (its
+    index.json and the block files that index lists), or None if ``outdir``
+    holds no readable index of ours."""
+    path = os.path.join(outdir, INDEX_NAME)
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _INDEX_LIMIT:
+            return None
+        with open(path, "rb") as f:
+            doc = json.loads(f.read(_INDEX_LIMIT))
+    except (OSError, ValueError):
+        return None
+    blocks = doc.get("blocks") if isinstance(doc, dict) else None
+    if not isinstance(blocks, list):
+        return None
+    names = {INDEX_NAME}
+    for b in blocks:
+        name = b.get("file") if isinstance(b, dict) else None
+        if not isinstance(name, str) or not name or os.path.basename(name) != name:
+            return None
+        names.add(name)
+    return names
+
+
+def _would_be_lost(outdir: str) -> str | None:
+    """The first name in ``outdir`` (in sorted order) that replacing the
+    directory would delete although fixedram did not write it; None when the
+    directory holds nothing but an earlier extract."""
+    entries = sorted(os.listdir(outdir))
+    listed = _extract_listing(outdir)
+    for name in entries:
+        if listed is None or name not in listed:
+            return name
+        if not stat.S_ISREG(os.lstat(os.path.join(outdir, name)).st_mode):
+            return name  # a directory or link under a listed name is not ours
+    return None
+
+
+def check_replaceable_directory(outdir: str, force: bool) -> bool:
+    """Check that ``outdir`` may become an extract's directory; True if it
+    exists and holds an earlier extract that will be replaced.
+
+    :raise OutputError: ``outdir`` is not a directory, is one of the places
+        never replaced (:func:`never_replaced`), or holds files; with
+        ``force``, files other than an earlier extract's, naming one of them.
+    """
+    if not os.path.lexists(outdir):
+        return False
+    if not os.path.isdir(outdir) or os.path.islink(outdir):
+        raise OutputError(f"{outdir}: exists and is not a directory")
+    reason = never_replaced(outdir)
+    if reason is not None:
+        raise OutputError(f"{outdir}: {reason} is never replaced; name a new directory "
+                          "for the extract")
+    try:
+        if not os.listdir(outdir):
+            return False
+        lost = _would_be_lost(outdir)
+    except OSError as e:
+        raise output_error(outdir, e) from e
+    if lost is not None:
+        raise OutputError(f"{outdir}: not replaced: {lost} is not part of an earlier fixedram "
+                          "extract and would be lost; name a new directory")
+    if not force:
+        raise OutputError(f"{outdir}: directory is not empty: it holds an earlier extract "
+                          "(use --force to replace it)")
+    return True
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def _remove_earlier_extract(old: str, outdir: str) -> None:
+    """Delete the earlier extract swapped out to ``old``: only the files its
+    index lists, then the directory. Anything that appeared there meanwhile
+    is kept, and one line says where."""
+    for name in _extract_listing(old) or ():
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(old, name))
+    try:
+        os.rmdir(old)
+    except OSError:
+        print(f"fixedram: {outdir}: files added to the earlier extract while it was replaced "
+              f"were kept in {old}", file=sys.stderr)
+
+
+def replace_dir(tmp: str, outdir: str, force: bool) -> None:
+    """Move the finished directory ``tmp`` into place as ``outdir``.
+
+    The check of :func:`check_replaceable_directory` is made again here,
+    since the user may have written into ``outdir`` while the set was being
+    built. A directory holding an earlier extract is swapped out atomically
+    (at no moment is neither set in place), and only its own files are
+    deleted.
+    """
+    try:
+        if not check_replaceable_directory(outdir, force):
+            os.rename(tmp, outdir)  # new, or replaces an empty directory
+            return
+        if _exchange(tmp, outdir):
+            old = tmp
+        else:
+            old = f"{tmp}.old"
+            os.rename(outdir, old)
+            try:
+                os.rename(tmp, outdir)
+            except OSError:
+                os.rename(old, outdir)
+                raise
+        _remove_earlier_extract(old, outdir)
+    except OSError as e:
+        raise output_error(outdir, e) from e
+
+
+@contextlib.contextmanager
+def staged_directory(outdir: str | os.PathLike[str], force: bool) -> Iterator[str]:
+    """A hidden temporary directory beside ``outdir`` to build an output set in.
+
+    When the block ends normally it is moved into place (:func:`replace_dir`);
+    on an exception or signal it is removed. An existing empty directory is
+    replaced; one holding an earlier extract only with ``force``; any other
+    directory never (:func:`check_replaceable_directory`), and that is
+    refused before any work is done.
+    """
+    outdir = os.path.abspath(os.fspath(outdir))
+    check_replaceable_directory(outdir, force)
+    parent, base = os.path.split(outdir)
+    tmp = os.path.join(parent, f".{base}.partial-{secrets.token_hex(4)}")
+    placed = False
+    register_temporary(tmp)
+    try:
+        try:
+            os.mkdir(tmp, 0o755)
+        except OSError as e:
+            raise output_error(outdir, e) from e
+        yield tmp
+        replace_dir(tmp, outdir, force)
+        placed = True
+    finally:
+        # After an exchange the earlier set was at this name and has been
+        # emptied of its own files: what is left there is the user's.
+        if not placed and os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        unregister_temporary(tmp)

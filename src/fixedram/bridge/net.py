@@ -18,6 +18,7 @@ import threading
 import time
 
 from ..errors import TransportError
+from ..output import unlink_stale_socket
 from ..transports.uri import parse_uri
 
 __all__ = ["FdReader", "Listener", "SocketReader", "Splicer", "peek4", "peer_name",
@@ -159,10 +160,10 @@ class Listener:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind((host.strip("[]"), u.port))
             else:
-                if os.path.exists(u.path) and not _is_socket(u.path):
-                    raise TransportError(f"{u.path}: exists and is not a socket")
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(u.path)
+                try:
+                    unlink_stale_socket(u.path)
+                except FileExistsError as e:
+                    raise TransportError(f"{u.path}: exists and is not a socket") from e
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.bind(u.path)
             s.listen(64)
@@ -231,15 +232,6 @@ class Listener:
         if self.kind == "unix":
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
-
-
-def _is_socket(path: str) -> bool:
-    import stat
-
-    try:
-        return stat.S_ISSOCK(os.lstat(path).st_mode)
-    except OSError:
-        return False
 
 
 def peek4(sock: socket.socket, timeout: float = PEEK_TIMEOUT,

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..errors import CapabilityError, MigrationError, TransportError
+from ..errors import CapabilityError, MigrationError, OutputError, TransportError
 from .main import _ram_size, _size, int_in, number_in
 
 __all__ = ["register"]
@@ -332,10 +332,14 @@ def _demo(a: argparse.Namespace, plot: Any) -> int:
         except CapabilityError as e:
             a.direct_io = False
             note = f"direct-io off: {e}"
+    paths = {mode: os.path.join(workdir, f"demo-{mode}.mig") for mode in ("stream", "fixed-ram")}
+    for path in paths.values():
+        if not made and os.path.lexists(path):  # the user's file, or a kept earlier run
+            raise OutputError(f"{path}: already exists; the demo writes and removes its own "
+                              "files in --dir (remove it or choose another --dir)")
     runs = []
     try:
-        for mode in ("stream", "fixed-ram"):
-            path = os.path.join(workdir, f"demo-{mode}.mig")
+        for mode, path in paths.items():
             try:
                 runs.append(_demo_run(a, mode, path))
             finally:

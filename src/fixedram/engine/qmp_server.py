@@ -32,6 +32,8 @@ import threading
 import time
 from typing import Any
 
+from ..errors import OutputError
+from ..output import unlink_stale_socket
 from .machine import GuestMachine, close_quietly
 from .qapi import QAPIError, check_arguments
 
@@ -46,8 +48,10 @@ class QMPServer:
     def __init__(self, machine: GuestMachine, path: str) -> None:
         self.m = machine
         self.path = path
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        try:
+            unlink_stale_socket(path)  # a user's file under that name is never removed
+        except OSError as e:
+            raise OutputError(f"{path}: {e.strerror}") from e
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(path)
         self.sock.listen(4)

@@ -7,22 +7,17 @@ file names: they are sanitised and can never escape the output directory.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
 import hashlib
 import json
 import os
 import re
-import secrets
-import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import BinaryIO
 
 from ..errors import OutputError
 from ..format.migfile import MigrationFile
-from ..output import AtomicOutput, output_error, register_temporary, unregister_temporary
+from ..output import AtomicOutput, output_error, staged_directory
 from .copy import RUN_PAGES, RunCopier
 from .elfcore import build_core
 from .elfcore import log as elfcore_log
@@ -75,40 +70,11 @@ def extract_raw(mf: MigrationFile, outdir: str | os.PathLike[str], *, force: boo
 
     The directory is built under a hidden temporary name beside ``outdir`` and
     renamed when complete, so an interrupted run leaves no partial set. An
-    existing empty directory is replaced; a non-empty one only with ``force``.
+    existing empty directory is replaced; one holding an earlier extract only
+    with ``force`` (:func:`~fixedram.output.staged_directory`).
     """
     with staged_directory(outdir, force) as tmp:
         return _write_raw_set(mf, tmp, progress)
-
-
-@contextlib.contextmanager
-def staged_directory(outdir: str | os.PathLike[str], force: bool) -> Iterator[str]:
-    """A hidden temporary directory beside ``outdir`` to build an output set in.
-
-    When the block ends normally it is moved into place (see :func:`replace_dir`);
-    on an exception or signal it is removed. An existing empty directory is
-    replaced; a non-empty one only with ``force``.
-    """
-    outdir = os.path.abspath(os.fspath(outdir))
-    if os.path.lexists(outdir):
-        if not os.path.isdir(outdir) or os.path.islink(outdir):
-            raise OutputError(f"{outdir}: exists and is not a directory")
-        if os.listdir(outdir) and not force:
-            raise OutputError(f"{outdir}: directory is not empty (use --force to replace it)")
-    parent, base = os.path.split(outdir)
-    tmp = os.path.join(parent, f".{base}.partial-{secrets.token_hex(4)}")
-    register_temporary(tmp)
-    try:
-        try:
-            os.mkdir(tmp, 0o755)
-        except OSError as e:
-            raise output_error(outdir, e) from e
-        yield tmp
-        replace_dir(tmp, outdir)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        unregister_temporary(tmp)
 
 
 def _write_raw_set(mf: MigrationFile, d: str, progress: Progress | None) -> dict[str, object]:
@@ -142,40 +108,6 @@ def _write_raw_set(mf: MigrationFile, d: str, progress: Progress | None) -> dict
     return index
 
 
-def _exchange(a: str, b: str) -> bool:
-    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
-    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if fn is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), b)
-
-
-def replace_dir(tmp: str, outdir: str) -> None:
-    """Move the finished directory into place. A non-empty one it replaces is
-    swapped out atomically and then removed (under the temporary's name), so
-    at no moment is neither the old nor the new set in place."""
-    try:
-        if not (os.path.isdir(outdir) and os.listdir(outdir)):
-            os.rename(tmp, outdir)  # new, or replaces an empty directory
-        elif not _exchange(tmp, outdir):
-            old = f"{tmp}.old"  # not listed as a temporary: it is the user's until replaced
-            os.rename(outdir, old)
-            try:
-                os.rename(tmp, outdir)
-            except OSError:
-                os.rename(old, outdir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
-        raise output_error(outdir, e) from e
-
-
 def _write_ranges(mf: MigrationFile, placed: list[tuple[PhysRange, int]], fd: int,
                   progress: Progress | None) -> None:
     """Copy each range's pages to ``fd`` at the output offset paired with it."""
@@ -188,15 +120,16 @@ def _write_ranges(mf: MigrationFile, placed: list[tuple[PhysRange, int]], fd: in
         copier.copy(runs, fd, dst - lo * ps, progress)
 
 
-def _write_image(mf: MigrationFile, out_path: str | os.PathLike[str], force: bool,
+def _write_image(mf: MigrationFile, out: AtomicOutput,
                  placed: list[tuple[PhysRange, int]], head: bytes | Callable[[], bytes],
                  size: int, progress: Progress | None) -> None:
-    """An atomic output of ``size`` bytes: each range at its offset, then ``head`` at 0.
+    """Fill ``out`` with ``size`` bytes and commit it: each range at its offset,
+    then ``head`` at 0. The caller opens ``out`` before any other work, so a
+    refused output is the first and only thing said.
 
     ``head`` may be a function, called once the ranges are written (an ELF
     core's notes can depend on a scan that runs during the copy).
     """
-    out = AtomicOutput(out_path, force=force)
     try:
         _write_ranges(mf, placed, out.fd, progress)
         data = head() if callable(head) else head
@@ -213,9 +146,10 @@ def _write_image(mf: MigrationFile, out_path: str | os.PathLike[str], force: boo
 def extract_physical(mf: MigrationFile, out_path: str | os.PathLike[str], *,
                      force: bool = False, progress: Progress | None = None) -> list[PhysRange]:
     """A sparse image of guest-physical memory (x86 pc/q35 layout)."""
-    ranges = physical_ranges(mf)
-    _write_image(mf, out_path, force, [(r, r.gpa) for r in ranges], b"",
-                 max(r.gpa + r.length for r in ranges), progress)
+    with AtomicOutput(out_path, force=force) as out:
+        ranges = physical_ranges(mf)
+        _write_image(mf, out, [(r, r.gpa) for r in ranges], b"",
+                     max(r.gpa + r.length for r in ranges), progress)
     return ranges
 
 
@@ -233,35 +167,36 @@ def extract_elf(mf: MigrationFile, out_path: str | os.PathLike[str], *, force: b
     RAM is scanned for the VMCOREINFO note by a second thread while the main
     one copies it (both are system calls and numpy loops that release the GIL).
     """
-    core = build_core(mf, scan_ram=False)
-    for w in core.warnings:
-        elfcore_log.warning("fixedram: warning: %s: %s", mf.path, w)
-    stop = threading.Event()
-    failed: list[BaseException] = []
+    with AtomicOutput(out_path, force=force) as out:
+        core = build_core(mf, scan_ram=False)
+        for w in core.warnings:
+            elfcore_log.warning("fixedram: warning: %s: %s", mf.path, w)
+        stop = threading.Event()
+        failed: list[BaseException] = []
 
-    def scan() -> None:
+        def scan() -> None:
+            try:
+                core.scan_ram(mf, stop.is_set)
+            except BaseException as e:  # re-raised by the main thread
+                failed.append(e)
+
+        scanner = threading.Thread(target=scan, name="fixedram-vmcoreinfo-scan", daemon=True)
+
+        def head() -> bytes:
+            if scanner.ident is not None:
+                scanner.join()
+            if failed:
+                raise failed[0]
+            return core.head()
+
+        if core.scan_pending:
+            scanner.start()
         try:
-            core.scan_ram(mf, stop.is_set)
-        except BaseException as e:  # re-raised by the main thread
-            failed.append(e)
-
-    scanner = threading.Thread(target=scan, name="fixedram-vmcoreinfo-scan", daemon=True)
-
-    def head() -> bytes:
-        if scanner.ident is not None:
-            scanner.join()
-        if failed:
-            raise failed[0]
-        return core.head()
-
-    if core.scan_pending:
-        scanner.start()
-    try:
-        _write_image(mf, out_path, force, core.placed(), head, core.size, progress)
-    finally:
-        stop.set()  # an error in the copy: the scan must not outlive the input's fd
-        if scanner.ident is not None:
-            scanner.join()
+            _write_image(mf, out, core.placed(), head, core.size, progress)
+        finally:
+            stop.set()  # an error in the copy: the scan must not outlive the input's fd
+            if scanner.ident is not None:
+                scanner.join()
     return core.loads
 
 

@@ -32,9 +32,9 @@ import numpy as np
 
 from ..errors import FixedramError, OutputError, UnsupportedFeature
 from ..format.sequential import OnePassFile, SequentialInput, scan
-from ..output import AtomicOutput, output_error
+from ..output import AtomicOutput, output_error, staged_directory
 from .copy import WRITEBACK_BYTES
-from .extract import staged_directory, unique_names
+from .extract import unique_names
 from .layout import physical_ranges
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ import subprocess
 from typing import Any, BinaryIO, cast
 
 from ..errors import OutputError, TransportError
-from ..output import AtomicOutput
+from ..output import AtomicOutput, unlink_stale_socket
 from .fdsets import FdSetError, is_fdset, qemu_open
 from .uri import MigrationURI, parse_uri
 
@@ -354,8 +354,7 @@ class InChannel:
                 self._lsock = s
                 self.address = s.getsockname()[:2]
             elif u.kind == "unix":
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(u.path)
+                unlink_stale_socket(u.path)
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.bind(u.path)
                 s.listen(1)
