@@ -10,12 +10,23 @@ first thing anyone does with a bad migration file is open it in a hex editor::
      │    ├── BadMagic             not a QEMU migration stream / save image
      │    ├── UnsupportedVersion   a version field we do not read
      │    ├── TruncatedFile        the file ends before a structure does
-     │    └── CorruptFile          a length, offset or value that cannot be right
-     ├── UnsupportedFeature        valid QEMU data that fixedram refuses to decode
+     │    ├── CorruptFile          a length, offset or value that cannot be right
+     │    └── UnsupportedFeature   valid QEMU data that fixedram refuses to decode
+     ├── InputError                an input cannot be opened or read (an OSError, with the path)
+     ├── IncompleteSave            a save without its end, where a whole one is needed
+     ├── UsageError                options that cannot work together, or a size that is no size
+     │    └── SizeError            (fixedram.sizes) text that is not a size, or too large
      ├── CapabilityError           a capability/parameter rule of QEMU is violated
      ├── TransportError            a URI, socket, pipe or file transport failed
+     ├── FdSetError                (fixedram.transports.fdsets) QEMU's refusal of an fd operation
+     ├── QAPIError                 (fixedram.engine.qapi) a QMP command's error answer
      ├── MigrationError            a migration failed or was cancelled
+     │    └── Cancelled            (fixedram.engine.precopy) migrate_cancel or the guest stopped
      └── OutputError               an output file cannot be written safely
+
+Modules keep a few private subclasses for control flow inside one function;
+they never escape it. ``tests/cli/test_errors.py`` checks that this tree is
+the real one.
 """
 
 from __future__ import annotations
@@ -28,12 +39,15 @@ __all__ = [
     "CorruptFile",
     "FixedramError",
     "FormatError",
+    "IncompleteSave",
+    "InputError",
     "MigrationError",
     "OutputError",
     "TransportError",
     "TruncatedFile",
     "UnsupportedFeature",
     "UnsupportedVersion",
+    "UsageError",
 ]
 
 
@@ -85,6 +99,44 @@ class UnsupportedFeature(FormatError):
     Kept apart from corruption so that users know the file is fine and the
     tool is the limit (for example XBZRLE pages or a big-endian bitmap).
     """
+
+
+class InputError(FixedramError, OSError):
+    """An input (a save, a pipe, standard input) cannot be opened or read.
+
+    Wraps the operating system's error and names the input once, so the
+    command line prints ``PATH: reason`` and never a bare errno text. It is
+    an :class:`OSError` too (``errno``, ``strerror``, ``filename``), so code
+    written against the operating system's errors keeps working.
+
+    :ivar path: the input as the user named it (``stdin`` for ``-``).
+    :ivar offset: the input byte at which a read failed, if it was a read.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str | OSError,
+                 *, offset: int | None = None) -> None:
+        exc = reason if isinstance(reason, OSError) else None
+        text = (exc.strerror or str(exc)) if exc is not None else str(reason)
+        super().__init__(exc.errno if exc is not None else None, text, os.fspath(path))
+        self.path = os.fspath(path)
+        self.offset = offset
+        if offset is None:
+            self._message = f"{self.path}: {text}"
+        else:
+            self._message = f"{self.path}: reading at byte {offset} failed: {text}"
+
+    def __str__(self) -> str:
+        return self._message
+
+
+class IncompleteSave(FixedramError):
+    """A save that ends before its EOF marker (an unfinished or cut save),
+    given to a command that needs a whole one."""
+
+
+class UsageError(FixedramError):
+    """Options or arguments that cannot work together (a raw extract to
+    stdout, a pipe where a command needs random access, ...)."""
 
 
 class CapabilityError(FixedramError):

@@ -15,6 +15,8 @@ from __future__ import annotations
 import errno
 import re
 
+from .errors import UsageError
+
 __all__ = ["OFF_T_MAX", "SizeError", "parse_size"]
 
 OFF_T_MAX = (1 << 63) - 1
@@ -24,7 +26,7 @@ _DEC = re.compile(r"([0-9]+)(?:\.([0-9]+))?(?:([kmgtpe])(?:i?b)?|(b))?", re.IGNO
 _HEX = re.compile(r"0x([0-9a-f]+)", re.IGNORECASE | re.ASCII)
 
 
-class SizeError(ValueError):
+class SizeError(UsageError, ValueError):
     """Text that is not a size, or one too large.
 
     :ivar errno: ``EINVAL`` (not a size) or ``ERANGE`` (too large), the two

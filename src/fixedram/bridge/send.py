@@ -298,7 +298,7 @@ class _Channel:
             self.q.put_nowait(None)  # and this one blocked waiting for work
 
 
-class _ChannelFailed(Exception):
+class _ChannelFailed(FixedramError):
     """A channel thread stopped; its own error is reported instead."""
 
 

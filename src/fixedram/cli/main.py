@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..errors import FixedramError
+from ..errors import FixedramError, IncompleteSave, UsageError
 
 __all__ = ["main"]
 
@@ -95,7 +95,7 @@ def _print_xml(path: str) -> int:
 
     with open_sequential(path) as si:
         if si.libvirt is None:
-            raise FixedramError(f"{si.name}: not a libvirt save image, so it holds no domain XML")
+            raise UsageError(f"{si.name}: not a libvirt save image, so it holds no domain XML")
         xml = si.libvirt.xml_raw
     sys.stdout.buffer.write(xml if xml.endswith(b"\n") else xml + b"\n")
     return 0
@@ -108,14 +108,14 @@ def cmd_extract(a: argparse.Namespace) -> int:
 
     to_stdout = a.output == "-"
     if to_stdout and a.format == "raw":
-        raise FixedramError("-o - needs --format physical or elf: raw output is a directory "
+        raise UsageError("-o - needs --format physical or elf: raw output is a directory "
                             "of files, one per RAMBlock")
     real = seekable_path(a.file)
     if real is None or is_one_pass(a.file):
         from ..memory.stream_extract import extract_one_pass
 
         if to_stdout:
-            raise FixedramError(f"{a.file}: -o - needs an input file that can be read "
+            raise UsageError(f"{a.file}: -o - needs an input file that can be read "
                                 "at any offset (not a pipe or a compressed image)")
 
         with open_sequential(a.file, offset=a.offset) as si:
@@ -124,7 +124,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
         return 0
     with open_indexed(real, offset=a.offset, strict=False) as mf:
         if not mf.complete and not a.allow_incomplete:
-            raise FixedramError(f"{a.file}: the save is incomplete ({mf.error or 'unfinished'}); "
+            raise IncompleteSave(f"{a.file}: the save is incomplete ({mf.error or 'unfinished'}); "
                                 "use --allow-incomplete to extract what it holds")
         with progress_bar("extracting", extract.total_bytes(mf)) as prog:
             if to_stdout:  # in order, holes as zeros: stdout may be a pipe

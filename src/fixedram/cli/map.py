@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ..errors import FixedramError
+from ..errors import UsageError
 
 if TYPE_CHECKING:
     from ..memory.map import BlockMap
@@ -29,7 +29,7 @@ def cmd_map(a: argparse.Namespace) -> int:
 
     real = seekable_path(a.file)
     if real is None or is_one_pass(a.file):
-        raise FixedramError(f"{a.file}: map needs a file it can read at offsets (not a pipe or a "
+        raise UsageError(f"{a.file}: map needs a file it can read at offsets (not a pipe or a "
                             "compressed image): file offsets would mean nothing")
     if a.svg is not None:
         _check_matplotlib()
@@ -66,7 +66,7 @@ def _check_matplotlib(option: str = "--svg") -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise FixedramError(f"{option} needs matplotlib: pip install 'fixedram[plot]'") from None
+        raise UsageError(f"{option} needs matplotlib: pip install 'fixedram[plot]'") from None
 
 
 # Colours: zero light grey, absent white; data by copies sent (1, 2, 3, 4 and more),

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from ..errors import FixedramError
+from ..errors import UsageError
 from .main import _size
 
 # The readable tree shows this much of a buffer; --json has all of it.
@@ -45,7 +45,7 @@ def cmd_state(a: argparse.Namespace) -> int:
         names = list(dict.fromkeys(d.name for d in devices))
         devices = [d for d in devices if d.name == a.device]
         if not devices:
-            raise FixedramError(f"{a.file}: no device section named {a.device!r} "
+            raise UsageError(f"{a.file}: no device section named {a.device!r} "
                                 f"(sections: {', '.join(names) or 'none'})")
     if a.json:
         doc = {"schema_version": SCHEMA_VERSION, "configuration": jsonable(config),

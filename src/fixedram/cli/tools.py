@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from ..errors import FixedramError
+from ..errors import FormatError, UsageError
 from .main import _size
 
 
@@ -107,7 +107,7 @@ def _verify_files(path: str, against: str | None) -> tuple[list[str], list[str],
         for m in (mf, other):
             if m is not None:
                 m.close()
-        raise FixedramError("cannot compare: " + "; ".join(probs + probs_b))
+        raise FormatError("cannot compare: " + "; ".join(probs + probs_b))
     with mf, other, progress_bar("comparing", compare_total(mf, other)) as prog:
         return probs, probs_b, compare(mf, other, progress=prog)
 
@@ -116,14 +116,13 @@ def _verify_one_pass(path: str, against: str | None, one_a: bool,
                      one_b: bool) -> tuple[list[str], list[str], list[Any]]:
     """``path`` or ``against`` read in one pass (a pipe, a compressed image),
     compared page by page with the other, a file, as the pages arrive."""
-    from ..errors import FormatError
     from ..format.sequential import open_sequential, scan, seekable_path
     from ..memory.stream_extract import OnePassCompare
     from ..tools.verify import open_checked, structural_problems
     from .progress import following, progress_bar
 
     if one_a and one_b:
-        raise FixedramError(f"cannot compare {path} with {against}: both must be read in one "
+        raise UsageError(f"cannot compare {path} with {against}: both must be read in one "
                             "pass (pipes or compressed images); make one of them a file")
     seq, other_path = (path, against) if one_a else (against, path)
     assert seq is not None
@@ -132,7 +131,7 @@ def _verify_one_pass(path: str, against: str | None, one_a: bool,
     if other_path is not None:
         other, other_probs = open_checked(seekable_path(other_path) or other_path)
         if other is None:
-            raise FixedramError("cannot compare: " + "; ".join(other_probs))
+            raise FormatError("cannot compare: " + "; ".join(other_probs))
     diffs: list[Any] = []
     try:
         target = OnePassCompare(other) if other is not None else None
@@ -149,7 +148,7 @@ def _verify_one_pass(path: str, against: str | None, one_a: bool,
                         diffs = target.result(f)
         except FormatError as e:
             if other is not None:
-                raise FixedramError(f"cannot compare: {e}") from e
+                raise FormatError(f"cannot compare: {e}") from e
             probs = [str(e)]
     finally:
         if other is not None:

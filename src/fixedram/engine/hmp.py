@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..errors import FixedramError
 from ..sizes import SizeError, parse_size
 from .capabilities import CAPABILITIES, MIG_MODES, MULTIFD_COMPRESSIONS, ZERO_PAGE_DETECTIONS
 from .guest import PAGE
@@ -35,7 +36,7 @@ _INFO_HELP = {
 }
 
 
-class _Usage(Exception):
+class _Usage(FixedramError):
     """A command line HMP could not parse: QEMU prints the reason and a hint."""
 
     def __init__(self, cmd: str, why: str) -> None:

@@ -22,10 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import FixedramError
+
 __all__ = ["COMMANDS", "EVENTS", "QAPIError", "check_arguments", "introspect"]
 
 
-class QAPIError(Exception):
+class QAPIError(FixedramError):
     """A command's error answer: QEMU's error class and message."""
 
     def __init__(self, desc: str, cls: str = "GenericError") -> None:

@@ -32,7 +32,7 @@ import threading
 import time
 from typing import Any
 
-from ..errors import OutputError
+from ..errors import FixedramError, OutputError
 from ..output import unlink_stale_socket
 from .machine import GuestMachine, close_quietly
 from .qapi import QAPIError, check_arguments
@@ -322,7 +322,7 @@ class JSONSplitter:
 _DELIMS = frozenset(b" \t\r\n{}[],:\"")
 
 
-class _BadLiteral(ValueError):
+class _BadLiteral(FixedramError, ValueError):
     pass
 
 

@@ -107,7 +107,7 @@ class Decoded(ReadAhead):
             raise _LzopError(err.splitlines()[-1] if err else f"lzop exit status {rc}")
 
     def error(self, e: BaseException) -> FixedramError:
-        if isinstance(e, FixedramError):
+        if isinstance(e, FixedramError) and not isinstance(e, _LzopError):
             return e
         if isinstance(e, EOFError):
             return TruncatedFile(f"the {self.kind} data end before their end-of-stream marker "
@@ -140,7 +140,7 @@ class Decoded(ReadAhead):
         return stopped
 
 
-class _LzopError(Exception):
+class _LzopError(FixedramError):
     pass
 
 

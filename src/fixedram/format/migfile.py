@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import BadMagic, CorruptFile, TruncatedFile, UnsupportedFeature
+from ..errors import BadMagic, CorruptFile, InputError, TruncatedFile, UnsupportedFeature
 from .constants import STREAM_MAGIC_BYTES
 from .primitives import ByteReader
 from .ram import RAMBlockRecord, RamStreamState
@@ -385,7 +385,10 @@ class MigrationFile(SaveFacts[RAMBlock]):
                  strict: bool = True, progress: Callable[[int], None] | None = None) -> None:
         self.path = os.fspath(path)
         # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below.
-        self.fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise InputError(self.path, e) from e
         try:
             st = os.fstat(self.fd)
             if stat.S_ISDIR(st.st_mode):
@@ -399,9 +402,9 @@ class MigrationFile(SaveFacts[RAMBlock]):
             self._open(offset, strict, progress)
         except OSError as e:
             os.close(self.fd)
-            if e.filename is None:  # every I/O error names the file
-                raise OSError(e.errno, e.strerror or str(e), self.path) from e
-            raise
+            if isinstance(e, InputError):
+                raise
+            raise InputError(self.path, e) from e
         except BaseException:
             os.close(self.fd)
             raise

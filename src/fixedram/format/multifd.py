@@ -27,7 +27,7 @@ from typing import IO, Any, cast
 
 import numpy as np
 
-from ..errors import BadMagic, CorruptFile, UnsupportedFeature, UnsupportedVersion
+from ..errors import BadMagic, CorruptFile, FixedramError, UnsupportedFeature, UnsupportedVersion
 
 __all__ = [
     "COMPRESSION_FLAGS",
@@ -226,7 +226,7 @@ def split_packets(pages: np.ndarray, page_size: int = 4096) -> list[np.ndarray]:
     return [pages[i:i + slots] for i in range(0, pages.size, slots)]
 
 
-class _PagesOverflow(Exception):
+class _PagesOverflow(FixedramError):
     """More decompressed bytes than the packet's pages (raised inside zstd's callback)."""
 
 

@@ -40,8 +40,8 @@ import numpy as np
 
 from ..errors import (
     CorruptFile,
-    FixedramError,
     FormatError,
+    InputError,
     TruncatedFile,
     UnsupportedFeature,
 )
@@ -169,9 +169,8 @@ class _Raw(_ReadOnly):
         self.pos += len(b)
         return b
 
-    def _failed(self, e: OSError) -> FixedramError:
-        return FixedramError(f"{self.name}: reading at byte {self.pos} failed: "
-                             f"{e.strerror or e}")
+    def _failed(self, e: OSError) -> InputError:
+        return InputError(self.name, e, offset=self.pos)
 
     def readinto(self, buf: Any) -> int:
         try:
@@ -336,14 +335,14 @@ def open_sequential(path: str, *, offset: int | None = None,
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
-            raise FixedramError(f"{path}: {e.strerror}") from e
+            raise InputError(path, e) from e
         name, close = path, True
     try:
         raw = _Raw(fd, name, close)
     except OSError as e:  # standard input closed (``<&-``)
         if close:
             os.close(fd)
-        raise FixedramError(f"{name}: {e.strerror}") from e
+        raise InputError(name, e) from e
     try:
         return _open(raw, path, name, offset)
     except BaseException:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CorruptFile
+from ..errors import CorruptFile, FixedramError
 from .constants import MAX_VMDESC_JSON, SectionType
 from .primitives import BE32
 
@@ -104,7 +104,7 @@ MAX_TRAILER_CONTAINERS = 1 << 19  # ~100 MiB of Python objects at most
 _MAX_NUMBER_CHARS = 24  # a uint64 is 20 digits
 
 
-class _BadToken(ValueError):
+class _BadToken(FixedramError, ValueError):
     def __init__(self, what: str, token: str) -> None:
         super().__init__(what)
         self.what = what

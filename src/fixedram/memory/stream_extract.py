@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import FixedramError, OutputError, UnsupportedFeature
+from ..errors import IncompleteSave, OutputError, UnsupportedFeature
 from ..format.sequential import OnePassFile, SequentialInput, scan
 from ..output import AtomicOutput, output_error, staged_directory
 from .copy import WRITEBACK_BYTES
@@ -331,7 +331,7 @@ def extract_one_pass(src: SequentialInput, output: str, fmt: str = "raw", *,
 
     :param fmt: ``raw`` (a directory) or ``physical`` (one file).
     :return: what the pass found (close it).
-    :raise FixedramError: the stream is malformed, or incomplete without
+    :raise FormatError: the stream is malformed; IncompleteSave: incomplete without
         ``allow_incomplete``; nothing is left under ``output`` then.
     """
     if fmt == "elf":
@@ -368,7 +368,7 @@ def _run(src: SequentialInput, target: _Placed, allow_incomplete: bool) -> OnePa
     if not f.complete and not allow_incomplete:
         why = f.error or "unfinished"
         f.close()
-        raise FixedramError(f"{src.name}: the save is incomplete ({why}); use "
+        raise IncompleteSave(f"{src.name}: the save is incomplete ({why}); use "
                             "--allow-incomplete to extract what it holds")
     return f
 

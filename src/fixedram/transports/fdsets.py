@@ -21,12 +21,14 @@ import os
 import threading
 from dataclasses import dataclass, field
 
+from ..errors import FixedramError
+
 __all__ = ["FDSETS", "FdSetError", "FdSets", "MonitorFds", "is_fdset", "qemu_open"]
 
 FDSET_PREFIX = "/dev/fdset/"
 
 
-class FdSetError(Exception):
+class FdSetError(FixedramError):
     """QEMU's message for a refused fd operation."""
 
 
