@@ -1,12 +1,10 @@
-"""Turning a MigrationFile into facts for people and scripts (inspect)."""
+"""Turning an opened save into facts for people and scripts (inspect)."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from .format.migfile import MigrationFile
-from .format.sequential import OnePassFile
+from .format.walker import Save
 
 __all__ = ["SCHEMA_VERSION", "describe"]
 
@@ -14,18 +12,14 @@ __all__ = ["SCHEMA_VERSION", "describe"]
 SCHEMA_VERSION = 1
 
 
-def describe(mf: MigrationFile | OnePassFile) -> dict[str, Any]:
+def describe(mf: Save) -> dict[str, Any]:
     """The ``fixedram inspect --json`` object, for a file or a one-pass input.
 
     For a one-pass input (a pipe, a compressed image) ``compression`` names
     the compressor, offsets are in the (decompressed) QEMU stream, and the
     sizes are the input's (None for a pipe).
     """
-    if isinstance(mf, OnePassFile):
-        apparent, allocated = mf.src.input_size, mf.src.input_allocated
-    else:
-        st = os.fstat(mf.fd)
-        apparent, allocated = st.st_size, st.st_blocks * 512
+    apparent, allocated = mf.input_sizes()
     blocks = []
     for b in mf.blocks:
         e: dict[str, Any] = {
@@ -69,8 +63,8 @@ def describe(mf: MigrationFile | OnePassFile) -> dict[str, Any]:
         "vmdesc": mf.summary.vmdesc is not None,
         "apparent_bytes": apparent,
         "allocated_bytes": allocated,
-        "compression": mf.compression if isinstance(mf, OnePassFile) else None,
-        "one_pass": isinstance(mf, OnePassFile),
+        "compression": mf.compression,
+        "one_pass": not mf.random_access,
     }
     if mf.error is not None:
         out["error"] = str(mf.error)

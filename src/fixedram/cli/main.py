@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..errors import FixedramError, IncompleteSave, UsageError
+from ..errors import FixedramError, UsageError
 
 __all__ = ["main"]
 
@@ -65,18 +65,12 @@ def number_in(lo: float, hi: float) -> Callable[[str], float]:
 
 def cmd_inspect(a: argparse.Namespace) -> int:
     from ..describe import describe
-    from ..format.sequential import is_one_pass, open_sequential, scan, seekable_path
-    from .progress import open_indexed
+    from .progress import open_input
 
     if a.xml:
         return _print_xml(a.file)
-    real = seekable_path(a.file)
-    if real is None or is_one_pass(a.file):
-        with open_sequential(a.file, offset=a.offset) as si, scan(si) as f:
-            d = describe(f)
-    else:
-        with open_indexed(real, offset=a.offset, strict=False) as mf:
-            d = describe(mf)
+    with open_input(a.file, offset=a.offset) as s:
+        d = describe(s.walk())
     # An incomplete save is described in full, then exits 1: scripts see it is unfinished.
     status = 0 if d["complete"] else 1
     if a.json:
@@ -91,50 +85,25 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 def _print_xml(path: str) -> int:
     """The domain XML of a libvirt image, as stored (``virsh save-image-dumpxml``)."""
-    from ..format.sequential import open_sequential
+    from ..save import open_save
 
-    with open_sequential(path) as si:
-        if si.libvirt is None:
-            raise UsageError(f"{si.name}: not a libvirt save image, so it holds no domain XML")
-        xml = si.libvirt.xml_raw
+    with open_save(path) as s:
+        if s.libvirt is None:
+            raise UsageError(f"{s.path}: not a libvirt save image, so it holds no domain XML")
+        xml = s.libvirt.xml_raw
     sys.stdout.buffer.write(xml if xml.endswith(b"\n") else xml + b"\n")
     return 0
 
 
 def cmd_extract(a: argparse.Namespace) -> int:
-    from ..format.sequential import is_one_pass, open_sequential, seekable_path
-    from ..memory import extract
-    from .progress import open_indexed, progress_bar
+    from ..memory.extract import extract, total_bytes
+    from .progress import open_input, progress_bar
 
-    to_stdout = a.output == "-"
-    if to_stdout and a.format == "raw":
-        raise UsageError("-o - needs --format physical or elf: raw output is a directory "
-                            "of files, one per RAMBlock")
-    real = seekable_path(a.file)
-    if real is None or is_one_pass(a.file):
-        from ..memory.stream_extract import extract_one_pass
-
-        if to_stdout:
-            raise UsageError(f"{a.file}: -o - needs an input file that can be read "
-                                "at any offset (not a pipe or a compressed image)")
-
-        with open_sequential(a.file, offset=a.offset) as si:
-            extract_one_pass(si, a.output, a.format, force=a.force,
-                             allow_incomplete=a.allow_incomplete).close()
-        return 0
-    with open_indexed(real, offset=a.offset, strict=False) as mf:
-        if not mf.complete and not a.allow_incomplete:
-            raise IncompleteSave(f"{a.file}: the save is incomplete ({mf.error or 'unfinished'}); "
-                                "use --allow-incomplete to extract what it holds")
-        with progress_bar("extracting", extract.total_bytes(mf)) as prog:
-            if to_stdout:  # in order, holes as zeros: stdout may be a pipe
-                extract.stream_image(mf, a.format, sys.stdout.buffer, progress=prog)
-            elif a.format == "raw":
-                extract.extract_raw(mf, a.output, force=a.force, progress=prog)
-            elif a.format == "physical":
-                extract.extract_physical(mf, a.output, force=a.force, progress=prog)
-            else:
-                extract.extract_elf(mf, a.output, force=a.force, progress=prog)
+    with open_input(a.file, offset=a.offset) as s:
+        total = total_bytes(s) if s.random_access else 0  # one pass: not known beforehand
+        with progress_bar("extracting", total) as prog:
+            extract(s, a.output, a.format, force=a.force, allow_incomplete=a.allow_incomplete,
+                    progress=prog, stdout=sys.stdout.buffer)
     return 0
 
 

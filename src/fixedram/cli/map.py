@@ -23,17 +23,12 @@ file_offset + k * (page size + 8). A mapped-ram extent's page k is at file_offse
 
 
 def cmd_map(a: argparse.Namespace) -> int:
-    from ..format.sequential import is_one_pass, seekable_path
     from ..memory.map import file_map, json_text
-    from .progress import open_indexed
+    from .progress import open_input
 
-    real = seekable_path(a.file)
-    if real is None or is_one_pass(a.file):
-        raise UsageError(f"{a.file}: map needs a file it can read at offsets (not a pipe or a "
-                            "compressed image): file offsets would mean nothing")
     if a.svg is not None:
         _check_matplotlib()
-    with open_indexed(real, offset=a.offset, strict=False) as mf:
+    with open_input(a.file, offset=a.offset) as mf:
         maps = file_map(mf)
         if a.svg is not None:
             _draw(mf.path, mf.format, mf.complete, maps, a.svg, a.force)

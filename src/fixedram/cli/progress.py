@@ -10,9 +10,9 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..format.migfile import MigrationFile
+    from ..save import Save
 
-__all__ = ["Bar", "binary_size", "following", "open_indexed", "progress_bar", "stderr_console"]
+__all__ = ["Bar", "binary_size", "following", "open_input", "progress_bar", "stderr_console"]
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -116,16 +116,18 @@ def following(bar: Bar | None, counter: Callable[[], int],
         bar.set_completed(counter())
 
 
-def open_indexed(path: str, **kw: Any) -> MigrationFile:
-    """:class:`MigrationFile` with an "indexing" bar while its stream is walked: opening a
-    multi-GiB stream reads every record header, which takes seconds on a cold cache."""
+def open_input(path: str, **kw: Any) -> Save:
+    """:func:`~fixedram.save.open_save` with an "indexing" bar while a file's stream is
+    walked: opening a multi-GiB stream reads every record header, which takes seconds on
+    a cold cache. (A one-pass input is walked later, by the command.)"""
+    import contextlib
     import os
 
-    from ..format.migfile import MigrationFile
+    from ..save import open_save
 
-    try:
-        size = os.stat(path).st_size
-    except OSError:
-        size = 0  # MigrationFile names the file in its error
+    size = 0
+    if path != "-":
+        with contextlib.suppress(OSError):  # open_save names the file in its error
+            size = os.stat(path).st_size
     with progress_bar(f"indexing {os.path.basename(path)}", size) as bar:
-        return MigrationFile(path, progress=bar, **kw)
+        return open_save(path, progress=bar, **kw)

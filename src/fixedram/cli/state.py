@@ -25,22 +25,17 @@ examples:
 def cmd_state(a: argparse.Namespace) -> int:
     from ..describe import SCHEMA_VERSION
     from ..format.devstate import decode_configuration, jsonable
-    from ..format.sequential import is_one_pass, open_sequential, scan, seekable_path
-    from .progress import open_indexed
+    from .progress import open_input
 
-    real = seekable_path(a.file)
-    if real is None or is_one_pass(a.file):  # a pipe or a compressed image: one pass
-        with open_sequential(a.file, offset=a.offset) as si, scan(si, strict=True) as f:
-            config = decode_configuration(f)  # type: ignore[arg-type]
-            devices = f.devices()
-            facts = (f"{f.format} format, read in one pass"
-                     f"{f' ({f.compression}-compressed)' if f.compression else ''}, machine "
-                     f"{f.machine}")
-    else:
-        with open_indexed(real, offset=a.offset) as mf:
-            config = decode_configuration(mf)
-            devices = mf.devices()
-            facts = f"{mf.format} format, stream at offset {mf.start}, machine {mf.machine}"
+    with open_input(a.file, offset=a.offset, strict=True) as s:
+        config = decode_configuration(s.walk())
+        devices = s.devices()
+        if s.random_access:
+            facts = f"{s.format} format, stream at offset {s.start}, machine {s.machine}"
+        else:
+            facts = (f"{s.format} format, read in one pass"
+                     f"{f' ({s.compression}-compressed)' if s.compression else ''}, machine "
+                     f"{s.machine}")
     if a.device is not None:
         names = list(dict.fromkeys(d.name for d in devices))
         devices = [d for d in devices if d.name == a.device]

@@ -17,14 +17,12 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
     total = 0
     if a.output != "-" and sys.stderr.isatty():  # the size is needed only for a bar
-        from ..format.migfile import MigrationFile
-        from ..format.sequential import is_one_pass, seekable_path
         from ..memory.extract import total_bytes
+        from ..save import open_save, reads_one_pass
 
-        real = seekable_path(a.input)
-        if real is not None and not is_one_pass(a.input):  # one pass: no size beforehand
-            with MigrationFile(real, offset=a.input_offset) as mf:
-                total = total_bytes(mf)
+        if not reads_one_pass(a.input):  # one pass: no size beforehand
+            with open_save(a.input, offset=a.input_offset) as s:
+                total = total_bytes(s)
     with progress_bar("converting", total) as prog:
         convert_file(a.input, a.output, a.to, offset=a.offset, src_offset=a.input_offset,
                      force=a.force, progress=prog, stdout=sys.stdout.buffer, bare=a.bare)
@@ -39,11 +37,11 @@ VERIFY_OK, VERIFY_FOUND, VERIFY_ERROR = 0, 1, 2
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    from ..format.sequential import is_one_pass
+    from ..save import reads_one_pass
 
     a.error_status = VERIFY_ERROR  # unreadable input, or nothing to compare: main() exits 2
-    one_a = is_one_pass(a.file)
-    one_b = a.against is not None and is_one_pass(a.against)
+    one_a = reads_one_pass(a.file)
+    one_b = a.against is not None and reads_one_pass(a.against)
     from ..describe import SCHEMA_VERSION
 
     result: dict[str, object] = {"schema_version": SCHEMA_VERSION, "file": a.file}
@@ -90,12 +88,11 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 
 def _verify_files(path: str, against: str | None) -> tuple[list[str], list[str], list[Any]]:
-    from ..format.sequential import seekable_path
     from ..tools.verify import compare, compare_total, open_checked
-    from .progress import open_indexed, progress_bar
+    from .progress import open_input, progress_bar
 
     def indexed(p: str) -> tuple[Any, list[str]]:
-        return open_checked(seekable_path(p) or p, opener=open_indexed)
+        return open_checked(p, opener=open_input)
 
     mf, probs = indexed(path)
     if against is None:
@@ -116,8 +113,8 @@ def _verify_one_pass(path: str, against: str | None, one_a: bool,
                      one_b: bool) -> tuple[list[str], list[str], list[Any]]:
     """``path`` or ``against`` read in one pass (a pipe, a compressed image),
     compared page by page with the other, a file, as the pages arrive."""
-    from ..format.sequential import open_sequential, scan, seekable_path
     from ..memory.stream_extract import OnePassCompare
+    from ..save import open_save
     from ..tools.verify import open_checked, structural_problems
     from .progress import following, progress_bar
 
@@ -129,23 +126,22 @@ def _verify_one_pass(path: str, against: str | None, one_a: bool,
     other = None
     other_probs: list[str] = []
     if other_path is not None:
-        other, other_probs = open_checked(seekable_path(other_path) or other_path)
+        other, other_probs = open_checked(other_path)
         if other is None:
             raise FormatError("cannot compare: " + "; ".join(other_probs))
     diffs: list[Any] = []
     try:
         target = OnePassCompare(other) if other is not None else None
         try:
-            with open_sequential(seq) as si:
+            with open_save(seq) as f:
                 # Input bytes read (compressed ones for a compressed image) against the
                 # input's size; a pipe's is not known beforehand.
                 with progress_bar("checking", _input_size(seq)) as prog, \
-                        following(prog, lambda: si.bytes_read):
-                    f = scan(si, target)
-                with f:
-                    probs = structural_problems(f)  # type: ignore[arg-type]
-                    if target is not None:
-                        diffs = target.result(f)
+                        following(prog, lambda: f.bytes_read):
+                    f.walk(target)
+                probs = structural_problems(f)
+                if target is not None:
+                    diffs = target.result(f)
         except FormatError as e:
             if other is not None:
                 raise FormatError(f"cannot compare: {e}") from e

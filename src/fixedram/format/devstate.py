@@ -29,7 +29,7 @@ from ..errors import CorruptFile, TruncatedFile, UnsupportedFeature
 from .constants import SectionType
 
 if TYPE_CHECKING:
-    from .migfile import MigrationFile
+    from .walker import Save
 
 __all__ = ["DeviceState", "decode_configuration", "decode_devices", "decode_section",
            "jsonable"]
@@ -315,7 +315,7 @@ def decode_section(desc: Mapping[str, Any], data: bytes, *, who: str, offset: in
     return fields
 
 
-def _pread(mf: MigrationFile, offset: int, n: int, what: str) -> bytes:
+def _pread(mf: Save, offset: int, n: int, what: str) -> bytes:
     data = os.pread(mf.fd, n, offset)
     if len(data) != n:
         raise TruncatedFile(f"file ends inside {what}: needed {n} bytes, {len(data)} left",
@@ -323,7 +323,7 @@ def _pread(mf: MigrationFile, offset: int, n: int, what: str) -> bytes:
     return data
 
 
-def _device_descs(mf: MigrationFile) -> dict[tuple[str, int], Mapping[str, Any]]:
+def _device_descs(mf: Save) -> dict[tuple[str, int], Mapping[str, Any]]:
     assert mf.vmdesc is not None
     devices = mf.vmdesc.doc.get("devices", [])
     if not isinstance(devices, list):
@@ -338,7 +338,7 @@ def _device_descs(mf: MigrationFile) -> dict[tuple[str, int], Mapping[str, Any]]
     return out
 
 
-def decode_devices(mf: MigrationFile) -> list[DeviceState]:
+def decode_devices(mf: Save) -> list[DeviceState]:
     """Every device (FULL) section of ``mf`` decoded, in stream order; RAM is not one.
 
     :raise UnsupportedFeature: the file has device sections but no vmdesc trailer.
@@ -373,7 +373,7 @@ def decode_devices(mf: MigrationFile) -> list[DeviceState]:
     return out
 
 
-def decode_configuration(mf: MigrationFile) -> dict[str, Any]:
+def decode_configuration(mf: Save) -> dict[str, Any]:
     """The configuration section: ``len``, ``name`` (the machine type, as text) and its
     subsections (``configuration/capabilities`` with ``caps_count`` and the list
     ``capabilities``; ``configuration/target-page-bits``; ``configuration/uuid``).
@@ -400,7 +400,7 @@ def decode_configuration(mf: MigrationFile) -> dict[str, Any]:
     return _tidy_config(fields, mf, start)
 
 
-def _config_from_header(mf: MigrationFile) -> dict[str, Any]:
+def _config_from_header(mf: Save) -> dict[str, Any]:
     hdr = mf.header
     assert hdr.machine is not None
     out: dict[str, Any] = {"len": len(hdr.machine.encode()), "name": hdr.machine}
@@ -414,7 +414,7 @@ def _config_from_header(mf: MigrationFile) -> dict[str, Any]:
     return out
 
 
-def _tidy_config(fields: dict[str, Any], mf: MigrationFile, start: int) -> dict[str, Any]:
+def _tidy_config(fields: dict[str, Any], mf: Save, start: int) -> dict[str, Any]:
     """The machine name as text and the capabilities as a list, checked for consistency."""
     name = fields.get("name")
     if isinstance(name, bytes):

@@ -16,7 +16,6 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,6 +26,7 @@ from .primitives import ByteReader
 from .ram import RAMBlockRecord, RamStreamState
 from .walker import (
     BlockFacts,
+    PageTarget,
     SaveFacts,
     StreamEvents,
     StreamSummary,
@@ -35,7 +35,6 @@ from .walker import (
 )
 
 if TYPE_CHECKING:
-    from .devstate import DeviceState
     from .stream import SectionHeader
 
 __all__ = ["MigrationFile", "RAMBlock", "Run", "find_stream_start"]
@@ -44,6 +43,9 @@ __all__ = ["MigrationFile", "RAMBlock", "Run", "find_stream_start"]
 # (file: URIs with offset=, libvirt save images with their XML and padding).
 MAX_START_SEARCH = 64 << 20
 _LE_MACHINE_PREFIXES = ("pc", "q35", "microvm", "isapc", "virt", "x-remote", "xenfv", "xenpv")
+
+# Pages handed to a walk's target per call (1 MiB of 4 KiB pages).
+WALK_RUN_PAGES = 256
 
 # Location codes in the stream index (file offsets of data are > 0).
 LOC_NONE = 0
@@ -383,7 +385,7 @@ class MigrationFile(SaveFacts[RAMBlock]):
 
     def __init__(self, path: str | os.PathLike[str], *, offset: int | None = None,
                  strict: bool = True, progress: Callable[[int], None] | None = None) -> None:
-        self.path = os.fspath(path)
+        self.path = self.input_path = os.fspath(path)
         # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below.
         try:
             self.fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -421,7 +423,7 @@ class MigrationFile(SaveFacts[RAMBlock]):
             raise CorruptFile(f"stream offset {offset} is outside the file (size {self.size})",
                               path=self.path, offset=0)
         self.start = offset
-        self.vmdesc = read_vmdesc_at_end(self.fd, self.size, offset, self.path)
+        vmdesc = read_vmdesc_at_end(self.fd, self.size, offset, self.path)
         self.error: TruncatedFile | None = None
         index = _StreamIndex(self.path, INDEX_FLOOR + INDEX_PER_FILE_BYTE * (self.size - offset))
         index.progress = progress
@@ -429,7 +431,7 @@ class MigrationFile(SaveFacts[RAMBlock]):
             f.seek(offset)
             r = ByteReader(f, self.path, start=offset)
             try:
-                self.summary: StreamSummary = walk_stream(r, index, index, vmdesc=self.vmdesc)
+                self.summary: StreamSummary = walk_stream(r, index, index, vmdesc=vmdesc)
             except TruncatedFile as e:
                 # An unfinished save still has readable RAM: keep what was found.
                 if strict or index.summary is None:
@@ -444,7 +446,6 @@ class MigrationFile(SaveFacts[RAMBlock]):
         self._index = None if index.mapped else index
         if index.mapped:
             self._check_bitmap_layout(self.summary.header.machine)
-        self.header = self.summary.header
         self.blocks = [RAMBlock(self, i, rec) for i, rec in enumerate(self.summary.ram.blocks)]
 
     def _check_bitmap_layout(self, machine: str | None) -> None:
@@ -461,27 +462,39 @@ class MigrationFile(SaveFacts[RAMBlock]):
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> MigrationFile:
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
     # -- facts ---------------------------------------------------------------
 
     def walked(self) -> StreamSummary:
         return self.summary
 
-    def devices(self) -> list[DeviceState]:
-        """The device sections decoded field by field through the vmdesc, in stream order.
+    def walk(self, target: PageTarget | None = None, *,
+             strict: bool | None = None) -> MigrationFile:
+        if target is None:
+            return self
+        target.begin(self)
+        buf = np.empty(0, dtype=np.uint8)
+        for b in self.blocks:
+            ps = b.page_size
+            for run in b.runs(WALK_RUN_PAGES):
+                need = run.count * run.stride
+                if buf.size < need:
+                    buf = np.empty(need, dtype=np.uint8)
+                n = (run.count - 1) * run.stride + ps  # the last page has no record after it
+                got = os.preadv(self.fd, [buf.data[:n]], run.file_offset)
+                if got != n:
+                    raise TruncatedFile(f"RAMBlock {b.idstr!r}: page data cut short",
+                                        path=self.path, offset=run.file_offset + got)
+                data = buf[:need].reshape(run.count, run.stride)[:, :ps]
+                target.pages(b.index, np.arange(run.first, run.first + run.count,
+                                                dtype=np.int64), data)
+            zeroed = b.zeroed_pages()
+            if zeroed.size:
+                target.zeros(b.index, zeroed.astype(np.int64), np.zeros(zeroed.size, dtype=bool))
+        return self
 
-        :raise FormatError: a section disagrees with its vmdesc entry (see
-            :func:`fixedram.format.devstate.decode_devices`).
-        """
-        from .devstate import decode_devices
-
-        return decode_devices(self)
+    @property
+    def bytes_read(self) -> int:
+        return self.size
 
     @property
     def resent_bytes(self) -> int:
@@ -494,3 +507,7 @@ class MigrationFile(SaveFacts[RAMBlock]):
 
     def allocated_bytes(self) -> int:
         return os.fstat(self.fd).st_blocks * 512
+
+    def input_sizes(self) -> tuple[int | None, int | None]:
+        st = os.fstat(self.fd)
+        return st.st_size, st.st_blocks * 512

@@ -34,7 +34,7 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,19 +44,36 @@ from ..errors import (
     InputError,
     TruncatedFile,
     UnsupportedFeature,
+    UsageError,
 )
 from .libvirt import HEADER_SIZE, MAGIC_DONE, MAGIC_PART, LibvirtHeader, parse_libvirt, with_body
 from .primitives import ByteReader
 from .ram import RAMBlockRecord, RamStreamState
-from .stream import StreamHeader
-from .vmdesc import VMDesc
-from .walker import BlockFacts, DeviceSection, SaveFacts, StreamEvents, StreamSummary, walk_stream
+from .walker import (
+    BlockFacts,
+    DeviceSection,
+    PageTarget,
+    SaveFacts,
+    StreamEvents,
+    StreamSummary,
+    walk_stream,
+)
 
 if TYPE_CHECKING:
     from .readahead import ReadAhead
 
-__all__ = ["COMPRESSION_MAGIC", "OnePassBlock", "OnePassFile", "PageTarget",
-           "SequentialInput", "is_one_pass", "open_sequential", "scan", "seekable_path"]
+__all__ = [
+    "COMPRESSION_MAGIC",
+    "OnePassBlock",
+    "OnePassFile",
+    "PageTarget",
+    "SequentialInput",
+    "is_one_pass",
+    "open_sequential",
+    "scan",
+    "seekable_path",
+    "sniff_compression",
+]
 
 # Bare compressed files (not in a libvirt image) are recognised by their magic
 # (gzip with its deflate method byte; bzip2 also by its first block's magic).
@@ -79,7 +96,7 @@ F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032  # Linux fcntl commands
 HEAD_KEEP = 64 << 10
 
 
-def _sniff_compression(head: bytes) -> str | None:
+def sniff_compression(head: bytes) -> str | None:
     for name, magic in COMPRESSION_MAGIC.items():
         if head.startswith(magic):
             if name == "bzip2" and not (head[3:4].isdigit() and head[4:10] == _BZIP2_BLOCK):
@@ -120,7 +137,7 @@ def is_one_pass(path: str, stdin_fd: int = 0) -> bool:
         except FormatError:
             return False  # reported by the random-access reader, with its offset
         return hdr.compressed
-    return _sniff_compression(head) is not None
+    return sniff_compression(head) is not None
 
 
 # -- byte sources ------------------------------------------------------------------
@@ -382,7 +399,7 @@ def _open(raw: _Raw, path: str, name: str, offset: int | None) -> SequentialInpu
             prefix, start = b"", offset
     else:
         prefix, start = head, 0
-        kind = _sniff_compression(head)
+        kind = sniff_compression(head)
     src = _Prefixed(prefix, raw)
     ahead: ReadAhead | None = None
     if kind is not None:
@@ -405,21 +422,6 @@ def _open(raw: _Raw, path: str, name: str, offset: int | None) -> SequentialInpu
 
 
 # -- one pass ----------------------------------------------------------------------
-
-
-class PageTarget(Protocol):
-    """Where pages go as they arrive (extract's outputs, a mapped-ram writer)."""
-
-    def begin(self, f: OnePassFile) -> None:
-        """The RAMBlock list is known; no page has arrived yet."""
-
-    def pages(self, bi: int, idx: np.ndarray, data: np.ndarray) -> None:
-        """Pages ``idx`` (ascending or not, int64) of block ``bi`` now hold ``data``
-        (an (n, page_size) view, valid only during the call)."""
-
-    def zeros(self, bi: int, idx: np.ndarray, had_data: np.ndarray) -> None:
-        """Pages ``idx`` are zero now; ``had_data`` marks those whose previous
-        copy was data (the rest were never sent or were zero already)."""
 
 
 # Per-page state of the last copy.
@@ -464,27 +466,80 @@ class OnePassBlock(BlockFacts):
 
 
 class OnePassFile(SaveFacts[OnePassBlock]):
-    """What one pass over a stream found; answers like a MigrationFile.
+    """A save read in one pass; after :meth:`walk` it answers like a MigrationFile.
+
+    Opened, it has read no more than the libvirt header: the facts (blocks,
+    devices, completeness) are known once :meth:`walk` has run, and the pages
+    are seen only during it, by the walk's target.
 
     :ivar fd: an in-memory file holding the stream's configuration and device
         sections at their stream offsets (RAM left as holes), for the
         decoders that read device state by offset.
     """
 
-    def __init__(self, src: SequentialInput) -> None:
+    random_access = False
+
+    def __init__(self, src: SequentialInput, *, strict: bool = False) -> None:
         self.src = src
+        self.strict = strict
         self.path = src.name
         self.input_path = src.path
         self.libvirt = src.libvirt
         self.compression = src.compression
         self.start = src.start
-        self.fd = os.memfd_create("fixedram-stream-state", os.MFD_CLOEXEC)
+        self.fd = -1
         self.size = src.start
         self.error: TruncatedFile | None = None
         self._summary: StreamSummary | None = None
         self.blocks: list[OnePassBlock] = []
         self.page_records = 0
         self.zero_records = 0
+
+    def walk(self, target: PageTarget | None = None, *,
+             strict: bool | None = None) -> OnePassFile:
+        """Walk the stream once, handing its pages to ``target``; returns self.
+
+        :param strict: raise when the stream ends early; otherwise the result
+            has ``complete = False`` and ``error`` set, and holds what arrived.
+            By default, as the input was opened.
+        :raise FormatError: anything malformed (a truncated stream too, with
+            ``strict``); the input is closed then.
+        :raise UsageError: the stream was walked already (a pass cannot be repeated).
+        """
+        if self.fd >= 0 or self.src.reader.tell() != self.src.start:
+            raise UsageError(f"{self.path}: a one-pass input can be walked only once")
+        try:
+            self._walk(target, self.strict if strict is None else strict)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _walk(self, target: PageTarget | None, strict: bool) -> None:
+        src = self.src
+        if src.libvirt is not None and src.libvirt.format == "sparse":
+            raise _mapped_ram_refused(self)
+        self.fd = os.memfd_create("fixedram-stream-state", os.MFD_CLOEXEC)
+        ev = _Pass(self, target)
+        try:
+            self._summary = walk_stream(src.reader, ev, ev)
+        except TruncatedFile as e:
+            if ev.summary is not None and "mapped-ram" in ev.summary.header.capabilities:
+                raise _mapped_ram_refused(self) from None
+            if strict or ev.summary is None or not self.blocks:
+                raise
+            self.error = e
+            self._summary = ev.summary
+        except CorruptFile:
+            if ev.summary is not None and "mapped-ram" in ev.summary.header.capabilities:
+                raise _mapped_ram_refused(self) from None
+            raise
+        hdr = self.summary.header
+        # The configuration section, for the decoders that read it by offset.
+        cfg = src.head[:hdr.end - src.start]
+        os.pwrite(self.fd, cfg, hdr.offset)
+        self.size = max(self.summary.end_offset, src.reader.tell())
+        os.ftruncate(self.fd, self.size)
 
     # -- like MigrationFile ----------------------------------------------------
 
@@ -499,38 +554,26 @@ class OnePassFile(SaveFacts[OnePassBlock]):
     def summary(self, s: StreamSummary) -> None:
         self._summary = s
 
-    @property
-    def header(self) -> StreamHeader:
-        return self.summary.header
-
-    @property
-    def vmdesc(self) -> VMDesc | None:
-        return self._summary.vmdesc if self._summary is not None else None
-
     def walked(self) -> StreamSummary | None:
         return self._summary
-
-    def devices(self) -> list[Any]:
-        from .devstate import decode_devices
-
-        return decode_devices(self)  # type: ignore[arg-type]
 
     @property
     def resent_bytes(self) -> int:
         latest = sum(b.pages_present for b in self.blocks)
         return max(0, self.page_records - latest) * 4096
 
+    def input_sizes(self) -> tuple[int | None, int | None]:
+        return self.src.input_size, self.src.input_allocated
+
+    @property
+    def bytes_read(self) -> int:
+        return self.src.bytes_read
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
         self.src.close()
-
-    def __enter__(self) -> OnePassFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class _Pass(StreamEvents):
@@ -603,42 +646,6 @@ def _mapped_ram_refused(f: OnePassFile) -> UnsupportedFeature:
 
 
 def scan(src: SequentialInput, target: PageTarget | None = None, *,
-         strict: bool = False, on_progress: Callable[[int], None] | None = None) -> OnePassFile:
-    """Walk ``src`` once; hand its pages to ``target``.
-
-    :param strict: raise when the stream ends early; otherwise the result
-        has ``complete = False`` and ``error`` set, and holds what arrived.
-    :raise FormatError: anything malformed (a truncated stream too, with
-        ``strict``).
-    """
-    f = OnePassFile(src)
-    if src.libvirt is not None and src.libvirt.format == "sparse":
-        f.close()
-        raise _mapped_ram_refused(f)
-    ev = _Pass(f, target)
-    try:
-        f.summary = walk_stream(src.reader, ev, ev)
-    except TruncatedFile as e:
-        if ev.summary is not None and "mapped-ram" in ev.summary.header.capabilities:
-            f.close()
-            raise _mapped_ram_refused(f) from None
-        if strict or ev.summary is None or not f.blocks:
-            f.close()
-            raise
-        f.error = e
-        f.summary = ev.summary
-    except CorruptFile as e:
-        f.close()
-        if ev.summary is not None and "mapped-ram" in ev.summary.header.capabilities:
-            raise _mapped_ram_refused(f) from None
-        raise e
-    except BaseException:
-        f.close()
-        raise
-    hdr = f.summary.header
-    # The configuration section, for the decoders that read it by offset.
-    cfg = src.head[:hdr.end - src.start]
-    os.pwrite(f.fd, cfg, hdr.offset)
-    f.size = max(f.summary.end_offset, src.reader.tell())
-    os.ftruncate(f.fd, f.size)
-    return f
+         strict: bool = False) -> OnePassFile:
+    """Walk ``src`` once (:meth:`OnePassFile.walk`); hand its pages to ``target``."""
+    return OnePassFile(src).walk(target, strict=strict)

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Generic, Protocol, TypeVar
+
+import numpy as np
 
 from ..errors import CorruptFile, TruncatedFile, UnsupportedFeature, UnsupportedVersion
 from .constants import (
@@ -27,8 +30,14 @@ from .ram import RAMBlockRecord, RamRecordSink, RamStreamState
 from .stream import SectionHeader, StreamHeader, read_footer, read_header, read_section_header
 from .vmdesc import VMDesc, find_trailer, parse_trailer
 
-__all__ = ["DeviceSection", "SaveFacts", "StreamEvents", "StreamSummary", "read_vmdesc_at_end",
-           "walk_stream"]
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from .devstate import DeviceState
+    from .libvirt import LibvirtHeader
+
+__all__ = ["BlockFacts", "DeviceSection", "PageTarget", "Save", "SaveFacts", "StreamEvents",
+           "StreamSummary", "read_vmdesc_at_end", "walk_stream"]
 
 # Device state after the RAM is small (KiB to a few MiB); a pipe's tail is
 # buffered to find the vmdesc trailer, within this bound.
@@ -83,23 +92,9 @@ class StreamSummary:
         return self.eof_offset is not None
 
 
-class _Opened(Protocol):
-    @property
-    def header(self) -> StreamHeader: ...
-    @property
-    def libvirt(self) -> _Finished | None: ...
-    @property
-    def error(self) -> TruncatedFile | None: ...
-    def walked(self) -> StreamSummary | None: ...
-
-
-class _Finished(Protocol):
-    @property
-    def complete(self) -> bool: ...
-
-
 class BlockFacts:
-    """What a RAMBlock's record in the stream says, for either reader's block."""
+    """What a RAMBlock's record in the stream says, and the questions every
+    reader's block answers about its pages (random access or one pass)."""
 
     def __init__(self, index: int, rec: RAMBlockRecord) -> None:
         self.index = index
@@ -112,22 +107,77 @@ class BlockFacts:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.idstr!r} 0x{self.used_length:x}>"
 
+    def present_pages(self) -> np.ndarray:
+        """Ascending indices of the pages whose last copy holds data."""
+        raise NotImplementedError
 
-class _Block(Protocol):
+    def zeroed_pages(self) -> np.ndarray:
+        """Ascending indices of the pages whose last copy was a ZERO record."""
+        raise NotImplementedError
+
     @property
-    def idstr(self) -> str: ...
+    def pages_present(self) -> int:
+        raise NotImplementedError
+
     @property
-    def max_sends(self) -> int: ...
+    def zero_pages(self) -> int | None:
+        """Pages last sent as zero; None where the format does not tell."""
+        raise NotImplementedError
+
+    @property
+    def max_sends(self) -> int:
+        """Most copies of any one page (1 for a paused save, more for live)."""
+        raise NotImplementedError
 
 
-BlockT = TypeVar("BlockT", bound=_Block)
+BlockT = TypeVar("BlockT", bound=BlockFacts, covariant=True)
+
+
+class PageTarget(Protocol):
+    """Where pages go as they arrive (extract's outputs, a mapped-ram writer)."""
+
+    def begin(self, f: Save) -> None:
+        """The RAMBlock list is known; no page has arrived yet."""
+
+    def pages(self, bi: int, idx: np.ndarray, data: np.ndarray) -> None:
+        """Pages ``idx`` (ascending or not, int64) of block ``bi`` now hold ``data``
+        (an (n, page_size) view, valid only during the call)."""
+
+    def zeros(self, bi: int, idx: np.ndarray, had_data: np.ndarray) -> None:
+        """Pages ``idx`` are zero now; ``had_data`` marks those whose previous
+        copy was data (the rest were never sent or were zero already)."""
 
 
 class SaveFacts(Generic[BlockT]):
-    """What an opened save answers from its header and walk, whether it was
-    read with random access (MigrationFile) or in one pass (a pipe)."""
+    """An opened save: what every reader answers from its header and walk,
+    whether it was read with random access (a file: ``MigrationFile``) or
+    in one pass (a pipe or a compressed image: ``OnePassFile``).
 
-    blocks: list[BlockT]
+    :ivar path: how errors name the save (a decompressed stream says so).
+    :ivar start: stream offset of the QEVM magic.
+    :ivar libvirt: the libvirt header, for a ``virsh save`` image.
+    :ivar error: why the stream ended early, for an incomplete save.
+    :ivar fd: a descriptor holding the stream's device state at its stream
+        offsets (the file itself, or an in-memory copy for one pass).
+    """
+
+    blocks: Sequence[BlockT]
+    path: str
+    #: The input as the user named it (``-`` for standard input).
+    input_path: str
+    #: Where the save ends: the file's size (random access), the stream's end (one pass).
+    size: int
+    #: What the walk found (a one-pass save raises RuntimeError before its walk).
+    summary: StreamSummary
+    start: int
+    fd: int
+    libvirt: LibvirtHeader | None
+    error: TruncatedFile | None
+    #: Pages can be read at offsets (runs, reads); otherwise each page is
+    #: seen once as it arrives (:meth:`OnePassFile.walk` with a target).
+    random_access: ClassVar[bool] = True
+    #: The decompressor a one-pass input is decoded with, None otherwise.
+    compression: str | None = None
 
     def block(self, idstr: str) -> BlockT:
         for b in self.blocks:
@@ -141,19 +191,19 @@ class SaveFacts(Generic[BlockT]):
         return max((b.max_sends for b in self.blocks), default=0)
 
     @property
-    def format(self: _Opened) -> str:
+    def format(self) -> str:
         return "mapped-ram" if "mapped-ram" in self.header.capabilities else "stream"
 
     @property
-    def machine(self: _Opened) -> str | None:
+    def machine(self) -> str | None:
         return self.header.machine
 
     @property
-    def capabilities(self: _Opened) -> list[str]:
+    def capabilities(self) -> list[str]:
         return list(self.header.capabilities)
 
     @property
-    def complete(self: _Opened) -> bool:
+    def complete(self) -> bool:
         """Ended with EOF, not cut short, and not an unfinished libvirt image."""
         if self.libvirt is not None and not self.libvirt.complete:
             return False
@@ -161,10 +211,72 @@ class SaveFacts(Generic[BlockT]):
         return self.error is None and s is not None and s.complete
 
     @property
-    def sections(self: _Opened) -> list[DeviceSection]:
+    def sections(self) -> list[DeviceSection]:
         """The device (non-RAM) FULL sections, located but not decoded."""
         s = self.walked()
         return s.devices if s is not None else []
+
+    @property
+    def vmdesc(self) -> VMDesc | None:
+        s = self.walked()
+        return s.vmdesc if s is not None else None
+
+    @property
+    def header(self) -> StreamHeader:
+        return self.summary.header
+
+    def walked(self) -> StreamSummary | None:
+        """What the walk of the stream found (None before a one-pass walk)."""
+        raise NotImplementedError
+
+    def walk(self, target: PageTarget | None = None, *,
+             strict: bool | None = None) -> Self:
+        """Make the facts known and hand every page's last copy to ``target``;
+        returns self.
+
+        A one-pass save walks its stream now, once. A random-access save was
+        indexed when opened: with a target, its pages are read from their
+        offsets and handed over block by block, each page once (a ZERO page
+        as a zero), so a target serves both kinds of input.
+        """
+        raise NotImplementedError
+
+    @property
+    def bytes_read(self) -> int:
+        """Input bytes read so far (compressed ones for a compressed input)."""
+        raise NotImplementedError
+
+    def devices(self) -> list[DeviceState]:
+        """The device sections decoded field by field through the vmdesc, in stream order.
+
+        :raise FormatError: a section disagrees with its vmdesc entry (see
+            :func:`fixedram.format.devstate.decode_devices`).
+        """
+        from .devstate import decode_devices
+
+        return decode_devices(self)
+
+    @property
+    def resent_bytes(self) -> int:
+        """Bytes of page records that a later copy of the same page superseded."""
+        raise NotImplementedError
+
+    def input_sizes(self) -> tuple[int | None, int | None]:
+        """The input's apparent and allocated bytes (None for a pipe)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+#: Any opened save, whatever its reader: what consumers are typed on.
+Save = SaveFacts[BlockFacts]
 
 
 class StreamEvents:

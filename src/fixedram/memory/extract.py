@@ -15,15 +15,17 @@ import threading
 from collections.abc import Callable
 from typing import BinaryIO
 
-from ..errors import OutputError
+from ..errors import IncompleteSave, OutputError, UsageError
 from ..format.migfile import MigrationFile
+from ..format.sequential import OnePassFile
+from ..format.walker import Save
 from ..output import AtomicOutput, output_error, staged_directory
 from .copy import RUN_PAGES, RunCopier
 from .elfcore import build_core
 from .elfcore import log as elfcore_log
 from .layout import PhysRange, physical_ranges
 
-__all__ = ["extract_elf", "extract_physical", "extract_raw", "safe_block_filename",
+__all__ = ["extract", "extract_elf", "extract_physical", "extract_raw", "safe_block_filename",
            "stream_image", "total_bytes"]
 
 Progress = Callable[[int], None]
@@ -45,8 +47,50 @@ def safe_block_filename(idstr: str) -> str:
     return s + ".bin"
 
 
-def total_bytes(mf: MigrationFile) -> int:
+def total_bytes(mf: Save) -> int:
+    """Bytes of page data the save holds (what an extract copies)."""
     return sum(b.pages_present * b.page_size for b in mf.blocks)
+
+
+def extract(save: Save, output: str, fmt: str = "raw", *, force: bool = False,
+            allow_incomplete: bool = False, progress: Progress | None = None,
+            stdout: BinaryIO | None = None) -> None:
+    """Write guest RAM out of ``save``, opened with :func:`fixedram.open_save`.
+
+    :param output: a directory (``raw``) or a file (``physical``, ``elf``);
+        ``-`` writes a ``physical`` or ``elf`` image in order to ``stdout``.
+    :raise UsageError: an output the input cannot give (raw to stdout; a
+        one-pass input to stdout).
+    :raise IncompleteSave: the save has no end, without ``allow_incomplete``.
+    """
+    to_stdout = output == "-"
+    if to_stdout and fmt == "raw":
+        raise UsageError("-o - needs --format physical or elf: raw output is a directory "
+                         "of files, one per RAMBlock")
+    if not isinstance(save, MigrationFile):
+        from .stream_extract import extract_one_pass
+
+        if to_stdout:
+            raise UsageError(f"{save.path}: -o - needs an input file that can be read "
+                             "at any offset (not a pipe or a compressed image)")
+        assert isinstance(save, OnePassFile)
+        extract_one_pass(save, output, fmt, force=force, allow_incomplete=allow_incomplete)
+        return
+    if not save.complete and not allow_incomplete:
+        raise IncompleteSave(f"{save.path}: the save is incomplete "
+                             f"({save.error or 'unfinished'}); use --allow-incomplete to "
+                             "extract what it holds")
+    if to_stdout:  # in order, holes as zeros: stdout may be a pipe
+        assert stdout is not None
+        stream_image(save, fmt, stdout, progress=progress)
+    elif fmt == "raw":
+        extract_raw(save, output, force=force, progress=progress)
+    elif fmt == "physical":
+        extract_physical(save, output, force=force, progress=progress)
+    elif fmt == "elf":
+        extract_elf(save, output, force=force, progress=progress)
+    else:
+        raise UsageError(f"unknown output format {fmt!r}")
 
 
 def unique_names(mf: MigrationFile) -> list[str]:

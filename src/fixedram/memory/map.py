@@ -28,7 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..describe import SCHEMA_VERSION
+from ..errors import UsageError
 from ..format.migfile import MigrationFile, RAMBlock
+from ..format.walker import Save
 
 __all__ = ["KINDS", "BlockMap", "Extent", "block_map", "file_map", "stride_of"]
 
@@ -98,8 +100,15 @@ def block_map(mf: MigrationFile, b: RAMBlock) -> BlockMap:
                     copies)
 
 
-def file_map(mf: MigrationFile) -> list[BlockMap]:
-    """Every block's map, in the file's block order."""
+def file_map(mf: Save) -> list[BlockMap]:
+    """Every block's map, in the file's block order.
+
+    :raise UsageError: a one-pass input (a pipe, a compressed image), whose
+        file offsets would mean nothing.
+    """
+    if not isinstance(mf, MigrationFile):
+        raise UsageError(f"{mf.path}: map needs a file it can read at offsets (not a pipe or a "
+                         "compressed image): file offsets would mean nothing")
     return [block_map(mf, b) for b in mf.blocks]
 
 

@@ -30,15 +30,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import IncompleteSave, OutputError, UnsupportedFeature
-from ..format.sequential import OnePassFile, SequentialInput, scan
+from ..errors import IncompleteSave, OutputError, UnsupportedFeature, UsageError
+from ..format.sequential import OnePassFile
+from ..format.walker import Save
 from ..output import AtomicOutput, output_error, staged_directory
 from .copy import WRITEBACK_BYTES
 from .extract import unique_names
 from .layout import physical_ranges
 
 if TYPE_CHECKING:
-    from ..format.migfile import MigrationFile
     from ..tools.verify import BlockDiff
 
 __all__ = ["OnePassCompare", "extract_one_pass"]
@@ -144,7 +144,7 @@ class _Placed:
         if _direct(fd, True):
             self._is_direct.add(fd)
 
-    def begin(self, f: OnePassFile) -> None:
+    def begin(self, f: Save) -> None:
         raise NotImplementedError
 
     def _each(self, bi: int, idx: np.ndarray) -> list[tuple[_Segment, int, int, int]]:
@@ -263,7 +263,7 @@ class _RawSet(_Placed):
         self.names: list[str] = []
         self.fds: list[int] = []
 
-    def begin(self, f: OnePassFile) -> None:
+    def begin(self, f: Save) -> None:
         self.names = unique_names(f)  # type: ignore[arg-type]
         for b, name in zip(f.blocks, self.names, strict=True):
             path = os.path.join(self.dir, name)
@@ -278,7 +278,7 @@ class _RawSet(_Placed):
             self.segments.append([_Segment(0, b.npages, fd, 0)])
             self.ps = b.page_size
 
-    def finish(self, f: OnePassFile) -> dict[str, object]:
+    def finish(self, f: Save) -> dict[str, object]:
         self.drain()
         entries = []
         for b, name, fd in zip(f.blocks, self.names, self.fds, strict=True):
@@ -313,7 +313,7 @@ class _Physical(_Placed):
         self.out = out
         self.size = 0
 
-    def begin(self, f: OnePassFile) -> None:
+    def begin(self, f: Save) -> None:
         self.direct(self.out.fd)
         self.segments = [[] for _ in f.blocks]
         for r in physical_ranges(f):  # type: ignore[arg-type]
@@ -325,12 +325,12 @@ class _Physical(_Placed):
             self.ps = ps
 
 
-def extract_one_pass(src: SequentialInput, output: str, fmt: str = "raw", *,
+def extract_one_pass(src: OnePassFile, output: str, fmt: str = "raw", *,
                      force: bool = False, allow_incomplete: bool = False) -> OnePassFile:
-    """Extract guest RAM from ``src`` (see :func:`~fixedram.format.sequential.open_sequential`).
+    """Extract guest RAM from ``src``, a one-pass save not yet walked.
 
     :param fmt: ``raw`` (a directory) or ``physical`` (one file).
-    :return: what the pass found (close it).
+    :return: ``src``, walked.
     :raise FormatError: the stream is malformed; IncompleteSave: incomplete without
         ``allow_incomplete``; nothing is left under ``output`` then.
     """
@@ -338,7 +338,7 @@ def extract_one_pass(src: SequentialInput, output: str, fmt: str = "raw", *,
         raise UnsupportedFeature("an ELF core cannot be extracted in one pass (its notes hold "
                                  "the vCPU registers, which come after the RAM in the stream): "
                                  "use --format physical, or give a seekable uncompressed file",
-                                 path=src.name)
+                                 path=src.path)
     if fmt == "raw":
         return _extract_raw(src, output, force, allow_incomplete)
     if fmt != "physical":
@@ -363,17 +363,17 @@ def extract_one_pass(src: SequentialInput, output: str, fmt: str = "raw", *,
             out.abort()
 
 
-def _run(src: SequentialInput, target: _Placed, allow_incomplete: bool) -> OnePassFile:
-    f = scan(src, target)
+def _run(src: OnePassFile, target: _Placed, allow_incomplete: bool) -> OnePassFile:
+    f = src.walk(target)
     if not f.complete and not allow_incomplete:
         why = f.error or "unfinished"
         f.close()
-        raise IncompleteSave(f"{src.name}: the save is incomplete ({why}); use "
+        raise IncompleteSave(f"{src.path}: the save is incomplete ({why}); use "
                             "--allow-incomplete to extract what it holds")
     return f
 
 
-def _extract_raw(src: SequentialInput, outdir: str, force: bool,
+def _extract_raw(src: OnePassFile, outdir: str, force: bool,
                  allow_incomplete: bool) -> OnePassFile:
     f: OnePassFile | None = None
     try:
@@ -401,13 +401,18 @@ class OnePassCompare:
     :func:`fixedram.tools.verify.compare`.
     """
 
-    def __init__(self, other: MigrationFile) -> None:
+    def __init__(self, other: Save) -> None:
+        from ..format.migfile import MigrationFile
+
+        if not isinstance(other, MigrationFile):
+            raise UsageError(f"{other.path}: a save compared page by page with a one-pass "
+                             "input must be a file that can be read at offsets")
         self.other = other
         self.by_name = {b.idstr: b for b in other.blocks}
         self.pairs: list[Any] = []  # the other's block for each of ours (same length), or None
         self.diff: list[np.ndarray | None] = []
 
-    def begin(self, f: OnePassFile) -> None:
+    def begin(self, f: Save) -> None:
         for b in f.blocks:
             o = self.by_name.get(b.idstr)
             same = o is not None and o.used_length == b.used_length and \
@@ -440,8 +445,7 @@ class OnePassCompare:
             first = int(pages[a])
             d[first:first + n] = self._theirs(bi, first, n).any(axis=1)
 
-    def result(self, f: OnePassFile, max_report: int = 1000) -> list[BlockDiff]:
-        from ..format.sequential import NEVER
+    def result(self, f: Save, max_report: int = 1000) -> list[BlockDiff]:
         from ..tools.verify import BlockDiff
 
         out: list[BlockDiff] = []
@@ -457,9 +461,9 @@ class OnePassCompare:
                 out.append(bd)
                 continue
             # Never sent here: zero, so it differs where the other holds non-zero data.
-            unsent = np.flatnonzero(b.arrays()[0] == NEVER)
-            self._nonzero_theirs(b.index, np.intersect1d(unsent, o.present_pages(),
-                                                         assume_unique=True), d)
+            sent = np.union1d(b.present_pages(), b.zeroed_pages())
+            self._nonzero_theirs(b.index, np.setdiff1d(o.present_pages(), sent,
+                                                       assume_unique=True), d)
             rows = np.flatnonzero(d)
             if rows.size:
                 bd.count = int(rows.size)

@@ -34,13 +34,13 @@ from ..format.libvirt import LibvirtHeader
 from ..format.machine import MachineState
 from ..format.migfile import MigrationFile
 from ..format.sequential import (
-    OnePassFile,
     SequentialInput,
     is_one_pass,
     open_sequential,
     scan,
     seekable_path,
 )
+from ..format.walker import Save
 from ..format.writer import BlockSpec, MappedRamWriter, StreamWriter
 from ..memory.copy import RUN_PAGES, RunCopier
 from ..output import AtomicOutput, BackgroundWriter, output_error
@@ -50,7 +50,7 @@ __all__ = ["convert_file", "copy_one_pass", "to_mapped_ram", "to_stream"]
 Progress = Callable[[int], None]
 
 
-def _require_complete(mf: MigrationFile | OnePassFile) -> None:
+def _require_complete(mf: Save) -> None:
     if not mf.complete:
         raise UnsupportedFeature("the input save is incomplete (no EOF marker, or an unfinished "
                                  "libvirt image); refusing to convert it", path=mf.path,
@@ -181,7 +181,7 @@ class _MappedRamTarget:
         self.start = start
         self.w: MappedRamWriter | None = None
 
-    def begin(self, f: OnePassFile) -> None:
+    def begin(self, f: Save) -> None:
         if any(b.record.gpa is not None for b in f.blocks):
             raise UnsupportedFeature("x-ignore-shared streams cannot become mapped-ram files "
                                      "that QEMU 10 loads", path=f.path, offset=f.start)

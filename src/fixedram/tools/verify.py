@@ -11,12 +11,13 @@ import numpy as np
 
 from ..errors import FixedramError, FormatError
 from ..format.migfile import MigrationFile, RAMBlock
+from ..format.walker import Save
 from ..memory.pages import iter_chunks
 
 __all__ = ["BlockDiff", "compare", "compare_total", "structural_problems"]
 
 
-def structural_problems(mf: MigrationFile) -> list[str]:
+def structural_problems(mf: Save) -> list[str]:
     """Checks beyond parsing: completeness, regions inside the file, no overlaps."""
     probs: list[str] = []
     if mf.libvirt is not None and not mf.libvirt.complete:
@@ -28,7 +29,7 @@ def structural_problems(mf: MigrationFile) -> list[str]:
     regions: list[tuple[int, int, str]] = []
     for b in mf.blocks:
         m = b.record.mapped
-        if m is None:
+        if m is None or not isinstance(b, RAMBlock):  # mapped-ram is read at offsets only
             continue
         bm_end = m.bitmap_offset + b.record.bitmap_bytes
         pg_end = m.pages_offset + b.used_length
@@ -111,12 +112,17 @@ def compare(a: MigrationFile, b: MigrationFile, *, max_report: int = 1000,
     return out
 
 
-def open_checked(path: str, opener: Callable[..., MigrationFile] = MigrationFile
-                 ) -> tuple[MigrationFile | None, list[str]]:
-    """Open with strict parsing; a format error becomes a problem line.
+def open_checked(path: str, opener: Callable[..., Save] | None = None
+                 ) -> tuple[Save | None, list[str]]:
+    """Open leniently; a format error becomes a problem line.
 
-    :param opener: makes the MigrationFile (the CLI's shows a progress bar).
+    :param opener: opens the save (default :func:`fixedram.save.open_save`;
+        the CLI's shows a progress bar).
     """
+    if opener is None:
+        from ..save import open_save
+
+        opener = open_save
     try:
         mf = opener(path, strict=False)
     except FormatError as e:
