@@ -240,14 +240,26 @@ class _Multifd:
         self.packets = 0
         self.rounds = 0
 
-    def _add_locked(self, sock: socket.socket) -> threading.Thread:
+    def _add_locked(self, sock: socket.socket) -> TransportError | None:
+        """Start a channel thread for ``sock`` and list it (called under the lock).
+
+        Started before it is listed: :meth:`join` and the count at the first
+        SYNC take whatever ``threads`` holds, and a thread listed but not yet
+        started cannot be joined. Returns the error to report (once the lock
+        is released) if no thread could be started.
+        """
         counter = [0]
+        k = len(self.threads)
+        t = threading.Thread(target=self._run, args=(sock, counter, k), daemon=True,
+                             name=f"multifd-{k}")
+        try:
+            t.start()
+        except RuntimeError as e:  # out of threads: the migration cannot go on
+            return TransportError(f"multifd channel {k}: cannot start a thread for it: {e}", e)
         self.socks.append(sock)
         self.byte_counts.append(counter)
-        t = threading.Thread(target=self._run, args=(sock, counter), daemon=True,
-                             name=f"multifd-{len(self.threads)}")
         self.threads.append(t)
-        return t
+        return None
 
     def _freeze(self) -> threading.Barrier:
         """The channel count, fixed at the first SYNC.
@@ -308,11 +320,16 @@ class _Multifd:
         """A connection already seen to start with the multifd magic."""
         with self.lock:
             late = self._counted()
-            t = None if late else self._add_locked(c)
-        if t is None:
+            err = None if late else self._add_locked(c)
+        if late:
             self._drop(c, "it connected after the multifd channels were counted")
-            return
-        t.start()
+        elif err is not None:
+            self._failed_start(c, err)
+
+    def _failed_start(self, c: socket.socket, err: TransportError) -> None:
+        with contextlib.suppress(OSError):
+            c.close()
+        self.on_error(err)
 
     def _classify_later(self, c: socket.socket, accepted: float | None = None) -> None:
         # Called under self.lock, for a connection accepted after the main one.
@@ -345,18 +362,18 @@ class _Multifd:
             self._pending_socks.pop(c, None)
             if why is None and self._counted():
                 why = "it connected after the multifd channels were counted"
-            t = self._add_locked(c) if why is None else None
+            err = self._add_locked(c) if why is None else None
             self.classified.notify_all()
-        if t is None:
-            self._drop(c, why or "not a multifd channel")
-            return
-        t.start()
+        if why is not None:
+            self._drop(c, why)
+        elif err is not None:
+            self._failed_start(c, err)
 
     def _round_done(self) -> None:
         self.rounds += 1
 
-    def _run(self, sock: socket.socket, counter: list[int]) -> None:
-        name = f"multifd channel {len(self.threads)}"
+    def _run(self, sock: socket.socket, counter: list[int], k: int) -> None:
+        name = f"multifd channel {k}"  # until its init message gives QEMU's number
         try:
             self._channel(sock, counter, name)
         except threading.BrokenBarrierError:
