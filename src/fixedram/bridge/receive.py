@@ -233,8 +233,9 @@ class _Multifd:
         self.sealed = False  # no channel may be added any more (the end was reached)
         self.threads: list[threading.Thread] = []
         self.socks: list[socket.socket] = []
-        self.barrier: threading.Barrier | None = (
-            threading.Barrier(expected, action=self._round_done) if expected else None)
+        # Set at the first SYNC, once the channels are counted (and, with
+        # ``expected``, found to be all there).
+        self.barrier: threading.Barrier | None = None
         self.accepted = 0  # multifd connections, plus the main one when counted
         self.byte_counts: list[list[int]] = []
         self.packets = 0
@@ -266,11 +267,9 @@ class _Multifd:
 
         QEMU connects every channel before it sends the first SYNC on any of
         them, so once a SYNC has arrived all channels are in the listen
-        backlog or already accepted. A channel sends its init message as soon
-        as it connects, so connections still being classified are waited for
-        while they have data or are younger than :data:`CHANNEL_GRACE`; older
-        silent ones cannot be channels and are left out of the count (and
-        dropped when their turn comes), so only real channels are counted.
+        backlog or already accepted (see :meth:`_settle_locked`). With
+        ``--multifd-channels`` N, fewer than N is an error now: the channels
+        that came would wait at the barrier for ones that never will.
         """
         with self.lock:
             # Channels that connected before the main stream are only known
@@ -278,24 +277,60 @@ class _Multifd:
             while self.barrier is None and not self.failed and not self.main_found:
                 self.classified.wait(0.1)
             if self.barrier is None and not self.failed:
-                for c in self.listener.drain():
-                    self._classify_later(c)
-                deadline = time.monotonic() + self.peer_timeout + 1.0
-                while self.barrier is None and not self.failed and any(
-                        _has_data(c) or time.monotonic() - t < CHANNEL_GRACE
-                        for c, t in self._pending_socks.items()):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self.classified.wait(min(left, 0.1))
-                if self.barrier is None:  # another channel may have counted meanwhile
-                    self.barrier = threading.Barrier(len(self.threads),
-                                                     action=self._round_done)
+                self._settle_locked()
+            if self.barrier is None and not self.failed:  # nobody counted meanwhile
+                n = len(self.threads)
+                if self.expected and n < self.expected:
+                    self.failed = True  # the other channels' SYNCs give up, not count again
+                    raise self._short(n, "by the first SYNC packet")
+                self.barrier = threading.Barrier(n, action=self._round_done)
             if self.barrier is None:  # failed: let the caller's wait fail at once
                 broken = threading.Barrier(1)
                 broken.abort()
                 return broken
             return self.barrier
+
+    def _settle_locked(self) -> None:
+        """Take in every connection made so far (called under the lock).
+
+        A channel sends its init message as soon as it connects, so
+        connections still being classified are waited for while they have
+        data or are younger than :data:`CHANNEL_GRACE`; older silent ones
+        cannot be channels and are left out of the count (and dropped when
+        their turn comes), so only real channels are counted.
+        """
+        if self.expected and len(self.threads) >= self.expected:
+            return  # all here: whatever else connected is dropped, not counted
+        for c in self.listener.drain():
+            self._classify_later(c)
+        deadline = time.monotonic() + self.peer_timeout + 1.0
+        while self.barrier is None and not self.failed and any(
+                _has_data(c) or time.monotonic() - t < CHANNEL_GRACE
+                for c, t in self._pending_socks.items()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.classified.wait(min(left, 0.1))
+
+    def _short(self, n: int, when: str) -> TransportError:
+        return TransportError(
+            f"{self.listener.address}: {n} of {self.expected} multifd channels connected "
+            f"{when} (--multifd-channels {self.expected}); give the source's "
+            "multifd-channels, or leave the option out to detect it")
+
+    def require_all(self) -> None:
+        """The main stream has ended, so every channel the source opens has
+        connected: with ``--multifd-channels`` N, fewer than N is said now
+        rather than after :data:`DRAIN_TIMEOUT` (those that came may be
+        waiting for the others at their first SYNC)."""
+        if not self.expected:
+            return
+        with self.lock:
+            if self.barrier is None and not self.failed:
+                self._settle_locked()
+            n = len(self.threads)
+            if n < self.expected and not self.failed:
+                raise self._short(n, "by the end of the main stream")
 
     _pending = 0
 
@@ -743,6 +778,8 @@ def receive(source: str, output: str, *, force: bool = False,
                 raise errors[0] from None
             raise
         if mfd is not None:
+            if not errors:
+                mfd.require_all()
             if not mfd.join(DRAIN_TIMEOUT):
                 raise TransportError(f"{name}: multifd channels did not finish within "
                                      f"{DRAIN_TIMEOUT:.0f} s after the main stream ended")
