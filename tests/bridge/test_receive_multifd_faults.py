@@ -293,3 +293,26 @@ def test_qemu_with_fewer_channels_than_told(tmp_path: Path,
         with pytest.raises(MigrationFailed):  # the source is told too: its sockets close
             src.wait_migration(30)
     assert _counts(line) == (2, 4)
+
+
+# -- 3. two connections with one channel id --------------------------------------------------
+
+
+@pytest.mark.parametrize(("ids", "told"), [([0, 0], None), ([0, 1, 1], 3), ([1, 0, 1], None)])
+def test_channel_id_twice(tmp_path: Path, ids: list[int], told: int | None) -> None:
+    dup = next(c for k, c in enumerate(ids) if c in ids[:k])
+    with _receiving(tmp_path, *([] if told is None else ["--multifd-channels", str(told)])
+                    ) as (rx, out_dir):
+        t0 = time.monotonic()
+        src = Source(rx.address, ids)
+        line = _refused(rx, src, out_dir, t0)
+    assert f"multifd channel {dup}: channel id {dup} received twice" in line, line
+
+
+def test_channel_id_past_the_count(tmp_path: Path) -> None:
+    """QEMU refuses an id at or past its multifd-channels; so does --multifd-channels."""
+    with _receiving(tmp_path, "--multifd-channels", "2") as (rx, out_dir):
+        t0 = time.monotonic()
+        src = Source(rx.address, [0, 2])
+        line = _refused(rx, src, out_dir, t0)
+    assert "channel id 2, but --multifd-channels 2 numbers them 0 to 1" in line, line

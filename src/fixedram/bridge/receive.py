@@ -41,6 +41,7 @@ from ..format.libvirt import MAGIC_DONE, LibvirtHeader, probe_libvirt
 from ..format.machine import DeviceRecord, MachineState
 from ..format.multifd import (
     FLAG_SYNC,
+    INIT_ID_OFFSET,
     INIT_SIZE,
     MAX_COMPRESSED_SIZE,
     MULTIFD_MAGIC_BYTES,
@@ -236,6 +237,7 @@ class _Multifd:
         # Set at the first SYNC, once the channels are counted (and, with
         # ``expected``, found to be all there).
         self.barrier: threading.Barrier | None = None
+        self.ids: set[int] = set()  # channel ids claimed by init messages
         self.accepted = 0  # multifd connections, plus the main one when counted
         self.byte_counts: list[list[int]] = []
         self.packets = 0
@@ -332,6 +334,21 @@ class _Multifd:
             if n < self.expected and not self.failed:
                 raise self._short(n, "by the end of the main stream")
 
+    def _claim(self, cid: int, name: str) -> None:
+        """One connection per channel id, below ``--multifd-channels`` when
+        given: QEMU's destination refuses a second connection with an id it
+        has already set up, and ids past its channel count."""
+        with self.lock:
+            if self.expected and cid >= self.expected:
+                raise CorruptFile(f"channel id {cid}, but --multifd-channels {self.expected} "
+                                  f"numbers them 0 to {self.expected - 1}", path=name,
+                                  offset=INIT_ID_OFFSET)
+            if cid in self.ids:
+                raise CorruptFile(f"channel id {cid} received twice (another connection is "
+                                  f"already multifd channel {cid})", path=name,
+                                  offset=INIT_ID_OFFSET)
+            self.ids.add(cid)
+
     _pending = 0
 
     def _counted(self, pending: int = 0) -> bool:
@@ -422,7 +439,9 @@ class _Multifd:
             raise TransportError(f"{name}: closed before its init message")
         counter[0] += INIT_SIZE
         # From here on, the channel as QEMU numbers it (its log says the same).
-        name = f"multifd channel {decode_init(bytes(init), name).channel_id}"
+        cid = decode_init(bytes(init), name).channel_id
+        name = f"multifd channel {cid}"
+        self._claim(cid, name)
         ps = 4096
         hsize = packet_size(ps)
         hdr = bytearray(hsize)
