@@ -41,6 +41,7 @@ from ..format.libvirt import MAGIC_DONE, LibvirtHeader, probe_libvirt
 from ..format.machine import DeviceRecord, MachineState
 from ..format.multifd import (
     FLAG_SYNC,
+    INIT_ID_OFFSET,
     INIT_SIZE,
     MAX_COMPRESSED_SIZE,
     MULTIFD_MAGIC_BYTES,
@@ -233,32 +234,44 @@ class _Multifd:
         self.sealed = False  # no channel may be added any more (the end was reached)
         self.threads: list[threading.Thread] = []
         self.socks: list[socket.socket] = []
-        self.barrier: threading.Barrier | None = (
-            threading.Barrier(expected, action=self._round_done) if expected else None)
+        # Set at the first SYNC, once the channels are counted (and, with
+        # ``expected``, found to be all there).
+        self.barrier: threading.Barrier | None = None
+        self.ids: set[int] = set()  # channel ids claimed by init messages
         self.accepted = 0  # multifd connections, plus the main one when counted
         self.byte_counts: list[list[int]] = []
         self.packets = 0
         self.rounds = 0
 
-    def _add_locked(self, sock: socket.socket) -> threading.Thread:
+    def _add_locked(self, sock: socket.socket) -> TransportError | None:
+        """Start a channel thread for ``sock`` and list it (called under the lock).
+
+        Started before it is listed: :meth:`join` and the count at the first
+        SYNC take whatever ``threads`` holds, and a thread listed but not yet
+        started cannot be joined. Returns the error to report (once the lock
+        is released) if no thread could be started.
+        """
         counter = [0]
+        k = len(self.threads)
+        t = threading.Thread(target=self._run, args=(sock, counter, k), daemon=True,
+                             name=f"multifd-{k}")
+        try:
+            t.start()
+        except RuntimeError as e:  # out of threads: the migration cannot go on
+            return TransportError(f"multifd channel {k}: cannot start a thread for it: {e}", e)
         self.socks.append(sock)
         self.byte_counts.append(counter)
-        t = threading.Thread(target=self._run, args=(sock, counter), daemon=True,
-                             name=f"multifd-{len(self.threads)}")
         self.threads.append(t)
-        return t
+        return None
 
     def _freeze(self) -> threading.Barrier:
         """The channel count, fixed at the first SYNC.
 
         QEMU connects every channel before it sends the first SYNC on any of
         them, so once a SYNC has arrived all channels are in the listen
-        backlog or already accepted. A channel sends its init message as soon
-        as it connects, so connections still being classified are waited for
-        while they have data or are younger than :data:`CHANNEL_GRACE`; older
-        silent ones cannot be channels and are left out of the count (and
-        dropped when their turn comes), so only real channels are counted.
+        backlog or already accepted (see :meth:`_settle_locked`). With
+        ``--multifd-channels`` N, fewer than N is an error now: the channels
+        that came would wait at the barrier for ones that never will.
         """
         with self.lock:
             # Channels that connected before the main stream are only known
@@ -266,24 +279,75 @@ class _Multifd:
             while self.barrier is None and not self.failed and not self.main_found:
                 self.classified.wait(0.1)
             if self.barrier is None and not self.failed:
-                for c in self.listener.drain():
-                    self._classify_later(c)
-                deadline = time.monotonic() + self.peer_timeout + 1.0
-                while self.barrier is None and not self.failed and any(
-                        _has_data(c) or time.monotonic() - t < CHANNEL_GRACE
-                        for c, t in self._pending_socks.items()):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self.classified.wait(min(left, 0.1))
-                if self.barrier is None:  # another channel may have counted meanwhile
-                    self.barrier = threading.Barrier(len(self.threads),
-                                                     action=self._round_done)
+                self._settle_locked()
+            if self.barrier is None and not self.failed:  # nobody counted meanwhile
+                n = len(self.threads)
+                if self.expected and n < self.expected:
+                    self.failed = True  # the other channels' SYNCs give up, not count again
+                    raise self._short(n, "by the first SYNC packet")
+                self.barrier = threading.Barrier(n, action=self._round_done)
             if self.barrier is None:  # failed: let the caller's wait fail at once
                 broken = threading.Barrier(1)
                 broken.abort()
                 return broken
             return self.barrier
+
+    def _settle_locked(self) -> None:
+        """Take in every connection made so far (called under the lock).
+
+        A channel sends its init message as soon as it connects, so
+        connections still being classified are waited for while they have
+        data or are younger than :data:`CHANNEL_GRACE`; older silent ones
+        cannot be channels and are left out of the count (and dropped when
+        their turn comes), so only real channels are counted.
+        """
+        if self.expected and len(self.threads) >= self.expected:
+            return  # all here: whatever else connected is dropped, not counted
+        for c in self.listener.drain():
+            self._classify_later(c)
+        deadline = time.monotonic() + self.peer_timeout + 1.0
+        while self.barrier is None and not self.failed and any(
+                _has_data(c) or time.monotonic() - t < CHANNEL_GRACE
+                for c, t in self._pending_socks.items()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.classified.wait(min(left, 0.1))
+
+    def _short(self, n: int, when: str) -> TransportError:
+        return TransportError(
+            f"{self.listener.address}: {n} of {self.expected} multifd channels connected "
+            f"{when} (--multifd-channels {self.expected}); give the source's "
+            "multifd-channels, or leave the option out to detect it")
+
+    def require_all(self) -> None:
+        """The main stream has ended, so every channel the source opens has
+        connected: with ``--multifd-channels`` N, fewer than N is said now
+        rather than after :data:`DRAIN_TIMEOUT` (those that came may be
+        waiting for the others at their first SYNC)."""
+        if not self.expected:
+            return
+        with self.lock:
+            if self.barrier is None and not self.failed:
+                self._settle_locked()
+            n = len(self.threads)
+            if n < self.expected and not self.failed:
+                raise self._short(n, "by the end of the main stream")
+
+    def _claim(self, cid: int, name: str) -> None:
+        """One connection per channel id, below ``--multifd-channels`` when
+        given: QEMU's destination refuses a second connection with an id it
+        has already set up, and ids past its channel count."""
+        with self.lock:
+            if self.expected and cid >= self.expected:
+                raise CorruptFile(f"channel id {cid}, but --multifd-channels {self.expected} "
+                                  f"numbers them 0 to {self.expected - 1}", path=name,
+                                  offset=INIT_ID_OFFSET)
+            if cid in self.ids:
+                raise CorruptFile(f"channel id {cid} received twice (another connection is "
+                                  f"already multifd channel {cid})", path=name,
+                                  offset=INIT_ID_OFFSET)
+            self.ids.add(cid)
 
     _pending = 0
 
@@ -308,11 +372,16 @@ class _Multifd:
         """A connection already seen to start with the multifd magic."""
         with self.lock:
             late = self._counted()
-            t = None if late else self._add_locked(c)
-        if t is None:
+            err = None if late else self._add_locked(c)
+        if late:
             self._drop(c, "it connected after the multifd channels were counted")
-            return
-        t.start()
+        elif err is not None:
+            self._failed_start(c, err)
+
+    def _failed_start(self, c: socket.socket, err: TransportError) -> None:
+        with contextlib.suppress(OSError):
+            c.close()
+        self.on_error(err)
 
     def _classify_later(self, c: socket.socket, accepted: float | None = None) -> None:
         # Called under self.lock, for a connection accepted after the main one.
@@ -345,18 +414,18 @@ class _Multifd:
             self._pending_socks.pop(c, None)
             if why is None and self._counted():
                 why = "it connected after the multifd channels were counted"
-            t = self._add_locked(c) if why is None else None
+            err = self._add_locked(c) if why is None else None
             self.classified.notify_all()
-        if t is None:
-            self._drop(c, why or "not a multifd channel")
-            return
-        t.start()
+        if why is not None:
+            self._drop(c, why)
+        elif err is not None:
+            self._failed_start(c, err)
 
     def _round_done(self) -> None:
         self.rounds += 1
 
-    def _run(self, sock: socket.socket, counter: list[int]) -> None:
-        name = f"multifd channel {len(self.threads)}"
+    def _run(self, sock: socket.socket, counter: list[int], k: int) -> None:
+        name = f"multifd channel {k}"  # until its init message gives QEMU's number
         try:
             self._channel(sock, counter, name)
         except threading.BrokenBarrierError:
@@ -370,7 +439,9 @@ class _Multifd:
             raise TransportError(f"{name}: closed before its init message")
         counter[0] += INIT_SIZE
         # From here on, the channel as QEMU numbers it (its log says the same).
-        name = f"multifd channel {decode_init(bytes(init), name).channel_id}"
+        cid = decode_init(bytes(init), name).channel_id
+        name = f"multifd channel {cid}"
+        self._claim(cid, name)
         ps = 4096
         hsize = packet_size(ps)
         hdr = bytearray(hsize)
@@ -726,6 +797,8 @@ def receive(source: str, output: str, *, force: bool = False,
                 raise errors[0] from None
             raise
         if mfd is not None:
+            if not errors:
+                mfd.require_all()
             if not mfd.join(DRAIN_TIMEOUT):
                 raise TransportError(f"{name}: multifd channels did not finish within "
                                      f"{DRAIN_TIMEOUT:.0f} s after the main stream ended")

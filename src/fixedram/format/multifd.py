@@ -32,6 +32,7 @@ from ..errors import BadMagic, CorruptFile, FixedramError, UnsupportedFeature, U
 __all__ = [
     "COMPRESSION_FLAGS",
     "DECODED_METHODS",
+    "INIT_ID_OFFSET",
     "INIT_SIZE",
     "MAX_COMPRESSED_SIZE",
     "MULTIFD_MAGIC",
@@ -54,6 +55,7 @@ MULTIFD_MAGIC = 0x11223344
 MULTIFD_MAGIC_BYTES = struct.pack(">I", MULTIFD_MAGIC)
 MULTIFD_VERSION = 1
 INIT_SIZE = 64
+INIT_ID_OFFSET = 24  # the channel id's byte in the init message (after magic, version, uuid)
 HEADER_SIZE = 320
 MULTIFD_PACKET_SIZE = 512 << 10  # bytes of page data a packet can describe
 
