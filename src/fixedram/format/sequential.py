@@ -391,7 +391,7 @@ def _open(raw: _Raw, path: str, name: str, offset: int | None) -> SequentialInpu
         sname = f"{name} (decompressed {kind} stream of the {where})"
         from .decompress import Decoded
 
-        ahead = Decoded(kind, src, sname, name)
+        ahead = Decoded(kind, src, sname, name, "image" if lv is not None else "file")
         start = 0
     elif raw.is_pipe:
         from .readahead import PipeAhead
