@@ -300,6 +300,15 @@ class SequentialInput:
         """
         self._head.sink = write
 
+    def finish(self) -> None:
+        """Decode a compressed input to its end, past the stream's last byte:
+        the decoder's last checks (a trailer's CRC, a frame's end and content
+        checksum) are there. The bytes go to no tee: they are no stream."""
+        if self.compression is None or self._ahead is None:
+            return
+        while len(self._ahead.read_spaced()) > self._ahead.room:
+            pass
+
     @property
     def bytes_read(self) -> int:
         """Input bytes read so far (compressed bytes for a compressed input)."""
@@ -619,6 +628,7 @@ def scan(src: SequentialInput, target: PageTarget | None = None, *,
     ev = _Pass(f, target)
     try:
         f.summary = walk_stream(src.reader, ev, ev)
+        src.finish()
     except TruncatedFile as e:
         if ev.summary is not None and "mapped-ram" in ev.summary.header.capabilities:
             f.close()
