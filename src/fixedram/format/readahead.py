@@ -76,7 +76,10 @@ class ReadAhead:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                b = self._chunk()
+                b, failed = self._chunk()
+                if failed is not None:
+                    self._q.put(b)  # the bytes read before the error, then the error
+                    raise failed
                 if len(b) == ROOM:
                     self.finished()
                     break
@@ -85,20 +88,27 @@ class ReadAhead:
         except BaseException as e:  # handed to the reader, in order
             self._q.put(e)
 
-    def _chunk(self) -> bytearray:
-        """Up to CHUNK bytes behind ROOM free ones (ROOM alone at the end)."""
+    def _chunk(self) -> tuple[bytearray, BaseException | None]:
+        """Up to CHUNK bytes behind ROOM free ones (ROOM alone at the end), and
+        the error that stopped a chunk part-filled."""
         b = bytearray(ROOM + CHUNK)
         mv = memoryview(b)
         got = ROOM
-        while got < len(b):
-            n = self.readinto(mv[got:])
-            if not n:
-                break
-            got += n
+        try:
+            while got < len(b):
+                n = self.readinto(mv[got:])
+                if not n:
+                    break
+                got += n
+        except BaseException as e:
+            if got == ROOM:
+                raise
+            # A copy: the error's traceback still holds a view of ``b``.
+            return b[:got], e
         mv.release()
         if got < len(b):
             del b[got:]
-        return b
+        return b, None
 
     # -- the reader's side ---------------------------------------------------------
 

@@ -316,6 +316,15 @@ class SequentialInput:
         """
         self._head.sink = write
 
+    def finish(self) -> None:
+        """Decode a compressed input to its end, past the stream's last byte:
+        the decoder's last checks (a trailer's CRC, a frame's end and content
+        checksum) are there. The bytes go to no tee: they are no stream."""
+        if self.compression is None or self._ahead is None:
+            return
+        while len(self._ahead.read_spaced()) > self._ahead.room:
+            pass
+
     @property
     def bytes_read(self) -> int:
         """Input bytes read so far (compressed bytes for a compressed input)."""
@@ -407,7 +416,7 @@ def _open(raw: _Raw, path: str, name: str, offset: int | None) -> SequentialInpu
         sname = f"{name} (decompressed {kind} stream of the {where})"
         from .decompress import Decoded
 
-        ahead = Decoded(kind, src, sname, name)
+        ahead = Decoded(kind, src, sname, name, "image" if lv is not None else "file")
         start = 0
     elif raw.is_pipe:
         from .readahead import PipeAhead
@@ -523,6 +532,7 @@ class OnePassFile(SaveFacts[OnePassBlock]):
         ev = _Pass(self, target)
         try:
             self._summary = walk_stream(src.reader, ev, ev)
+            src.finish()  # a compressed input is decoded to its end marker and checksum
         except TruncatedFile as e:
             if ev.summary is not None and "mapped-ram" in ev.summary.header.capabilities:
                 raise _mapped_ram_refused(self) from None
