@@ -176,7 +176,40 @@ exit status (as qemu-img compare):
 """
 
 
+def cmd_define_xml(a: argparse.Namespace) -> int:
+    from ..errors import InputError
+    from ..tools.define_xml import define_xml
+
+    try:
+        with open(a.xml, "rb") as f:
+            xml = f.read()
+    except OSError as e:
+        raise InputError(a.xml, e) from e
+    r = define_xml(a.image, xml, xml_name=a.xml)
+    how = ("in place" if r.in_place else
+           f"by rewriting the image ({r.bytes_written:,} bytes; the XML outgrew its room)")
+    print(f"{a.image}: domain XML replaced {how}")
+    return 0
+
+
+DEFINE_XML_EPILOG = """examples:
+  virsh save-image-dumpxml vm.sav > vm.xml      (or: fixedram inspect vm.sav --xml > vm.xml)
+  fixedram define-xml vm.sav vm.xml             then: virsh restore vm.sav
+
+The header is rewritten in place when the new XML fits the room libvirt left after the old
+one (64 KiB); otherwise the image is written anew beside itself and renamed over it when
+complete, so an interruption leaves the old image whole.
+"""
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    s = sub.add_parser("define-xml", help="replace the domain XML of a libvirt save image "
+                       "(as virsh save-image-define)", epilog=DEFINE_XML_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("image", help="a libvirt save image (virsh save), any format")
+    s.add_argument("xml", help="the new domain XML")
+    s.set_defaults(func=cmd_define_xml)
+
     s = sub.add_parser("convert", help="convert between sequential stream and mapped-ram")
     s.add_argument("input", help="the file (a libvirt image in any format), or - for stdin")
     s.add_argument("output", help="output file, or - for stdout (stream only, bare)")
