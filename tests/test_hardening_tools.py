@@ -7,13 +7,16 @@ and checks the behaviour on the real command line where the defect showed.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from fixedram.cli.render import human_bytes
 from fixedram.errors import UnsupportedFeature
 from fixedram.format.constants import (
     RAM_FLAG_MEM_SIZE,
@@ -128,3 +131,59 @@ def test_convert_ignore_shared_refused_api(tmp_path: Path) -> None:
         convert_file(str(src), str(tmp_path / "out.mig"), "mapped-ram")
     assert ei.value.path == str(src) and ei.value.offset == 8
     assert os.listdir(tmp_path) == ["in.mig"]
+
+
+# -- 2. inspect prices re-sent records at their size in the file ------------------
+
+# The framing of each PART/END ram section: type byte + section id, EOS, footer.
+PART_FRAMING = 5 + 8 + 5
+
+
+def resend_stream(path: Path, npages: int, passes: int, *, last_only: bool = False) -> None:
+    """Pass 1 sends ``npages`` data pages of pc.ram, passes 2.. the same pages as ZERO
+    records; every pass starts with page 0 of block "a", so each pass names pc.ram
+    again in its first record. ``last_only``: just the last pass (what is left of
+    the stream once every superseded copy is gone)."""
+    blocks = [BlockSpec("pc.ram", npages * PS), BlockSpec("a", 4 * PS)]
+    with open(path, "wb") as f:
+        w = StreamWriter(f.write, MachineState("pc-q35-10.0"), blocks)
+        w.begin()
+        for k in range(passes - 1 if last_only else 0, passes):
+            w.begin_part(end=k == passes - 1)
+            w.pages(1, 0, bytes([k + 1]) * PS)
+            if k == 0:
+                w.pages(0, 0, b"\x42" * (npages * PS))
+            else:
+                w.zeros(0, np.arange(npages))
+            w.end_part()
+        w.finish()
+
+
+@pytest.mark.parametrize("pipe", [False, True], ids=["file", "pipe"])
+def test_inspect_resent_bytes_are_record_bytes(tmp_path: Path, pipe: bool) -> None:
+    """Superseded copies cost what their records take in the file: a PAGE record
+    8 + 4096 bytes, a ZERO record 8 + 1, plus 1 + len(idstr) when it names its block
+    (QEMU's save_page_header, save_normal_page, save_zero_page)."""
+    n, passes = 8192, 6
+    src, single = tmp_path / "live.mig", tmp_path / "last.mig"
+    resend_stream(src, n, passes)
+    resend_stream(single, n, passes, last_only=True)
+    name_pc, name_a = 1 + len("pc.ram"), 1 + len("a")
+    expected = (n * (8 + PS) + name_pc                 # pass 1's data pages
+                + (passes - 2) * (n * (8 + 1) + name_pc)  # zero passes but the last
+                + (passes - 1) * (8 + PS + name_a))    # page 0 of "a", named each pass
+    # The same figure from the files: what the last pass alone does not need.
+    assert expected == (src.stat().st_size - single.stat().st_size
+                        - (passes - 1) * PART_FRAMING)
+    arg = "-" if pipe else str(src)
+    r = run("inspect", "--json", arg, stdin=src, pipe=pipe)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["one_pass"] is pipe and d["passes"] == passes
+    assert d["resent_bytes"] == expected
+    r = run("inspect", arg, stdin=src, pipe=pipe)
+    assert r.returncode == 0, r.stderr
+    assert f"bytes spent on re-sent pages: {human_bytes(expected)}" in " ".join(r.stdout.split())
+    # A single pass supersedes nothing.
+    r = run("inspect", "--json", str(single))
+    assert json.loads(r.stdout)["resent_bytes"] == 0
