@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from fixedram.cli.render import human_bytes
+from fixedram.describe import SCHEMA_VERSION
 from fixedram.errors import UnsupportedFeature
 from fixedram.format.constants import (
     RAM_FLAG_MEM_SIZE,
@@ -26,10 +27,13 @@ from fixedram.format.constants import (
 )
 from fixedram.format.libvirt import LibvirtHeader
 from fixedram.format.machine import MachineState
+from fixedram.format.migfile import MigrationFile
 from fixedram.format.primitives import BE64
 from fixedram.format.ram import encode_block_record
 from fixedram.format.stream import encode_footer, encode_section_full
-from fixedram.format.writer import EOS, BlockSpec, StreamWriter
+from fixedram.format.writer import EOS, BlockSpec, MappedRamWriter, StreamWriter
+from fixedram.memory import map as memory_map
+from fixedram.memory.map import DATA, KINDS, BlockMap, Extent, file_map, json_text
 from fixedram.tools.convert import convert_file
 
 FIXEDRAM = [sys.executable, "-m", "fixedram.cli.main"]
@@ -187,3 +191,134 @@ def test_inspect_resent_bytes_are_record_bytes(tmp_path: Path, pipe: bool) -> No
     # A single pass supersedes nothing.
     r = run("inspect", "--json", str(single))
     assert json.loads(r.stdout)["resent_bytes"] == 0
+
+
+# -- 3. map --json streams its extents --------------------------------------------
+
+
+def alternating_mapped_ram(path: Path, npages: int) -> None:
+    """A sparse mapped-ram file whose bitmap alternates set/clear: ``npages`` extents
+    (data, absent, data...) for a few KiB of allocated blocks."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        w = MappedRamWriter(fd, MachineState("pc-q35-10.0", ("mapped-ram",)),
+                            [BlockSpec("pc.ram", npages * PS)], fresh=True)
+        w.set_present(0, np.arange(0, npages, 2))
+        w.finish()
+    finally:
+        os.close(fd)
+
+
+# A fresh interpreter runs the command, so the peak is the command's, not pytest's
+# (a child's ru_maxrss carries its parent's resident set over the exec).
+_PEAK = """
+import resource, subprocess, sys
+with open(sys.argv[1], "wb") as out:
+    r = subprocess.run(sys.argv[2:], stdout=out)
+print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def test_map_json_memory_is_bounded(tmp_path: Path) -> None:
+    """2M extents: the JSON is written extent by extent (was every extent's text and
+    five lists of Python ints at once, 1.07 GB); it stays one valid document."""
+    n = 1 << 21
+    src, out = tmp_path / "alt.mig", tmp_path / "map.json"
+    alternating_mapped_ram(src, n)
+    r = subprocess.run([sys.executable, "-c", _PEAK, str(out), *FIXEDRAM, "map", "--json",
+                        str(src)], capture_output=True, text=True, timeout=300)
+    rc, peak_kib = map(int, r.stdout.split())
+    assert rc == 0, r.stderr
+    assert peak_kib < 200 * 1024, f"map --json peaked at {peak_kib} KiB"
+    # Parsed line by line (the whole document as Python objects would take a GiB here):
+    # the framing, then one JSON object per extent, in block order.
+    with open(out) as f:
+        assert f.readline() == '{"schema_version": 1, "extents": [\n'
+        count = 0
+        for line in f:
+            if line == "]}\n":
+                break
+            e = json.loads(line.rstrip("\n").removesuffix(","))
+            assert e["start"] == count * PS and e["length"] == PS
+            assert e["kind"] == ("data", "absent")[count % 2]
+            assert e["copies"] == 1 - count % 2
+            assert (e["file_offset"] is None) == bool(count % 2)
+            count += 1
+        assert f.read() == ""
+    assert count == n
+
+
+def _json_text_before(maps: list[BlockMap]) -> str:
+    """``map --json`` as it was written before it was streamed (the reference)."""
+    out = [f'{{"schema_version": {SCHEMA_VERSION}, "extents": [']
+    sep = "\n"
+    for m in maps:
+        if not len(m):
+            continue
+        b = m.block
+        ps = b.page_size
+        name = json.dumps(b.idstr)
+        start = m.first * ps
+        length = np.minimum(m.count * ps, b.used_length - start)
+        offs = np.where(m.kind == DATA, m.file_offset, -1)
+        kinds = ('"data"', '"zero"', '"absent"')
+        lines = []
+        for s, ln, k, o, c in zip(start.tolist(), length.tolist(), m.kind.tolist(),
+                                  offs.tolist(), m.copies.tolist(), strict=True):
+            lines.append(f'{sep}{{"block": {name}, "start": {s}, "length": {ln}, '
+                         f'"kind": {kinds[k]}, "file_offset": {o if o >= 0 else "null"}, '
+                         f'"copies": {c}}}')
+            sep = ",\n"
+        out.append("".join(lines))
+    out.append("\n]}\n")
+    return "".join(out)
+
+
+def _extents_before(m: BlockMap) -> list[Extent]:
+    ps, used, name = m.block.page_size, m.block.used_length, m.block.idstr
+    out = []
+    for f, n, k, o, c in zip(m.first.tolist(), m.count.tolist(), m.kind.tolist(),
+                             m.file_offset.tolist(), m.copies.tolist(), strict=True):
+        start = f * ps
+        out.append(Extent(name, start, min(n * ps, used - start), KINDS[k],
+                          o if k == DATA else None, c))
+    return out
+
+
+@pytest.fixture(scope="module")
+def map_inputs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Saves of the built-in guest (stream, mapped-ram), a re-sent stream with zero
+    pages and two blocks, names JSON must escape, and more extents than one chunk."""
+    d = tmp_path_factory.mktemp("maps")
+    subprocess.run([*FIXEDRAM, "save", str(d / "guest.mig"), "--ram", "16M"], check=True,
+                   capture_output=True)
+    subprocess.run([*FIXEDRAM, "save", f"file:{d / 'guest-mr.mig'}", "--ram", "16M",
+                    "--mapped-ram"], check=True, capture_output=True)
+    resend_stream(d / "resend.mig", 300, 3)
+    with open(d / "names.mig", "wb") as f:
+        w = StreamWriter(f.write, MachineState("pc-q35-10.0"),
+                         [BlockSpec('ram "0"\\é', 16 * PS), BlockSpec("b", 8 * PS)])
+        w.begin()
+        w.begin_part(end=True)
+        w.pages(0, 2, b"\x01" * (3 * PS))
+        w.zeros(1, np.arange(1, 8, 2))
+        w.pages(0, 9, b"\x02" * PS)
+        w.end_part()
+        w.finish()
+    alternating_mapped_ram(d / "chunks.mig", 3 * memory_map.CHUNK_EXTENTS + 7)
+    return [d / n for n in ("guest.mig", "guest-mr.mig", "resend.mig", "names.mig",
+                            "chunks.mig")]
+
+
+def test_map_output_unchanged(map_inputs: list[Path]) -> None:
+    """The streamed JSON and table are byte for byte what the whole-list code wrote."""
+    for p in map_inputs:
+        with MigrationFile(p) as mf:
+            maps = file_map(mf)
+            want = _json_text_before(maps)
+            assert "".join(json_text(maps)) == want, p
+            for m in maps:
+                assert list(m.extents()) == _extents_before(m), p
+        r = run("map", "--json", str(p))
+        assert r.returncode == 0 and r.stdout == want, (p, r.stderr)
+        assert len(json.loads(r.stdout)["extents"]) == sum(len(m) for m in maps)
