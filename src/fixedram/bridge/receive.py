@@ -56,7 +56,7 @@ from ..format.primitives import ByteReader
 from ..format.ram import RamStreamState
 from ..format.stream import SectionHeader
 from ..format.walker import DeviceSection, StreamEvents, walk_stream
-from ..format.writer import BlockSpec, MappedRamWriter
+from ..format.writer import BlockSpec, MappedRamWriter, refuse_unloadable_mapped_ram
 from ..memory.copy import WRITEBACK_BYTES
 from ..output import AtomicOutput, output_error
 from .net import (
@@ -138,9 +138,7 @@ class _Receiver(StreamEvents):
         if state.mapped_ram:
             raise UnsupportedFeature("the source has mapped-ram on; a live socket stream needs it "
                                      "off (turn mapped-ram off on the source)", path=self.s.source)
-        if state.ignore_shared:
-            raise UnsupportedFeature("x-ignore-shared streams cannot become mapped-ram files "
-                                     "that QEMU 10 loads", path=self.s.source)
+        refuse_unloadable_mapped_ram(summ.header, self.s.source)
         specs = BlockSpec.of(state.blocks)
         hdr = summ.header
         self.s.machine = hdr.machine

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import BadMagic, CorruptFile, InputError, TruncatedFile, UnsupportedFeature
 from .constants import STREAM_MAGIC_BYTES
 from .primitives import ByteReader
-from .ram import RAMBlockRecord, RamStreamState
+from .ram import RAMBlockRecord, RamStreamState, ResendLedger
 from .walker import (
     BlockFacts,
     PageTarget,
@@ -104,7 +104,8 @@ def _count_sends(sends: np.ndarray, idx: np.ndarray) -> None:
 # stay far below this; a forged block length cannot make us allocate for it.
 INDEX_FLOOR = 64 << 20
 INDEX_PER_FILE_BYTE = 16
-_INDEX_BYTES_PER_PAGE = 12  # int64 location + uint32 send count
+# int64 location + uint32 send count + the ledger's naming record count
+_INDEX_BYTES_PER_PAGE = 12 + ResendLedger.BYTES_PER_PAGE
 
 
 class _StreamIndex(StreamEvents):
@@ -123,6 +124,7 @@ class _StreamIndex(StreamEvents):
         self.sends: list[np.ndarray | None] = []
         self.page_records = 0
         self.zero_records = 0
+        self.ledger: ResendLedger | None = None
         self.mapped = False
         self.announced = False  # the whole RAMBlock list was read
         self.progress: Callable[[int], None] | None = None
@@ -140,6 +142,7 @@ class _StreamIndex(StreamEvents):
             self.records = state.blocks
             self.loc = [None] * len(state.blocks)
             self.sends = [None] * len(state.blocks)
+            self.ledger = ResendLedger(state.blocks, state.page_size)
 
     def _arrays(self, block: int) -> tuple[np.ndarray, np.ndarray]:
         loc, sends = self.loc[block], self.sends[block]
@@ -171,6 +174,11 @@ class _StreamIndex(StreamEvents):
         loc[page_index] = LOC_ZERO
         sends[page_index] += 1
         self.zero_records += 1
+
+    def named(self, block: int, page_index: int) -> None:
+        sends = self.sends[block]
+        assert self.ledger is not None and sends is not None  # a record came first
+        self.ledger.named(block, page_index, int(sends[page_index]))
 
     def pages_batch(self, block: int, page_index: np.ndarray, data: np.ndarray,
                     positions: np.ndarray) -> None:
@@ -498,12 +506,14 @@ class MigrationFile(SaveFacts[RAMBlock]):
 
     @property
     def resent_bytes(self) -> int:
-        """Page data bytes in the file that a later copy of the page superseded."""
-        if self._index is None:
+        """Bytes of the page and zero records in the file that a later copy of
+        the same page superseded (see :class:`~.ram.ResendLedger`)."""
+        ix = self._index
+        if ix is None or ix.ledger is None:
             return 0
-        latest = sum(int(np.count_nonzero(loc > 0)) for loc in self._index.loc
-                     if loc is not None)
-        return (self._index.page_records - latest) * 4096
+        data = [0 if loc is None else int(np.count_nonzero(loc > 0)) for loc in ix.loc]
+        zero = [0 if loc is None else int(np.count_nonzero(loc == LOC_ZERO)) for loc in ix.loc]
+        return ix.ledger.superseded_bytes(ix.page_records, ix.zero_records, ix.sends, data, zero)
 
     def allocated_bytes(self) -> int:
         return os.fstat(self.fd).st_blocks * 512

@@ -38,8 +38,10 @@ from .primitives import BE64, ByteReader
 __all__ = [
     "MappedRamHeader",
     "RAMBlockRecord",
+    "RamNamingSink",
     "RamRecordSink",
     "RamStreamState",
+    "ResendLedger",
     "encode_block_record",
     "encode_mapped_ram_header",
     "mapped_ram_layout",
@@ -125,12 +127,19 @@ class RamRecordSink(Protocol):
 
     A sink may also offer the batch methods of :class:`RamBatchSink`; the
     parser then hands over whole runs of CONTINUE records found in its
-    buffer at once (a pass of a live migration is mostly such runs).
+    buffer at once (a pass of a live migration is mostly such runs), and the
+    ``named`` method of :class:`RamNamingSink`, told which records named
+    their block (what a record costs in the file depends on it).
     """
 
     def page(self, block: int, page_index: int, r: ByteReader) -> None: ...
 
     def zero(self, block: int, page_index: int) -> None: ...
+
+
+class RamNamingSink(RamRecordSink, Protocol):
+    def named(self, block: int, page_index: int) -> None:
+        """The record just handed over named its block (it did not CONTINUE)."""
 
 
 class RamBatchSink(RamRecordSink, Protocol):
@@ -140,6 +149,68 @@ class RamBatchSink(RamRecordSink, Protocol):
         ``positions`` the absolute file offsets of each page's data."""
 
     def zeros_batch(self, block: int, page_index: np.ndarray) -> None: ...
+
+
+# A record's bytes in the file (QEMU's save_page_header, save_normal_page and
+# save_zero_page): a be64 header, the block's name (a length byte and the idstr)
+# when the record does not CONTINUE the previous record's block, then the page
+# (PAGE) or one fill byte (ZERO).
+RECORD_HEADER = 8
+ZERO_FILL = 1
+
+
+class ResendLedger:
+    """The bytes a stream spent on copies of pages that a later copy superseded.
+
+    Fed by a reader's RAM sink, which keeps per page its send count and the
+    kind of its last copy; the ledger adds what only the record layout knows:
+    which records named their block. Superseded bytes are then all records'
+    bytes less those of each page's last record, so one sum serves the
+    seekable and the one-pass reader.
+
+    :param blocks: the RAMBlock list; :param page_size: the target page size.
+    """
+
+    # Bytes per page of :attr:`_named_at` (a reader's memory budget counts it).
+    BYTES_PER_PAGE = 4
+
+    def __init__(self, blocks: list[RAMBlockRecord], page_size: int) -> None:
+        self.page_size = page_size
+        self._name_bytes = [1 + len(b.idstr.encode()) for b in blocks]
+        self._npages = [b.npages for b in blocks]
+        self._named = [0] * len(blocks)
+        # Per page, its send count just after its latest naming record (0: none):
+        # that record was the page's last one iff the count never moved since.
+        self._named_at: list[np.ndarray | None] = [None] * len(blocks)
+
+    def named(self, block: int, page_index: int, sends: int) -> None:
+        """A record of ``page_index`` named its block; ``sends`` counts it."""
+        a = self._named_at[block]
+        if a is None:
+            a = self._named_at[block] = np.zeros(self._npages[block], dtype=np.uint32)
+        a[page_index] = sends
+        self._named[block] += 1
+
+    def superseded_bytes(self, page_records: int, zero_records: int,
+                         sends: list[np.ndarray | None], last_data: list[int],
+                         last_zero: list[int]) -> int:
+        """Bytes of the records a later copy of their page superseded.
+
+        :param page_records: PAGE records read; :param zero_records: ZERO records.
+        :param sends: per block, each page's send count (None: no record).
+        :param last_data: per block, pages whose last copy is a PAGE record.
+        :param last_zero: per block, pages whose last copy is a ZERO record.
+        """
+        page_rec, zero_rec = RECORD_HEADER + self.page_size, RECORD_HEADER + ZERO_FILL
+        total = page_records * page_rec + zero_records * zero_rec
+        last = 0
+        for bi, nb in enumerate(self._name_bytes):
+            total += self._named[bi] * nb
+            last += last_data[bi] * page_rec + last_zero[bi] * zero_rec
+            a, s = self._named_at[bi], sends[bi]
+            if a is not None and s is not None:
+                last += int(np.count_nonzero((a == s) & (a > 0))) * nb
+        return total - last
 
 
 # Look ahead this far for runs of CONTINUE records (bounded by the reader's buffer).
@@ -273,6 +344,7 @@ class RamStreamState:
         mask = self.page_mask
         blocks = self.blocks
         batch = hasattr(sink, "pages_batch") and hasattr(sink, "zeros_batch")
+        named: Callable[[int, int], None] | None = getattr(sink, "named", None)
         while True:
             if batch and self.last is not None:
                 self._batch(r, sink)  # type: ignore[arg-type]
@@ -298,14 +370,17 @@ class RamStreamState:
                     raise CorruptFile(f"page offset 0x{addr:x} outside RAMBlock "
                                       f"{blk.idstr!r} (length 0x{blk.used_length:x})",
                                       path=r.name, offset=at)
+                pg = addr >> 12 if mask == 0xFFF else addr // (mask + 1)
                 if f == RAM_FLAG_PAGE:
-                    sink.page(bi, addr >> 12 if mask == 0xFFF else addr // (mask + 1), r)
+                    sink.page(bi, pg, r)
                 else:
                     v = r.u8("a zero page value")
                     if v:
                         raise CorruptFile(f"zero page record with fill value {v}",
                                           path=r.name, offset=at)
-                    sink.zero(bi, addr // (mask + 1))
+                    sink.zero(bi, pg)
+                if named is not None and not flags & RAM_FLAG_CONTINUE:
+                    named(bi, pg)
             elif f == RAM_FLAG_EOS:
                 return
             elif f == RAM_FLAG_MEM_SIZE and not flags & RAM_FLAG_CONTINUE:

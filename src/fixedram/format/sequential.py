@@ -48,7 +48,7 @@ from ..errors import (
 )
 from .libvirt import HEADER_SIZE, MAGIC_DONE, MAGIC_PART, LibvirtHeader, parse_libvirt, with_body
 from .primitives import ByteReader
-from .ram import RAMBlockRecord, RamStreamState
+from .ram import RAMBlockRecord, RamStreamState, ResendLedger
 from .walker import (
     BlockFacts,
     DeviceSection,
@@ -503,6 +503,7 @@ class OnePassFile(SaveFacts[OnePassBlock]):
         self.blocks: list[OnePassBlock] = []
         self.page_records = 0
         self.zero_records = 0
+        self.ledger: ResendLedger | None = None
 
     def walk(self, target: PageTarget | None = None, *,
              strict: bool | None = None) -> OnePassFile:
@@ -569,8 +570,12 @@ class OnePassFile(SaveFacts[OnePassBlock]):
 
     @property
     def resent_bytes(self) -> int:
-        latest = sum(b.pages_present for b in self.blocks)
-        return max(0, self.page_records - latest) * 4096
+        """As :attr:`MigrationFile.resent_bytes <.migfile.MigrationFile.resent_bytes>`."""
+        if self.ledger is None:
+            return 0
+        return self.ledger.superseded_bytes(
+            self.page_records, self.zero_records, [b._sends for b in self.blocks],
+            [b.pages_present for b in self.blocks], [b.zero_pages for b in self.blocks])
 
     def input_sizes(self) -> tuple[int | None, int | None]:
         return self.src.input_size, self.src.input_allocated
@@ -600,6 +605,7 @@ class _Pass(StreamEvents):
         self.ps = state.page_size
         self.f._summary = self.summary  # filled in as the walk goes
         self.f.blocks = [OnePassBlock(i, rec) for i, rec in enumerate(state.blocks)]
+        self.f.ledger = ResendLedger(state.blocks, state.page_size)
         if self.target is not None:
             self.target.begin(self.f)
 
@@ -623,6 +629,11 @@ class _Pass(StreamEvents):
 
     def zero(self, block: int, page_index: int) -> None:
         self.zeros_batch(block, np.array([page_index], dtype=np.int64))
+
+    def named(self, block: int, page_index: int) -> None:
+        _, sends = self.f.blocks[block].arrays()
+        assert self.f.ledger is not None
+        self.f.ledger.named(block, page_index, int(sends[page_index]))
 
     def pages_batch(self, block: int, page_index: np.ndarray, data: np.ndarray,
                     positions: np.ndarray) -> None:

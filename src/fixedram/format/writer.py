@@ -26,6 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
+from ..errors import UnsupportedFeature
 from .constants import (
     RAM_FLAG_CONTINUE,
     RAM_FLAG_EOS,
@@ -41,9 +42,15 @@ from .constants import (
 from .machine import MachineState
 from .primitives import BE64
 from .ram import encode_block_record, encode_mapped_ram_header, mapped_ram_layout
-from .stream import encode_command, encode_footer, encode_section_full, encode_section_part
+from .stream import (
+    StreamHeader,
+    encode_command,
+    encode_footer,
+    encode_section_full,
+    encode_section_part,
+)
 
-__all__ = ["BlockSpec", "MappedRamWriter", "StreamWriter"]
+__all__ = ["BlockSpec", "MappedRamWriter", "StreamWriter", "refuse_unloadable_mapped_ram"]
 
 EOS = BE64.pack(RAM_FLAG_EOS)
 MULTIFD_FLUSH = BE64.pack(RAM_FLAG_MULTIFD_FLUSH)
@@ -247,6 +254,21 @@ class _Placed:
     record_offset: int
     bitmap_offset: int
     pages_offset: int
+
+
+def refuse_unloadable_mapped_ram(header: StreamHeader, path: str | None) -> None:
+    """Refuse an input whose configuration QEMU 10 would not load as mapped-ram.
+
+    The one check of every path that turns an input into a mapped-ram file
+    (convert from a file or a pipe, receive), made as soon as the input's
+    capabilities are known and before any output is written.
+
+    :raise UnsupportedFeature: naming the configuration section, where the
+        capability is declared (after the 4-byte magic and 4-byte version).
+    """
+    if "x-ignore-shared" in header.capabilities:
+        raise UnsupportedFeature("x-ignore-shared streams cannot become mapped-ram files "
+                                 "that QEMU 10 loads", path=path, offset=header.offset + 8)
 
 
 class MappedRamWriter:

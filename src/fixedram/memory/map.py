@@ -37,6 +37,8 @@ __all__ = ["KINDS", "BlockMap", "Extent", "block_map", "file_map", "stride_of"]
 DATA, ZERO, ABSENT = 0, 1, 2
 KINDS = ("data", "zero", "absent")
 _STREAM_RECORD_HEADER = 8  # be64 address | flags before each page's data
+# Extents turned into Python objects at a time (table and JSON output): a few MiB.
+CHUNK_EXTENTS = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -67,13 +69,28 @@ class BlockMap:
     def __len__(self) -> int:
         return int(self.first.size)
 
+    def chunks(self) -> Iterator[tuple[list[int], list[int], list[int], list[int], list[int]]]:
+        """(start, length, kind, file offset or -1, copies) of the extents, in bytes,
+        as Python lists of at most :data:`CHUNK_EXTENTS` each.
+
+        Lists of the whole block would cost some 180 bytes an extent (an int
+        object and a list slot per field): with millions of extents, more
+        than the dense per-page arrays of the map itself.
+        """
+        ps, used = self.block.page_size, self.block.used_length
+        for i in range(0, len(self), CHUNK_EXTENTS):
+            sl = slice(i, i + CHUNK_EXTENTS)
+            kind = self.kind[sl]
+            start = self.first[sl] * ps
+            yield (start.tolist(), np.minimum(self.count[sl] * ps, used - start).tolist(),
+                   kind.tolist(), np.where(kind == DATA, self.file_offset[sl], -1).tolist(),
+                   self.copies[sl].tolist())
+
     def extents(self) -> Iterator[Extent]:
-        ps, used, name = self.block.page_size, self.block.used_length, self.block.idstr
-        for f, n, k, o, c in zip(self.first.tolist(), self.count.tolist(), self.kind.tolist(),
-                                 self.file_offset.tolist(), self.copies.tolist(), strict=True):
-            start = f * ps
-            yield Extent(name, start, min(n * ps, used - start), KINDS[k],
-                         o if k == DATA else None, c)
+        name = self.block.idstr
+        for start, length, kind, offs, copies in self.chunks():
+            for s, ln, k, o, c in zip(start, length, kind, offs, copies, strict=True):
+                yield Extent(name, s, ln, KINDS[k], o if o >= 0 else None, c)
 
 
 def stride_of(mf: MigrationFile, b: RAMBlock) -> int:
@@ -123,25 +140,20 @@ def json_text(maps: list[BlockMap]) -> Iterator[str]:
 
     Written by hand rather than through json.dumps of a list of dicts: a
     re-sent stream can have a million extents and this is several times faster.
+    Each piece holds at most :data:`CHUNK_EXTENTS` extents, so the text never
+    costs more memory than one chunk's, whatever the number of extents.
     """
     yield f'{{"schema_version": {SCHEMA_VERSION}, "extents": ['
     sep = "\n"
+    kinds = ('"data"', '"zero"', '"absent"')
     for m in maps:
-        if not len(m):
-            continue
-        b = m.block
-        ps = b.page_size
-        name = _json_str(b.idstr)
-        start = m.first * ps
-        length = np.minimum(m.count * ps, b.used_length - start)
-        offs = np.where(m.kind == DATA, m.file_offset, -1)
-        kinds = ('"data"', '"zero"', '"absent"')
-        lines = []
-        for s, ln, k, o, c in zip(start.tolist(), length.tolist(), m.kind.tolist(),
-                                  offs.tolist(), m.copies.tolist(), strict=True):
-            lines.append(f'{sep}{{"block": {name}, "start": {s}, "length": {ln}, '
-                         f'"kind": {kinds[k]}, "file_offset": {o if o >= 0 else "null"}, '
-                         f'"copies": {c}}}')
-            sep = ",\n"
-        yield "".join(lines)
+        name = _json_str(m.block.idstr)
+        for start, length, kind, offs, copies in m.chunks():
+            lines = []
+            for s, ln, k, o, c in zip(start, length, kind, offs, copies, strict=True):
+                lines.append(f'{sep}{{"block": {name}, "start": {s}, "length": {ln}, '
+                             f'"kind": {kinds[k]}, "file_offset": {o if o >= 0 else "null"}, '
+                             f'"copies": {c}}}')
+                sep = ",\n"
+            yield "".join(lines)
     yield "\n]}\n"

@@ -41,7 +41,7 @@ from ..format.sequential import (
     seekable_path,
 )
 from ..format.walker import Save
-from ..format.writer import BlockSpec, MappedRamWriter, StreamWriter
+from ..format.writer import BlockSpec, MappedRamWriter, StreamWriter, refuse_unloadable_mapped_ram
 from ..memory.copy import RUN_PAGES, RunCopier
 from ..output import AtomicOutput, BackgroundWriter, output_error
 
@@ -63,6 +63,7 @@ LIBVIRT_FORMAT_OF = {"stream": "raw", "mapped-ram": "sparse"}
 def to_mapped_ram(mf: MigrationFile, fd: int, *, start: int = 0,
                   progress: Progress | None = None) -> int:
     """Write ``mf`` as a mapped-ram file on ``fd`` from ``start``; return its end."""
+    refuse_unloadable_mapped_ram(mf.header, mf.path)
     _require_complete(mf)
     state = MachineState.from_file(mf).with_mapped_ram(True)
     w = MappedRamWriter(fd, state, BlockSpec.of(mf.blocks), start=start, fresh=True)
@@ -127,6 +128,8 @@ def convert_file(src: str, dst: str, to: str, *, offset: int = 0, src_offset: in
             return _convert_one_pass(si, dst, to, offset=offset, force=force, bare=bare,
                                      stdout=stdout)
     with MigrationFile(real, offset=src_offset) as mf:
+        if to == "mapped-ram":  # before an output exists (to_mapped_ram checks it again)
+            refuse_unloadable_mapped_ram(mf.header, mf.path)
         lv = _libvirt_out(mf.libvirt, dst, offset, bare)
         if dst == "-":
             out = stdout
@@ -182,9 +185,8 @@ class _MappedRamTarget:
         self.w: MappedRamWriter | None = None
 
     def begin(self, f: Save) -> None:
-        if any(b.record.gpa is not None for b in f.blocks):
-            raise UnsupportedFeature("x-ignore-shared streams cannot become mapped-ram files "
-                                     "that QEMU 10 loads", path=f.path, offset=f.start)
+        # The first moment a one-pass input's capabilities are known; no page written yet.
+        refuse_unloadable_mapped_ram(f.header, f.path)
         assert f.summary is not None
         hdr = f.header
         # Devices arrive after RAM: the full machine state replaces this one at the end.
