@@ -37,6 +37,7 @@ from .primitives import BE64, ByteReader
 
 __all__ = [
     "MappedRamHeader",
+    "PageBudget",
     "RAMBlockRecord",
     "RamRecordSink",
     "RamStreamState",
@@ -88,6 +89,67 @@ class RAMBlockRecord:
     def bitmap_bytes(self) -> int:
         """Size QEMU gives the bitmap on a 64-bit host: whole unsigned longs."""
         return (self.npages + 63) // 64 * 8
+
+
+# Per-page memory a stream may make a reader keep: a floor for small streams
+# plus a multiple of the stream's bytes. A complete precopy stream sends every
+# page at least once (9 bytes or more each) and a reader keeps at most 12
+# bytes a page, so real streams stay far below this; a forged block length
+# cannot make a reader allocate for it.
+INDEX_FLOOR = 64 << 20
+INDEX_PER_FILE_BYTE = 16
+INDEX_BYTES_PER_PAGE = 12
+
+
+class PageBudget:
+    """The pages a stream's bytes can hold records for, claimed block by block.
+
+    Every reader claims pages here before it allocates per-page state or
+    writes a page out. A seekable reader knows the stream's size first and
+    claims a block's whole length at its first record. A one-pass reader (a
+    pipe, a decompressed stream, a socket) knows only the bytes read so far:
+    it claims up to the highest page a record has named (its arrays grow
+    with what arrived), and once the stream has ended, the whole length of
+    every block a record named, against the stream's size as a file would.
+    Not thread-safe: callers from several threads hold a lock.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._claimed: dict[str, int] = {}
+        self.total = 0
+
+    @staticmethod
+    def pages_for(stream_bytes: int) -> int:
+        """Pages a stream of ``stream_bytes`` bytes may claim in all."""
+        return (INDEX_FLOOR + INDEX_PER_FILE_BYTE * stream_bytes) // INDEX_BYTES_PER_PAGE
+
+    def claimed(self, rec: RAMBlockRecord) -> int:
+        return self._claimed.get(rec.idstr, 0)
+
+    def claim(self, rec: RAMBlockRecord, pages: int, stream_bytes: int, *,
+              what: str | None = None) -> None:
+        """Claim pages [0, ``pages``) of ``rec`` (the total over blocks must fit).
+
+        :param what: the stream's size in words, when it is the whole stream
+            ("a file of this size"); None while the stream is still arriving.
+        :raise CorruptFile: at the block's record, naming its declared length.
+        """
+        old = self._claimed.get(rec.idstr, 0)
+        if pages <= old:
+            return
+        total = self.total + pages - old
+        if total > self.pages_for(stream_bytes):
+            if what is not None:
+                msg = (f"RAMBlock {rec.idstr!r} declares {rec.npages} pages, more than {what} "
+                       "can hold records for")
+            else:
+                msg = (f"RAMBlock {rec.idstr!r} declares {rec.npages} pages and a record for "
+                       f"its page {pages - 1} came after {stream_bytes} stream bytes, more than "
+                       "so few bytes can hold records for")
+            raise CorruptFile(msg, path=self.path, offset=rec.record_offset)
+        self._claimed[rec.idstr] = pages
+        self.total = total
 
 
 def mapped_ram_layout(record_offset: int, idstr: str, used_length: int, page_size: int,

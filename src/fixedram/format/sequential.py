@@ -47,7 +47,7 @@ from ..errors import (
 )
 from .libvirt import HEADER_SIZE, MAGIC_DONE, MAGIC_PART, LibvirtHeader, parse_libvirt, with_body
 from .primitives import ByteReader
-from .ram import RAMBlockRecord, RamStreamState
+from .ram import PageBudget, RAMBlockRecord, RamStreamState
 from .stream import StreamHeader
 from .vmdesc import VMDesc
 from .walker import BlockFacts, DeviceSection, SaveFacts, StreamEvents, StreamSummary, walk_stream
@@ -425,23 +425,41 @@ class PageTarget(Protocol):
 
 # Per-page state of the last copy.
 NEVER, DATA, ZERO = 0, 1, 2
+# Pages a block's arrays cover at least once allocated (5 bytes a page).
+_MIN_ARRAY = 1 << 16
 
 
 class OnePassBlock(BlockFacts):
-    """A RAMBlock seen in one pass: what its pages' last copies were."""
+    """A RAMBlock seen in one pass: what its pages' last copies were.
+
+    The arrays cover the pages up to the highest one a record has named (the
+    rest were never sent): they grow with what arrived, never with the
+    declared length alone.
+    """
 
     def __init__(self, index: int, rec: RAMBlockRecord) -> None:
         super().__init__(index, rec)
         self._last: np.ndarray | None = None
         self._sends: np.ndarray | None = None
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """(last-copy state, send count) per page, allocated at the first record
-        (zero-filled memory is only committed where it is touched)."""
-        if self._last is None or self._sends is None:
-            self._last = np.zeros(self.npages, dtype=np.uint8)
-            self._sends = np.zeros(self.npages, dtype=np.uint32)
+    def _grow(self, pages: int) -> tuple[np.ndarray, np.ndarray]:
+        """Arrays covering at least pages [0, ``pages``), doubled so growing stays linear."""
+        have = 0 if self._last is None else self._last.size
+        if pages > have:
+            n = min(self.npages, max(pages, 2 * have, _MIN_ARRAY))
+            last = np.zeros(n, dtype=np.uint8)
+            sends = np.zeros(n, dtype=np.uint32)
+            if self._last is not None and self._sends is not None:
+                last[:have] = self._last
+                sends[:have] = self._sends
+            self._last, self._sends = last, sends
+        assert self._last is not None and self._sends is not None
         return self._last, self._sends
+
+    @property
+    def touched(self) -> bool:
+        """Some record named one of this block's pages."""
+        return self._last is not None
 
     def present_pages(self) -> np.ndarray:
         return (np.flatnonzero(self._last == DATA) if self._last is not None
@@ -450,6 +468,15 @@ class OnePassBlock(BlockFacts):
     def zeroed_pages(self) -> np.ndarray:
         return (np.flatnonzero(self._last == ZERO) if self._last is not None
                 else np.zeros(0, dtype=np.int64))
+
+    def never_sent(self, pages: np.ndarray) -> np.ndarray:
+        """Those of ``pages`` (int64) that no record named."""
+        if self._last is None:
+            return pages
+        inside = pages < self._last.size
+        keep = ~inside
+        keep[inside] = self._last[pages[inside]] == NEVER
+        return pages[keep]
 
     @property
     def pages_present(self) -> int:
@@ -541,6 +568,15 @@ class _Pass(StreamEvents):
         self.f = f
         self.target = target
         self.ps = 4096
+        self.budget = PageBudget(f.path)
+
+    def _arrays(self, block: int, top: int) -> tuple[np.ndarray, np.ndarray]:
+        """The block's arrays, covering page ``top``: claimed from the bytes read so
+        far before any memory is allocated or any page handed to the target."""
+        b = self.f.blocks[block]
+        if b._last is None or top >= b._last.size:
+            self.budget.claim(b.record, top + 1, self.f.src.reader.tell() - self.f.start)
+        return b._grow(top + 1)
 
     def ram_blocks(self, state: RamStreamState) -> None:
         if state.mapped_ram:  # the walker needs a seek before it gets here on a pipe
@@ -558,13 +594,13 @@ class _Pass(StreamEvents):
     # -- RAM sink ----------------------------------------------------------------
 
     def page(self, block: int, page_index: int, r: ByteReader) -> None:
+        last, sends = self._arrays(block, page_index)
         if self.target is None:
             r.skip(self.ps, "page data")
         else:
             data = np.frombuffer(r.view(self.ps, "page data"), dtype=np.uint8)
             self.target.pages(block, np.array([page_index], dtype=np.int64),
                               data.reshape(1, self.ps))
-        last, sends = self.f.blocks[block].arrays()
         last[page_index] = DATA
         sends[page_index] += 1
         self.f.page_records += 1
@@ -574,15 +610,15 @@ class _Pass(StreamEvents):
 
     def pages_batch(self, block: int, page_index: np.ndarray, data: np.ndarray,
                     positions: np.ndarray) -> None:
+        last, sends = self._arrays(block, int(page_index.max()))
         if self.target is not None:
             self.target.pages(block, page_index, data)
-        last, sends = self.f.blocks[block].arrays()
         last[page_index] = DATA
         _count(sends, page_index)
         self.f.page_records += page_index.size
 
     def zeros_batch(self, block: int, page_index: np.ndarray) -> None:
-        last, sends = self.f.blocks[block].arrays()
+        last, sends = self._arrays(block, int(page_index.max()))
         if self.target is not None:
             self.target.zeros(block, page_index, last[page_index] == DATA)
         last[page_index] = ZERO
@@ -636,10 +672,20 @@ def scan(src: SequentialInput, target: PageTarget | None = None, *,
     except BaseException:
         f.close()
         raise
+    f.size = max(f.summary.end_offset, src.reader.tell())
+    try:
+        # Now that the size is known, the bound a file of this size gets:
+        # before anyone sizes an output or a dense array by a block's length.
+        for b in f.blocks:
+            if b.touched:
+                ev.budget.claim(b.record, b.npages, f.size - f.start,
+                                what=f"a stream of {f.size - f.start} bytes")
+    except BaseException:
+        f.close()
+        raise
     hdr = f.summary.header
     # The configuration section, for the decoders that read it by offset.
     cfg = src.head[:hdr.end - src.start]
     os.pwrite(f.fd, cfg, hdr.offset)
-    f.size = max(f.summary.end_offset, src.reader.tell())
     os.ftruncate(f.fd, f.size)
     return f

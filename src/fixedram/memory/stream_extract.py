@@ -441,7 +441,6 @@ class OnePassCompare:
             d[first:first + n] = self._theirs(bi, first, n).any(axis=1)
 
     def result(self, f: OnePassFile, max_report: int = 1000) -> list[BlockDiff]:
-        from ..format.sequential import NEVER
         from ..tools.verify import BlockDiff
 
         out: list[BlockDiff] = []
@@ -457,9 +456,7 @@ class OnePassCompare:
                 out.append(bd)
                 continue
             # Never sent here: zero, so it differs where the other holds non-zero data.
-            unsent = np.flatnonzero(b.arrays()[0] == NEVER)
-            self._nonzero_theirs(b.index, np.intersect1d(unsent, o.present_pages(),
-                                                         assume_unique=True), d)
+            self._nonzero_theirs(b.index, b.never_sent(o.present_pages()), d)
             rows = np.flatnonzero(d)
             if rows.size:
                 bd.count = int(rows.size)
