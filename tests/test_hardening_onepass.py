@@ -1,7 +1,8 @@
 """Forged inputs read in one pass: pipes, a compressed libvirt image, ``receive -``.
 
-Issue class: a RAMBlock length that claims far more RAM than the stream can describe
-(refused as the seekable reader refuses it, before memory or output is sized by it).
+Issue classes: a RAMBlock length that claims far more RAM than the stream can describe
+(refused as the seekable reader refuses it, before memory or output is sized by it); a
+closed standard input (never taken for an output's descriptor).
 """
 
 from __future__ import annotations
@@ -149,3 +150,16 @@ def test_big_real_shaped_stream_passes_the_bound(tmp_path: Path, verb: str) -> N
         with MigrationFile(out) as mf:
             assert mf.blocks[0].pages_present == 1
             assert mf.blocks[0].read((npages - 1) * PS, PS) == bytes([1]) * PS
+
+
+def test_receive_closed_stdin_is_refused(tmp_path: Path) -> None:
+    """``receive - <&-``: the error ``extract - <&-`` gives, before any output is opened
+    (it would take descriptor 0 and be read as the migration)."""
+    out = tmp_path / "out.mig"
+    lines = {}
+    for verb in ("receive", "extract"):
+        r = subprocess.run(["bash", "-c", 'exec "$@" <&-', "_", *FIXEDRAM, verb, "-", "-o",
+                            str(out)], capture_output=True, text=True, timeout=60)
+        lines[verb] = _one_error(r, "stdin: Bad file descriptor")
+    assert lines["receive"] == lines["extract"]
+    assert list(tmp_path.iterdir()) == [], "output or temporaries left behind"

@@ -53,6 +53,7 @@ from ..format.multifd import (
 )
 from ..format.primitives import ByteReader
 from ..format.ram import PageBudget, RAMBlockRecord, RamStreamState
+from ..format.sequential import input_stat
 from ..format.stream import SectionHeader
 from ..format.walker import DeviceSection, StreamEvents, walk_stream
 from ..format.writer import BlockSpec, MappedRamWriter
@@ -711,6 +712,8 @@ def receive(source: str, output: str, *, force: bool = False,
     """
     t0 = time.monotonic()
     summary = ReceiveSummary(output=os.path.abspath(output), source=source)
+    if source == "-":
+        input_stat(stdin_fd, "stdin")  # before the output could take a closed stdin's number
     out = AtomicOutput(output, force=force)
     lv = libvirt_header.with_format("sparse") if libvirt_header is not None else None
     rx = _Receiver(out, summary, lv.data_offset if lv is not None else 0)

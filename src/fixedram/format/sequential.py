@@ -56,7 +56,8 @@ if TYPE_CHECKING:
     from .readahead import ReadAhead
 
 __all__ = ["COMPRESSION_MAGIC", "OnePassBlock", "OnePassFile", "PageTarget",
-           "SequentialInput", "is_one_pass", "open_sequential", "scan", "seekable_path"]
+           "SequentialInput", "input_stat", "is_one_pass", "open_sequential", "scan",
+           "seekable_path"]
 
 # Bare compressed files (not in a libvirt image) are recognised by their magic
 # (gzip with its deflate method byte; bzip2 also by its first block's magic).
@@ -123,6 +124,19 @@ def is_one_pass(path: str, stdin_fd: int = 0) -> bool:
     return _sniff_compression(head) is not None
 
 
+def input_stat(fd: int, name: str) -> os.stat_result:
+    """``fstat`` of an input descriptor; one error naming it when it is not open.
+
+    Standard input may be closed (``<&-``): then the next file opened would
+    take descriptor 0 and be read as the input, so a command reading ``-``
+    checks it before it opens anything.
+    """
+    try:
+        return os.fstat(fd)
+    except OSError as e:
+        raise FixedramError(f"{name}: {e.strerror}") from e
+
+
 # -- byte sources ------------------------------------------------------------------
 
 
@@ -152,7 +166,7 @@ class _Raw(_ReadOnly):
         self.name = name
         self._close = close
         self.pos = 0
-        self.is_pipe = not stat.S_ISREG(os.fstat(fd).st_mode)
+        self.is_pipe = not stat.S_ISREG(input_stat(fd, name).st_mode)
         if self.is_pipe:
             _grow_pipe(fd)
 
@@ -340,10 +354,10 @@ def open_sequential(path: str, *, offset: int | None = None,
         name, close = path, True
     try:
         raw = _Raw(fd, name, close)
-    except OSError as e:  # standard input closed (``<&-``)
+    except FixedramError:  # standard input closed (``<&-``)
         if close:
             os.close(fd)
-        raise FixedramError(f"{name}: {e.strerror}") from e
+        raise
     try:
         return _open(raw, path, name, offset)
     except BaseException:
