@@ -2,12 +2,15 @@
 
 Issue classes: a RAMBlock length that claims far more RAM than the stream can describe
 (refused as the seekable reader refuses it, before memory or output is sized by it); a
-closed standard input (never taken for an output's descriptor).
+closed standard input (never taken for an output's descriptor); a stream with more
+RAMBlocks than the process may open files.
 """
 
 from __future__ import annotations
 
 import gzip
+import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -163,3 +166,37 @@ def test_receive_closed_stdin_is_refused(tmp_path: Path) -> None:
         lines[verb] = _one_error(r, "stdin: Bad file descriptor")
     assert lines["receive"] == lines["extract"]
     assert list(tmp_path.iterdir()) == [], "output or temporaries left behind"
+
+
+NBLOCKS = 2000
+NOFILE = 256
+
+
+def _low_nofile() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+
+
+def test_many_blocks_extract_within_descriptor_limit(tmp_path: Path) -> None:
+    """2000 RAMBlocks, each with a page, through a pipe with 256 descriptors allowed:
+    every block's file is written, as when the file is given by name."""
+    src = tmp_path / "many.mig"
+    _stream(src, [BlockSpec(f"b{i}", 2 * PS) for i in range(NBLOCKS)],
+            [(i, i % 2) for i in range(NBLOCKS)])
+    lim = subprocess.run([sys.executable, "-c", "import resource; print(resource.getrlimit("
+                          "resource.RLIMIT_NOFILE)[0])"], preexec_fn=_low_nofile,
+                         capture_output=True, text=True, check=True)
+    assert int(lim.stdout) == NOFILE < NBLOCKS
+    outs = {}
+    for how in ("pipe", "file"):
+        out = outs[how] = tmp_path / how
+        with open(src, "rb") as f:
+            args = ["-", "-o", str(out)] if how == "pipe" else [str(src), "-o", str(out)]
+            r = subprocess.run([*FIXEDRAM, "extract", *args], input=f.read() if how == "pipe"
+                               else None, capture_output=True, timeout=300,
+                               preexec_fn=_low_nofile)
+        assert r.returncode == 0, r.stderr.decode()
+    for i in range(NBLOCKS):
+        want = bytes(PS) * (i % 2) + bytes([i % 251 + 1]) * PS + bytes(PS) * (1 - i % 2)
+        for how in ("pipe", "file"):
+            assert (outs[how] / f"b{i}.bin").read_bytes() == want, (how, i)
+    assert sorted(os.listdir(outs["pipe"])) == sorted(os.listdir(outs["file"]))
