@@ -53,7 +53,8 @@ from ..format.multifd import (
     packet_size,
 )
 from ..format.primitives import ByteReader
-from ..format.ram import RamStreamState
+from ..format.ram import PageBudget, RAMBlockRecord, RamStreamState
+from ..format.sequential import input_stat
 from ..format.stream import SectionHeader
 from ..format.walker import DeviceSection, StreamEvents, walk_stream
 from ..format.writer import BlockSpec, MappedRamWriter, refuse_unloadable_mapped_ram
@@ -120,7 +121,13 @@ class _Receiver(StreamEvents):
         self.start = start  # where the QEMU data start (after a libvirt header)
         self.s = summary
         self.w: MappedRamWriter | None = None
-        self.sends: list[np.ndarray] = []
+        # Per block, how often each page was sent: grown with the pages that
+        # arrived (claimed from ``budget`` first), None until a record names one.
+        self.sends: list[np.ndarray | None] = []
+        self.records: list[RAMBlockRecord] = []
+        self.budget = PageBudget(summary.source)
+        self.arrived: Callable[[], int] = lambda: 0  # stream bytes received so far
+        self.lock = threading.Lock()  # channel threads claim and count too
         self.ram_sid: int | None = None
         self.state: MachineState | None = None
         self.ready = threading.Event()
@@ -147,7 +154,8 @@ class _Receiver(StreamEvents):
         self.state = MachineState(hdr.machine, tuple(hdr.capabilities), hdr.uuid,
                                   self.ram_sid or 2).with_mapped_ram(True)
         self.w = MappedRamWriter(self.out.fd, self.state, specs, start=self.start, fresh=True)
-        self.sends = [np.zeros(b.npages, dtype=np.uint16) for b in specs]
+        self.records = state.blocks
+        self.sends = [None] * len(specs)
         self.block_index = {b.idstr: i for i, b in enumerate(specs)}
         self.ready.set()
 
@@ -160,20 +168,48 @@ class _Receiver(StreamEvents):
 
     # -- RAM sink --------------------------------------------------------
 
+    def claim(self, bi: int, top: int) -> None:
+        """Page ``top`` of block ``bi`` is about to be written or marked: the bytes
+        received so far must be able to hold records that far (before any
+        write, and before the counts grow to cover it)."""
+        with self.lock:
+            s = self.sends[bi]
+            if s is not None and top < s.size:
+                return
+            self.budget.claim(self.records[bi], top + 1, self.arrived())
+            have = 0 if s is None else s.size
+            n = min(self.records[bi].npages, max(top + 1, 2 * have, 1 << 16))
+            grown = np.zeros(n, dtype=np.uint16)
+            if s is not None:
+                grown[:have] = s
+            self.sends[bi] = grown
+
+    def claim_whole(self) -> None:
+        """At the end: every block a record named must fit the stream's size whole
+        (the bitmaps written at finish cover it), as a file of this size must."""
+        n = self.arrived()
+        for rec, s in zip(self.records, self.sends, strict=True):
+            if s is not None:
+                self.budget.claim(rec, rec.npages, n, what=f"a stream of {n} bytes")
+
     def _count(self, bi: int, idx: np.ndarray | int) -> None:
-        s = self.sends[bi]
-        self.s.pages_rewritten += int(np.count_nonzero(s[idx])) if isinstance(
-            idx, np.ndarray) else int(s[idx] > 0)
-        s[idx] += 1
+        with self.lock:
+            s = self.sends[bi]
+            assert s is not None  # claimed first
+            self.s.pages_rewritten += int(np.count_nonzero(s[idx])) if isinstance(
+                idx, np.ndarray) else int(s[idx] > 0)
+            s[idx] += 1
 
     def page(self, block: int, page_index: int, r: ByteReader) -> None:
         assert self.w is not None
+        self.claim(block, page_index)
         self.w.write_pages(block, page_index, r.view(4096, "page data"))
         self._count(block, page_index)
         self.s.page_records += 1
 
     def zero(self, block: int, page_index: int) -> None:
         assert self.w is not None
+        self.claim(block, page_index)
         self.w.mark_zero(block, page_index)
         self._count(block, page_index)
         self.s.zero_records += 1
@@ -181,12 +217,14 @@ class _Receiver(StreamEvents):
     def pages_batch(self, block: int, page_index: np.ndarray, data: np.ndarray,
                     positions: np.ndarray) -> None:
         assert self.w is not None
+        self.claim(block, int(page_index.max()))
         write_runs(self.w, block, page_index, data)
         self._count(block, page_index)
         self.s.page_records += page_index.size
 
     def zeros_batch(self, block: int, page_index: np.ndarray) -> None:
         assert self.w is not None
+        self.claim(block, int(page_index.max()))
         self.w.mark_zero(block, page_index)
         self._count(block, page_index)
         self.s.zero_records += page_index.size
@@ -492,10 +530,13 @@ class _Multifd:
                 w = rx.w
                 assert w is not None
                 npages = w.placed[bi].spec.npages
-                if (p.normal.size and int(p.normal.max()) >= npages) or (
-                        p.zero.size and int(p.zero.max()) >= npages):
+                top = max(int(p.normal.max()) if p.normal.size else -1,
+                          int(p.zero.max()) if p.zero.size else -1)
+                if top >= npages:
                     raise _corrupt(name, f"multifd page offset outside RAMBlock "
                                          f"{p.ramblock!r}")
+                if top >= 0:
+                    rx.claim(bi, top)
                 if p.next_packet_size and method != "none":
                     if dec is None or zbuf is None or wb is None:
                         dec = PageDecompressor(method, ps)
@@ -740,6 +781,8 @@ def receive(source: str, output: str, *, force: bool = False,
     """
     t0 = time.monotonic()
     summary = ReceiveSummary(output=os.path.abspath(output), source=source)
+    if source == "-":
+        input_stat(stdin_fd, "stdin")  # before the output could take a closed stdin's number
     out = AtomicOutput(output, force=force)
     lv = libvirt_header.with_format("sparse") if libvirt_header is not None else None
     rx = _Receiver(out, summary, lv.data_offset if lv is not None else 0)
@@ -781,6 +824,8 @@ def receive(source: str, output: str, *, force: bool = False,
             threading.Thread(target=_accept_rest, args=(listener, mfd, on_error),
                              daemon=True).start()
         ticker = _Ticker(summary, total, progress, on_total)
+        rx.budget.path = name
+        rx.arrived = total
         r = ByteReader(f, name)
         try:
             walked = walk_stream(r, rx, rx)
@@ -813,6 +858,7 @@ def receive(source: str, output: str, *, force: bool = False,
         assert w is not None and state is not None  # walk_stream requires a RAM section
         state.switchover_start = any(c == Command.SWITCHOVER_START for _, c, _ in walked.commands)
         state.attach_descs(walked.vmdesc)
+        rx.claim_whole()
         try:
             end = w.finish()
             if lv is not None:  # last: the image is whole only now
@@ -822,7 +868,7 @@ def receive(source: str, output: str, *, force: bool = False,
             raise output_error(output, e) from e
         summary.main_bytes = main_count[0]
         summary.bytes_received = total()
-        summary.passes = max((int(a.max()) for a in rx.sends if a.size), default=0)
+        summary.passes = max((int(a.max()) for a in rx.sends if a is not None), default=0)
         st = os.stat(output)
         summary.apparent_bytes = st.st_size
         summary.allocated_bytes = st.st_blocks * 512

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import BadMagic, CorruptFile, InputError, TruncatedFile, UnsupportedFeature
 from .constants import STREAM_MAGIC_BYTES
 from .primitives import ByteReader
-from .ram import RAMBlockRecord, RamStreamState, ResendLedger
+from .ram import PageBudget, RAMBlockRecord, RamStreamState, ResendLedger
 from .walker import (
     BlockFacts,
     PageTarget,
@@ -98,27 +98,18 @@ def _count_sends(sends: np.ndarray, idx: np.ndarray) -> None:
         np.add.at(sends, idx, 1)
 
 
-# Index memory a stream may claim: a floor for small files plus a multiple of
-# the file's size. A complete precopy stream sends every page at least once
-# (9 bytes or more each) and the index costs 12 bytes a page, so real files
-# stay far below this; a forged block length cannot make us allocate for it.
-INDEX_FLOOR = 64 << 20
-INDEX_PER_FILE_BYTE = 16
-# int64 location + uint32 send count + the ledger's naming record count
-_INDEX_BYTES_PER_PAGE = 12 + ResendLedger.BYTES_PER_PAGE
-
-
 class _StreamIndex(StreamEvents):
     """RAM sink for files: remembers where the last copy of each page is.
 
-    A block's arrays are allocated when its first record arrives, within a
-    budget set by the file's size (see :data:`INDEX_PER_FILE_BYTE`).
+    A block's arrays are allocated when its first record arrives, once the
+    file's size is seen to hold records for its whole length
+    (:class:`~fixedram.format.ram.PageBudget`).
     """
 
-    def __init__(self, path: str, budget: int) -> None:
+    def __init__(self, path: str, stream_bytes: int) -> None:
         self.path = path
-        self.budget = budget
-        self.allocated = 0
+        self.budget = PageBudget(path)
+        self.stream_bytes = stream_bytes
         self.records: list[RAMBlockRecord] = []
         self.loc: list[np.ndarray | None] = []
         self.sends: list[np.ndarray | None] = []
@@ -149,12 +140,7 @@ class _StreamIndex(StreamEvents):
         if loc is not None and sends is not None:
             return loc, sends
         rec = self.records[block]
-        need = rec.npages * _INDEX_BYTES_PER_PAGE
-        if self.allocated + need > self.budget:
-            raise CorruptFile(f"RAMBlock {rec.idstr!r} declares {rec.npages} pages, more than "
-                              "a file of this size can hold records for", path=self.path,
-                              offset=rec.record_offset)
-        self.allocated += need
+        self.budget.claim(rec, rec.npages, self.stream_bytes, what="a file of this size")
         loc = self.loc[block] = np.zeros(rec.npages, dtype=np.int64)
         sends = self.sends[block] = np.zeros(rec.npages, dtype=np.uint32)
         return loc, sends
@@ -433,7 +419,7 @@ class MigrationFile(SaveFacts[RAMBlock]):
         self.start = offset
         vmdesc = read_vmdesc_at_end(self.fd, self.size, offset, self.path)
         self.error: TruncatedFile | None = None
-        index = _StreamIndex(self.path, INDEX_FLOOR + INDEX_PER_FILE_BYTE * (self.size - offset))
+        index = _StreamIndex(self.path, self.size - offset)
         index.progress = progress
         with os.fdopen(os.dup(self.fd), "rb", buffering=0) as f:
             f.seek(offset)

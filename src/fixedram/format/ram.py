@@ -37,6 +37,7 @@ from .primitives import BE64, ByteReader
 
 __all__ = [
     "MappedRamHeader",
+    "PageBudget",
     "RAMBlockRecord",
     "RamNamingSink",
     "RamRecordSink",
@@ -90,6 +91,69 @@ class RAMBlockRecord:
     def bitmap_bytes(self) -> int:
         """Size QEMU gives the bitmap on a 64-bit host: whole unsigned longs."""
         return (self.npages + 63) // 64 * 8
+
+
+# Per-page memory a stream may make a reader keep: a floor for small streams
+# plus a multiple of the stream's bytes. A complete precopy stream sends every
+# page at least once (9 bytes or more each) and a reader keeps at most 12
+# bytes a page, so real streams stay far below this; a forged block length
+# cannot make a reader allocate for it.
+INDEX_FLOOR = 64 << 20
+INDEX_PER_FILE_BYTE = 16
+# int64 location + uint32 send count + the resend ledger's uint32 (ResendLedger)
+LEDGER_BYTES_PER_PAGE = 4
+INDEX_BYTES_PER_PAGE = 12 + LEDGER_BYTES_PER_PAGE
+
+
+class PageBudget:
+    """The pages a stream's bytes can hold records for, claimed block by block.
+
+    Every reader claims pages here before it allocates per-page state or
+    writes a page out. A seekable reader knows the stream's size first and
+    claims a block's whole length at its first record. A one-pass reader (a
+    pipe, a decompressed stream, a socket) knows only the bytes read so far:
+    it claims up to the highest page a record has named (its arrays grow
+    with what arrived), and once the stream has ended, the whole length of
+    every block a record named, against the stream's size as a file would.
+    Not thread-safe: callers from several threads hold a lock.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._claimed: dict[str, int] = {}
+        self.total = 0
+
+    @staticmethod
+    def pages_for(stream_bytes: int) -> int:
+        """Pages a stream of ``stream_bytes`` bytes may claim in all."""
+        return (INDEX_FLOOR + INDEX_PER_FILE_BYTE * stream_bytes) // INDEX_BYTES_PER_PAGE
+
+    def claimed(self, rec: RAMBlockRecord) -> int:
+        return self._claimed.get(rec.idstr, 0)
+
+    def claim(self, rec: RAMBlockRecord, pages: int, stream_bytes: int, *,
+              what: str | None = None) -> None:
+        """Claim pages [0, ``pages``) of ``rec`` (the total over blocks must fit).
+
+        :param what: the stream's size in words, when it is the whole stream
+            ("a file of this size"); None while the stream is still arriving.
+        :raise CorruptFile: at the block's record, naming its declared length.
+        """
+        old = self._claimed.get(rec.idstr, 0)
+        if pages <= old:
+            return
+        total = self.total + pages - old
+        if total > self.pages_for(stream_bytes):
+            if what is not None:
+                msg = (f"RAMBlock {rec.idstr!r} declares {rec.npages} pages, more than {what} "
+                       "can hold records for")
+            else:
+                msg = (f"RAMBlock {rec.idstr!r} declares {rec.npages} pages and a record for "
+                       f"its page {pages - 1} came after {stream_bytes} stream bytes, more than "
+                       "so few bytes can hold records for")
+            raise CorruptFile(msg, path=self.path, offset=rec.record_offset)
+        self._claimed[rec.idstr] = pages
+        self.total = total
 
 
 def mapped_ram_layout(record_offset: int, idstr: str, used_length: int, page_size: int,
@@ -172,7 +236,7 @@ class ResendLedger:
     """
 
     # Bytes per page of :attr:`_named_at` (a reader's memory budget counts it).
-    BYTES_PER_PAGE = 4
+    BYTES_PER_PAGE = LEDGER_BYTES_PER_PAGE
 
     def __init__(self, blocks: list[RAMBlockRecord], page_size: int) -> None:
         self.page_size = page_size
@@ -186,8 +250,15 @@ class ResendLedger:
     def named(self, block: int, page_index: int, sends: int) -> None:
         """A record of ``page_index`` named its block; ``sends`` counts it."""
         a = self._named_at[block]
-        if a is None:
-            a = self._named_at[block] = np.zeros(self._npages[block], dtype=np.uint32)
+        if a is None or page_index >= a.size:
+            # Grown with the pages named, as the readers' arrays grow: a declared
+            # length is not allocated for before the stream backs it.
+            have = 0 if a is None else a.size
+            n = min(self._npages[block], max(page_index + 1, 2 * have, 1 << 16))
+            grown = np.zeros(n, dtype=np.uint32)
+            if a is not None:
+                grown[:have] = a
+            a = self._named_at[block] = grown
         a[page_index] = sends
         self._named[block] += 1
 
@@ -209,7 +280,8 @@ class ResendLedger:
             last += last_data[bi] * page_rec + last_zero[bi] * zero_rec
             a, s = self._named_at[bi], sends[bi]
             if a is not None and s is not None:
-                last += int(np.count_nonzero((a == s) & (a > 0))) * nb
+                n = min(a.size, s.size)  # either may stop short of the block's end
+                last += int(np.count_nonzero((a[:n] == s[:n]) & (a[:n] > 0))) * nb
         return total - last
 
 

@@ -48,7 +48,7 @@ from ..errors import (
 )
 from .libvirt import HEADER_SIZE, MAGIC_DONE, MAGIC_PART, LibvirtHeader, parse_libvirt, with_body
 from .primitives import ByteReader
-from .ram import RAMBlockRecord, RamStreamState, ResendLedger
+from .ram import PageBudget, RAMBlockRecord, RamStreamState, ResendLedger
 from .walker import (
     BlockFacts,
     DeviceSection,
@@ -68,6 +68,7 @@ __all__ = [
     "OnePassFile",
     "PageTarget",
     "SequentialInput",
+    "input_stat",
     "is_one_pass",
     "open_sequential",
     "scan",
@@ -140,6 +141,19 @@ def is_one_pass(path: str, stdin_fd: int = 0) -> bool:
     return sniff_compression(head) is not None
 
 
+def input_stat(fd: int, name: str) -> os.stat_result:
+    """``fstat`` of an input descriptor; one error naming it when it is not open.
+
+    Standard input may be closed (``<&-``): then the next file opened would
+    take descriptor 0 and be read as the input, so a command reading ``-``
+    checks it before it opens anything.
+    """
+    try:
+        return os.fstat(fd)
+    except OSError as e:
+        raise InputError(name, e) from e
+
+
 # -- byte sources ------------------------------------------------------------------
 
 
@@ -169,7 +183,7 @@ class _Raw(_ReadOnly):
         self.name = name
         self._close = close
         self.pos = 0
-        self.is_pipe = not stat.S_ISREG(os.fstat(fd).st_mode)
+        self.is_pipe = not stat.S_ISREG(input_stat(fd, name).st_mode)
         if self.is_pipe:
             _grow_pipe(fd)
 
@@ -365,10 +379,10 @@ def open_sequential(path: str, *, offset: int | None = None,
         name, close = path, True
     try:
         raw = _Raw(fd, name, close)
-    except OSError as e:  # standard input closed (``<&-``)
+    except InputError:  # standard input closed (``<&-``)
         if close:
             os.close(fd)
-        raise InputError(name, e) from e
+        raise
     try:
         return _open(raw, path, name, offset)
     except BaseException:
@@ -435,23 +449,41 @@ def _open(raw: _Raw, path: str, name: str, offset: int | None) -> SequentialInpu
 
 # Per-page state of the last copy.
 NEVER, DATA, ZERO = 0, 1, 2
+# Pages a block's arrays cover at least once allocated (5 bytes a page).
+_MIN_ARRAY = 1 << 16
 
 
 class OnePassBlock(BlockFacts):
-    """A RAMBlock seen in one pass: what its pages' last copies were."""
+    """A RAMBlock seen in one pass: what its pages' last copies were.
+
+    The arrays cover the pages up to the highest one a record has named (the
+    rest were never sent): they grow with what arrived, never with the
+    declared length alone.
+    """
 
     def __init__(self, index: int, rec: RAMBlockRecord) -> None:
         super().__init__(index, rec)
         self._last: np.ndarray | None = None
         self._sends: np.ndarray | None = None
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """(last-copy state, send count) per page, allocated at the first record
-        (zero-filled memory is only committed where it is touched)."""
-        if self._last is None or self._sends is None:
-            self._last = np.zeros(self.npages, dtype=np.uint8)
-            self._sends = np.zeros(self.npages, dtype=np.uint32)
+    def _grow(self, pages: int) -> tuple[np.ndarray, np.ndarray]:
+        """Arrays covering at least pages [0, ``pages``), doubled so growing stays linear."""
+        have = 0 if self._last is None else self._last.size
+        if pages > have:
+            n = min(self.npages, max(pages, 2 * have, _MIN_ARRAY))
+            last = np.zeros(n, dtype=np.uint8)
+            sends = np.zeros(n, dtype=np.uint32)
+            if self._last is not None and self._sends is not None:
+                last[:have] = self._last
+                sends[:have] = self._sends
+            self._last, self._sends = last, sends
+        assert self._last is not None and self._sends is not None
         return self._last, self._sends
+
+    @property
+    def touched(self) -> bool:
+        """Some record named one of this block's pages."""
+        return self._last is not None
 
     def present_pages(self) -> np.ndarray:
         return (np.flatnonzero(self._last == DATA) if self._last is not None
@@ -460,6 +492,15 @@ class OnePassBlock(BlockFacts):
     def zeroed_pages(self) -> np.ndarray:
         return (np.flatnonzero(self._last == ZERO) if self._last is not None
                 else np.zeros(0, dtype=np.int64))
+
+    def never_sent(self, pages: np.ndarray) -> np.ndarray:
+        """Those of ``pages`` (int64) that no record named."""
+        if self._last is None:
+            return pages
+        inside = pages < self._last.size
+        keep = ~inside
+        keep[inside] = self._last[pages[inside]] == NEVER
+        return pages[keep]
 
     @property
     def pages_present(self) -> int:
@@ -545,11 +586,17 @@ class OnePassFile(SaveFacts[OnePassBlock]):
             if ev.summary is not None and "mapped-ram" in ev.summary.header.capabilities:
                 raise _mapped_ram_refused(self) from None
             raise
+        self.size = max(self.summary.end_offset, src.reader.tell())
+        # Now that the size is known, the bound a file of this size gets:
+        # before anyone sizes an output or a dense array by a block's length.
+        for b in self.blocks:
+            if b.touched:
+                ev.budget.claim(b.record, b.npages, self.size - self.start,
+                                what=f"a stream of {self.size - self.start} bytes")
         hdr = self.summary.header
         # The configuration section, for the decoders that read it by offset.
         cfg = src.head[:hdr.end - src.start]
         os.pwrite(self.fd, cfg, hdr.offset)
-        self.size = max(self.summary.end_offset, src.reader.tell())
         os.ftruncate(self.fd, self.size)
 
     # -- like MigrationFile ----------------------------------------------------
@@ -598,6 +645,15 @@ class _Pass(StreamEvents):
         self.f = f
         self.target = target
         self.ps = 4096
+        self.budget = PageBudget(f.path)
+
+    def _arrays(self, block: int, top: int) -> tuple[np.ndarray, np.ndarray]:
+        """The block's arrays, covering page ``top``: claimed from the bytes read so
+        far before any memory is allocated or any page handed to the target."""
+        b = self.f.blocks[block]
+        if b._last is None or top >= b._last.size:
+            self.budget.claim(b.record, top + 1, self.f.src.reader.tell() - self.f.start)
+        return b._grow(top + 1)
 
     def ram_blocks(self, state: RamStreamState) -> None:
         if state.mapped_ram:  # the walker needs a seek before it gets here on a pipe
@@ -616,13 +672,13 @@ class _Pass(StreamEvents):
     # -- RAM sink ----------------------------------------------------------------
 
     def page(self, block: int, page_index: int, r: ByteReader) -> None:
+        last, sends = self._arrays(block, page_index)
         if self.target is None:
             r.skip(self.ps, "page data")
         else:
             data = np.frombuffer(r.view(self.ps, "page data"), dtype=np.uint8)
             self.target.pages(block, np.array([page_index], dtype=np.int64),
                               data.reshape(1, self.ps))
-        last, sends = self.f.blocks[block].arrays()
         last[page_index] = DATA
         sends[page_index] += 1
         self.f.page_records += 1
@@ -631,21 +687,21 @@ class _Pass(StreamEvents):
         self.zeros_batch(block, np.array([page_index], dtype=np.int64))
 
     def named(self, block: int, page_index: int) -> None:
-        _, sends = self.f.blocks[block].arrays()
+        _, sends = self._arrays(block, page_index)
         assert self.f.ledger is not None
         self.f.ledger.named(block, page_index, int(sends[page_index]))
 
     def pages_batch(self, block: int, page_index: np.ndarray, data: np.ndarray,
                     positions: np.ndarray) -> None:
+        last, sends = self._arrays(block, int(page_index.max()))
         if self.target is not None:
             self.target.pages(block, page_index, data)
-        last, sends = self.f.blocks[block].arrays()
         last[page_index] = DATA
         _count(sends, page_index)
         self.f.page_records += page_index.size
 
     def zeros_batch(self, block: int, page_index: np.ndarray) -> None:
-        last, sends = self.f.blocks[block].arrays()
+        last, sends = self._arrays(block, int(page_index.max()))
         if self.target is not None:
             self.target.zeros(block, page_index, last[page_index] == DATA)
         last[page_index] = ZERO

@@ -25,6 +25,7 @@ import mmap
 import os
 import queue
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,16 +48,24 @@ _FALLOC_FL_KEEP_SIZE = 1
 _FALLOC_FL_PUNCH_HOLE = 2
 # Batches queued for the writing thread (each up to about 1 MiB of pages).
 WRITE_QUEUE = 8
+# Block files of a raw set kept open at once (a stream may declare thousands
+# of RAMBlocks; the descriptor limit is often 1024).
+OPEN_BLOCK_FILES = 64
 _WRITE, _PUNCH = 0, 1
 
 
 @dataclass(frozen=True)
 class _Segment:
-    """Pages [lo, hi) of a block go to ``fd`` at ``base + page * page_size``."""
+    """Pages [lo, hi) of a block go to output ``file`` at ``base + page * page_size``.
+
+    ``file`` is what :meth:`_Placed._fd` turns into a descriptor: the
+    descriptor itself, or a raw set's block number (its file is opened when
+    written to).
+    """
 
     lo: int
     hi: int
-    fd: int
+    file: int
     base: int
 
 
@@ -136,13 +145,17 @@ class _Placed:
         self._free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
         self._err: BaseException | None = None
         self._t: threading.Thread | None = None
-        self._dirty: dict[int, tuple[int, int]] = {}  # fd -> range written since writeback
-        self._is_direct: set[int] = set()
+        self._dirty: dict[int, tuple[int, int]] = {}  # file -> range written since writeback
+        self._is_direct: set[int] = set()  # files written with O_DIRECT
 
     def direct(self, fd: int) -> None:
         """Write ``fd`` with O_DIRECT if its file system allows it."""
         if _direct(fd, True):
             self._is_direct.add(fd)
+
+    def _fd(self, file: int) -> int:
+        """The descriptor of a segment's ``file`` (called by the writing thread)."""
+        return file
 
     def begin(self, f: Save) -> None:
         raise NotImplementedError
@@ -178,8 +191,9 @@ class _Placed:
                 return
             if self._err is not None:
                 continue
-            op, fd, data, off = item
+            op, file, data, off = item
             try:
+                fd = self._fd(file)
                 if op == _WRITE:
                     buf, n = data
                     mv = memoryview(buf[:n]).cast("B")
@@ -190,25 +204,29 @@ class _Placed:
                         except OSError as e:
                             # Unaligned for this device (a short write, a
                             # small page size): go on through the page cache.
-                            if e.errno != errno.EINVAL or fd not in self._is_direct:
+                            if e.errno != errno.EINVAL or file not in self._is_direct:
                                 raise
-                            self._is_direct.discard(fd)
-                            _direct(fd, False)
-                    if fd not in self._is_direct:
-                        self._writeback(fd, off, off + len(mv))
+                            self._buffered(file, fd)
+                    if file not in self._is_direct:
+                        self._writeback(file, fd, off, off + len(mv))
                     self._free.put(buf)
                 else:
                     self.punch(fd, off, data)
             except BaseException as e:  # re-raised in the parsing thread
                 self._err = e
 
-    def _writeback(self, fd: int, lo: int, hi: int) -> None:
-        a, b = self._dirty.get(fd, (lo, hi))
+    def _buffered(self, file: int, fd: int) -> None:
+        """Write ``file`` through the page cache from now on."""
+        self._is_direct.discard(file)
+        _direct(fd, False)
+
+    def _writeback(self, file: int, fd: int, lo: int, hi: int, force: bool = False) -> None:
+        a, b = self._dirty.get(file, (lo, hi))
         a, b = min(a, lo), max(b, hi)
-        if b - a < WRITEBACK_BYTES:
-            self._dirty[fd] = (a, b)
+        if b - a < WRITEBACK_BYTES and not force:
+            self._dirty[file] = (a, b)
             return
-        self._dirty.pop(fd, None)
+        self._dirty.pop(file, None)
         with contextlib.suppress(OSError):  # starts writeback; the data are unaffected
             os.posix_fadvise(fd, a, b - a, os.POSIX_FADV_DONTNEED)
 
@@ -230,7 +248,7 @@ class _Placed:
             # A copy: ``data`` is valid only during this call.
             buf = self._buffer(n)
             np.copyto(buf[:n], data[a:a + n])
-            self._put((_WRITE, s.fd, (buf, n), s.base + first * ps))
+            self._put((_WRITE, s.file, (buf, n), s.base + first * ps))
             self.bytes_written += n * ps
 
     def _buffer(self, n: int) -> np.ndarray:
@@ -251,17 +269,26 @@ class _Placed:
         if stale.size > 1 and not bool((stale[1:] > stale[:-1]).all()):
             stale = np.unique(stale)
         for s, _a, n, first in self._each(bi, stale):
-            self._put((_PUNCH, s.fd, n * self.ps, s.base + first * self.ps))
+            self._put((_PUNCH, s.file, n * self.ps, s.base + first * self.ps))
 
 
 class _RawSet(_Placed):
-    """One sparse file per RAMBlock in a new directory, and ``index.json``."""
+    """One sparse file per RAMBlock in a new directory, and ``index.json``.
+
+    Every file is created at the start (a name that cannot be made fails
+    before any page is read) and opened again when written to, with at most
+    :data:`OPEN_BLOCK_FILES` open at once, the least recently written closed
+    first: thousands of blocks stay within the descriptor limit, and the
+    usual handful are each opened once.
+    """
 
     def __init__(self, d: str) -> None:
         super().__init__()
         self.dir = d
         self.names: list[str] = []
-        self.fds: list[int] = []
+        self.paths: list[str] = []
+        self._open: OrderedDict[int, int] = OrderedDict()  # block -> descriptor, LRU first
+        self._tried: set[int] = set()  # blocks whose O_DIRECT was tried once
 
     def begin(self, f: Save) -> None:
         self.names = unique_names(f)  # type: ignore[arg-type]
@@ -273,15 +300,40 @@ class _RawSet(_Placed):
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             except OSError as e:
                 raise output_error(path, e) from e
-            self.fds.append(fd)
-            self.direct(fd)
-            self.segments.append([_Segment(0, b.npages, fd, 0)])
+            os.close(fd)
+            self.paths.append(path)
+            self.segments.append([_Segment(0, b.npages, b.index, 0)])
             self.ps = b.page_size
+
+    def _fd(self, file: int) -> int:
+        fd = self._open.get(file)
+        if fd is not None:
+            self._open.move_to_end(file)
+            return fd
+        while len(self._open) >= OPEN_BLOCK_FILES:
+            old, ofd = self._open.popitem(last=False)
+            if old in self._dirty:
+                self._writeback(old, ofd, *self._dirty[old], force=True)
+            os.close(ofd)
+        try:
+            fd = os.open(self.paths[file], os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise output_error(self.paths[file], e) from e
+        self._open[file] = fd
+        # O_DIRECT is tried once per file; one that fell back stays buffered.
+        if file not in self._tried or file in self._is_direct:
+            self._tried.add(file)
+            if _direct(fd, True):
+                self._is_direct.add(file)
+            else:
+                self._is_direct.discard(file)
+        return fd
 
     def finish(self, f: Save) -> dict[str, object]:
         self.drain()
         entries = []
-        for b, name, fd in zip(f.blocks, self.names, self.fds, strict=True):
+        for b, name in zip(f.blocks, self.names, strict=True):
+            fd = self._fd(b.index)  # the writing thread has stopped
             os.ftruncate(fd, b.used_length)
             os.fsync(fd)
             entries.append({"idstr": b.idstr, "file": name, "used_length": b.used_length,
@@ -300,9 +352,9 @@ class _RawSet(_Placed):
     def close(self) -> None:
         with contextlib.suppress(BaseException):
             self.drain()  # the thread must not write into a closed descriptor
-        for fd in self.fds:
+        for fd in self._open.values():
             os.close(fd)
-        self.fds = []
+        self._open.clear()
 
 
 class _Physical(_Placed):
