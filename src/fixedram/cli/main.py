@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from ..errors import FixedramError, UsageError
 
@@ -66,13 +66,14 @@ def number_in(lo: float, hi: float) -> Callable[[str], float]:
 def cmd_inspect(a: argparse.Namespace) -> int:
     from ..describe import describe
     from .progress import open_input
+    from .status import EXIT_OK, EXIT_UNSOUND
 
     if a.xml:
         return _print_xml(a.file)
     with open_input(a.file, offset=a.offset) as s:
         d = describe(s.walk())
-    # An incomplete save is described in full, then exits 1: scripts see it is unfinished.
-    status = 0 if d["complete"] else 1
+    # An incomplete save is described in full, then exits 2: scripts see it is unfinished.
+    status = EXIT_OK if d["complete"] else EXIT_UNSOUND
     if a.json:
         json.dump(d, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -133,7 +134,8 @@ examples:
   fixedram inspect guest.sav --xml           the domain XML of a libvirt save image
   zstd -dc guest.sav.zst | fixedram inspect -
 
-exit status: 0 a complete save, 1 an incomplete one (described all the same) or an error
+exit status: 0 a complete save, 1 could not read it (or bad options), 2 a malformed or
+  incomplete save (an incomplete one is described all the same), 128+N stopped by signal N
 """
 
 EXTRACT_EPILOG = """\
@@ -143,6 +145,17 @@ examples:
   fixedram extract guest.mig --format elf -o core.elf      ELF core for gdb, drgn, volatility3
   fixedram extract guest.mig --format physical -o - | zstd > ram.img.zst
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with fixedram's status for bad options: 1, "could not" (argparse's
+    own 2 means a malformed or incomplete save here; see :mod:`.status`)."""
+
+    def error(self, message: str) -> NoReturn:
+        from .status import EXIT_FAILED
+
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_FAILED, f"{self.prog}: error: {message}\n")
 
 
 class _Unused:
@@ -166,7 +179,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     from . import bridge, completion, engine, state, tools
     from . import map as map_cli
 
-    p = argparse.ArgumentParser(prog="fixedram", description="QEMU fixed-ram (mapped-ram) "
+    p = _Parser(prog="fixedram", description="QEMU fixed-ram (mapped-ram) "
                                 "migration files: inspect, extract, convert, verify, migrate.")
     p.add_argument("--version", action=_Version, help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -208,6 +221,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     for module in (tools, engine, bridge, state, map_cli, completion):
         module.register(sub)
+    from .status import EXIT_STATUS_HELP
+
+    for cmd in sub.choices.values():  # one exit-status scheme, said by every command
+        if "exit status" not in (cmd.epilog or ""):
+            cmd.epilog = EXIT_STATUS_HELP + ("\n" + cmd.epilog if cmd.epilog else "")
+            cmd.formatter_class = raw
     if only is not None and not found:
         return build_parser()
     return p
@@ -290,7 +309,7 @@ def _run(a: argparse.Namespace) -> int:
         return rc
     except FixedramError as e:
         print(f"fixedram: error: {printable(e)}", file=sys.stderr)
-        return _error_status(a)
+        return _error_status(a, e)
     except KeyboardInterrupt as e:
         return _interrupted(e)
     except BrokenPipeError:
@@ -298,13 +317,15 @@ def _run(a: argparse.Namespace) -> int:
     except OSError as e:
         name = f"{e.filename}: " if e.filename else ""
         print(f"fixedram: error: {printable(name)}{e.strerror or e}", file=sys.stderr)
-        return _error_status(a)
+        return _error_status(a, e)
 
 
-def _error_status(a: argparse.Namespace) -> int:
-    """1, or what the command set (verify: 2, as qemu-img compare) once it started."""
-    status: int = getattr(a, "error_status", 1)
-    return status
+def _error_status(a: argparse.Namespace, e: BaseException) -> int:
+    """The status for ``e`` in the scheme of :mod:`.status` (``verify --against``
+    follows ``qemu-img compare``)."""
+    from .status import failure_status
+
+    return failure_status(e, comparing=getattr(a, "comparing", False))
 
 
 def _interrupted(e: KeyboardInterrupt) -> int:

@@ -33,13 +33,11 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
 # Exit statuses of verify, as ``qemu-img compare``: 0 sound (or RAM equal),
 # 1 problems found (or RAM differs), 2 the check could not be made.
-VERIFY_OK, VERIFY_FOUND, VERIFY_ERROR = 0, 1, 2
-
-
 def cmd_verify(a: argparse.Namespace) -> int:
     from ..save import reads_one_pass
+    from .status import COMPARE_DIFFER, COMPARE_UNSOUND, EXIT_OK, EXIT_UNSOUND
 
-    a.error_status = VERIFY_ERROR  # unreadable input, or nothing to compare: main() exits 2
+    a.comparing = a.against is not None  # errors exit as qemu-img compare's (main)
     one_a = reads_one_pass(a.file)
     one_b = a.against is not None and reads_one_pass(a.against)
     from ..describe import SCHEMA_VERSION
@@ -57,10 +55,12 @@ def cmd_verify(a: argparse.Namespace) -> int:
         result["differences"] = diffs
         result["equal"] = not diffs
     if a.against and (probs or probs_b):
-        status = VERIFY_ERROR  # bad input: a comparison of unsound files is not trusted
+        status = COMPARE_UNSOUND  # a comparison of unsound files is not trusted
+    elif a.against:
+        status = COMPARE_DIFFER if diffs else EXIT_OK
     else:
-        status = VERIFY_FOUND if probs or diffs else VERIFY_OK
-    ok = status == VERIFY_OK
+        status = EXIT_UNSOUND if probs else EXIT_OK
+    ok = status == EXIT_OK
     if a.json:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -170,9 +170,17 @@ def _input_size(path: str) -> int | None:
 
 
 VERIFY_EPILOG = """\
-exit status (as qemu-img compare):
-  FILE alone:       0 sound, 1 problems found, 2 cannot be read
-  --against OTHER:  0 RAM equal, 1 RAM differs, 2 error (unreadable or unsound input)
+exit status (FILE alone as qemu-img check, --against as qemu-img compare):
+  FILE alone:       0 sound, 1 could not be checked (unreadable), 2 problems found
+                    (malformed or incomplete)
+  --against OTHER:  0 RAM equal, 1 RAM differs, 2 could not compare (unreadable),
+                    3 an input is malformed or incomplete (nothing compared is trusted)
+  both:             128+N stopped by signal N
+
+examples:
+  fixedram verify guest.mig                       structure, completeness, regions
+  fixedram verify guest.mapped --against guest.mig --json
+  zstd -dc guest.sav.zst | fixedram verify - --against guest.mig
 """
 
 
