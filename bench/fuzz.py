@@ -309,18 +309,18 @@ def run_one_pass(path: Path, work: Path, gz: bool) -> list[str]:
     """``fixedram extract -`` with the mutated bytes on a pipe (read ahead on a
     thread, parsed in one pass); with ``gz`` from a gzip file of them instead
     (decoded on a thread)."""
-    from fixedram.format.sequential import open_sequential
-    from fixedram.memory.stream_extract import extract_one_pass
+    from fixedram import open_save
+    from fixedram.memory.extract import extract
 
     if gz:
         src = work / "in.sav.gz"
         with open(path, "rb") as fi, gzip.open(src, "wb", compresslevel=1) as fo:
             shutil.copyfileobj(fi, fo)
-        with open_sequential(str(src)) as si:
-            extract_one_pass(si, str(work / "gz"), force=True, allow_incomplete=True).close()
+        with open_save(src) as s:
+            extract(s, str(work / "gz"), force=True, allow_incomplete=True)
         return ["one-pass-gzip"]
-    with piped(path) as r, open_sequential("-", stdin_fd=r) as si:
-        extract_one_pass(si, str(work / "pipe"), force=True, allow_incomplete=True).close()
+    with piped(path) as r, open_save("-", stdin_fd=r) as s:
+        extract(s, str(work / "pipe"), force=True, allow_incomplete=True)
     return ["one-pass-pipe"]
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from fixedram.errors import FixedramError, TruncatedFile
-from fixedram.format.readahead import CHUNK, ROOM
 from fixedram.format.sequential import open_sequential
+from fixedram.io.readahead import CHUNK, ROOM
 from fixedram.memory.stream_extract import _Placed, _Segment
 
 

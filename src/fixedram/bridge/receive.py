@@ -54,10 +54,11 @@ from ..format.multifd import (
 )
 from ..format.primitives import ByteReader
 from ..format.ram import PageBudget, RAMBlockRecord, RamStreamState
-from ..format.sequential import input_stat
 from ..format.stream import SectionHeader
 from ..format.walker import DeviceSection, StreamEvents, walk_stream
 from ..format.writer import BlockSpec, MappedRamWriter, refuse_unloadable_mapped_ram
+from ..io.runs import index_runs
+from ..io.stream import input_stat
 from ..memory.copy import WRITEBACK_BYTES
 from ..output import AtomicOutput, output_error
 from .net import (
@@ -218,7 +219,7 @@ class _Receiver(StreamEvents):
                     positions: np.ndarray) -> None:
         assert self.w is not None
         self.claim(block, int(page_index.max()))
-        write_runs(self.w, block, page_index, data)
+        self.w.write_runs(block, page_index, data)
         self._count(block, page_index)
         self.s.page_records += page_index.size
 
@@ -228,26 +229,6 @@ class _Receiver(StreamEvents):
         self.w.mark_zero(block, page_index)
         self._count(block, page_index)
         self.s.zero_records += page_index.size
-
-
-def write_runs(w: MappedRamWriter, bi: int, idx: np.ndarray, data: np.ndarray,
-               fd: int | None = None) -> None:
-    """pwrite pages ``data[k]`` to page ``idx[k]``, one call per consecutive run.
-
-    Strided pages (stream record slots) are gathered into one contiguous
-    buffer first: measured faster than ``pwritev`` over per-page views.
-    """
-    n = idx.size
-    if n == 0:
-        return
-    brk = np.flatnonzero(np.diff(idx) != 1) + 1
-    bounds = [0, *brk.tolist(), n]
-    starts = idx[bounds[:-1]].tolist()
-    for a, b, first in zip(bounds[:-1], bounds[1:], starts, strict=True):
-        chunk = data[a:b]
-        if not chunk.flags.c_contiguous:
-            chunk = np.ascontiguousarray(chunk)
-        w.write_pages(bi, first, chunk, fd=fd)
 
 
 class _Multifd:
@@ -550,7 +531,7 @@ class _Multifd:
                                            name=f"{name} packet {p.packet_num}",
                                            offset=counter[0] - p.next_packet_size)
                     data = np.frombuffer(pages, dtype=np.uint8).reshape(-1, ps)
-                    write_runs(w, bi, p.normal, data)
+                    w.write_runs(bi, p.normal, data)
                     wb.wrote(w.page_offset(bi, int(p.normal.min())),
                              w.page_offset(bi, int(p.normal.max())) + ps)
                     rx._count(bi, p.normal)
@@ -573,7 +554,7 @@ class _Multifd:
                         raise TransportError(f"{name}: ended before the page data")
                     counter[0] += p.next_packet_size
                     data = np.frombuffer(mv, dtype=np.uint8).reshape(-1, ps)
-                    write_runs(w, bi, p.normal, data)
+                    w.write_runs(bi, p.normal, data)
                     rx._count(bi, p.normal)
                     rx.s.page_records += p.normal.size
                 if p.zero.size:
@@ -667,15 +648,10 @@ def _splice_pages(sp: Splicer, sock: socket.socket, w: MappedRamWriter, bi: int,
                   idx: np.ndarray, name: str) -> None:
     """A packet's page data spliced from the socket to their offsets, one
     splice per run of consecutive pages."""
-    n = idx.size
     ps = w.placed[bi].spec.page_size
-    if n == 1 or bool((idx[1:] - idx[:-1] == 1).all()):
-        runs = [(int(idx[0]), n)]
-    else:
-        brk = [0, *(np.flatnonzero(np.diff(idx) != 1) + 1).tolist(), n]
-        firsts = idx[brk[:-1]].tolist()
-        runs = [(f, b - a) for f, a, b in zip(firsts, brk[:-1], brk[1:], strict=True)]
-    for first, cnt in runs:
+    firsts = idx.tolist()
+    for a, cnt in index_runs(idx):
+        first = firsts[a]
         sp.copy(sock, w.fd, w.page_offset(bi, first), cnt * ps, name)
         w.set_present(bi, slice(first, first + cnt))
 

@@ -113,9 +113,8 @@ def _verify_one_pass(path: str, against: str | None, one_a: bool,
                      one_b: bool) -> tuple[list[str], list[str], list[Any]]:
     """``path`` or ``against`` read in one pass (a pipe, a compressed image),
     compared page by page with the other, a file, as the pages arrive."""
-    from ..memory.stream_extract import OnePassCompare
     from ..save import open_save
-    from ..tools.verify import open_checked, structural_problems
+    from ..tools.verify import OnePassCompare, open_checked, structural_problems
     from .progress import following, progress_bar
 
     if one_a and one_b:

@@ -128,7 +128,7 @@ def _load_stream(f: BinaryIO, guest: BuiltinGuest, cfg: MigrationConfig, name: s
         src: Any = f
     else:
         rp = _Replay(f)
-        caps = read_header(ByteReader(rp, name, start=start, bufsize=4096)).capabilities  # type: ignore[arg-type]
+        caps = read_header(ByteReader(rp, name, start=start, bufsize=4096)).capabilities
         rp.rewind()
         src = rp
     capability_mismatch(cfg.caps, caps)

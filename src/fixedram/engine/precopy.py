@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CapabilityError, FixedramError, MigrationError, TransportError
+from ..io.runs import page_runs
 from ..transports.channels import FileOut, open_outgoing
 from ..transports.uri import MigrationURI, parse_uri
 from .capabilities import MigrationConfig
@@ -41,14 +42,7 @@ class Cancelled(MigrationError):
 
 def dirty_runs(idx: np.ndarray, max_pages: int = RUN_PAGES) -> Iterator[tuple[int, int]]:
     """Coalesce sorted page indices into (first, count) runs of at most ``max_pages``."""
-    if idx.size == 0:
-        return
-    brk = np.flatnonzero(np.diff(idx) != 1) + 1
-    starts = idx[np.concatenate(([0], brk))].tolist()
-    ends = (idx[np.concatenate((brk - 1, [idx.size - 1]))] + 1).tolist()
-    for s, e in zip(starts, ends, strict=True):
-        for f in range(s, e, max_pages):
-            yield f, min(max_pages, e - f)
+    return page_runs(idx, max_pages)
 
 
 class RateLimiter:

@@ -26,8 +26,8 @@ from .stream import (
 from .vmdesc import device_data_size, encode_trailer
 
 if TYPE_CHECKING:
-    from .migfile import MigrationFile
     from .vmdesc import VMDesc
+    from .walker import Save
 
 __all__ = ["DEFAULT_RAM_SECTION_ID", "DeviceRecord", "MachineState"]
 
@@ -86,7 +86,7 @@ class MachineState:
     describe: bool = True
 
     @classmethod
-    def from_file(cls, mf: MigrationFile) -> MachineState:
+    def from_file(cls, mf: Save) -> MachineState:
         """The machine state of an opened file, device data read from it."""
         from ..errors import TruncatedFile
         from .constants import Command

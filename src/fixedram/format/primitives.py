@@ -10,14 +10,17 @@ unless a caller asks for it.
 from __future__ import annotations
 
 import io
-import mmap
 import os
 import struct
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Protocol, cast
 
 from ..errors import CorruptFile, TruncatedFile
+from ..io.mapping import map_region
 
-__all__ = ["BE16", "BE32", "BE64", "ByteReader"]
+if TYPE_CHECKING:
+    from mmap import mmap
+
+__all__ = ["BE16", "BE32", "BE64", "ByteReader", "ReadSource"]
 
 BE16 = struct.Struct(">H")
 BE32 = struct.Struct(">I")
@@ -26,6 +29,15 @@ BE64 = struct.Struct(">Q")
 _unpack16 = BE16.unpack_from
 _unpack32 = BE32.unpack_from
 _unpack64 = BE64.unpack_from
+
+
+class ReadSource(Protocol):
+    """What a :class:`ByteReader` reads: ``read``, and ``seekable``; a seekable
+    source is also a file object (``tell``, ``seek``, ``fileno``)."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+    def seekable(self) -> bool: ...
 
 
 class ByteReader:
@@ -41,9 +53,9 @@ class ByteReader:
     """
 
     def __init__(
-        self, f: BinaryIO, name: str, *, start: int = 0, bufsize: int = 1 << 20
+        self, f: ReadSource, name: str, *, start: int = 0, bufsize: int = 1 << 20
     ) -> None:
-        self.f = f
+        self.f = cast(BinaryIO, f)  # tell/seek/fileno are used only when seekable
         self.name = name
         self._bufsize = bufsize
         # bytes, or a bytearray from a spaced source (never changed once filled)
@@ -55,19 +67,19 @@ class ByteReader:
         self._i = 0
         self._base = start  # absolute offset of _buf[0]
         try:
-            self.seekable = f.seekable()
+            self.seekable = self.f.seekable()
         except (AttributeError, OSError, ValueError):
             self.seekable = False
         self.size: int | None = None
         self._delta = 0  # absolute offset = file object position + _delta
         if self.seekable:
-            cur = f.tell()
+            cur = self.f.tell()
             self._delta = start - cur
             try:
-                end = os.fstat(f.fileno()).st_size
+                end = os.fstat(self.f.fileno()).st_size
             except (OSError, AttributeError, io.UnsupportedOperation):
-                end = f.seek(0, os.SEEK_END)
-                f.seek(cur)
+                end = self.f.seek(0, os.SEEK_END)
+                self.f.seek(cur)
             self.size = end + self._delta
 
     # -- position ---------------------------------------------------------
@@ -184,7 +196,7 @@ class ByteReader:
             self._fill(want)
         return self._buf, self._i, len(self._buf) - self._i
 
-    def mapped(self, want: int) -> tuple[mmap.mmap, int, int] | None:
+    def mapped(self, want: int) -> tuple[mmap, int, int] | None:
         """A read-only mapping of up to ``want`` bytes from the current position.
 
         (mapping, index of the position in it, bytes available), or None when
@@ -203,12 +215,10 @@ class ByteReader:
         avail = min(want, min(self.size - self._delta, fsize) - fpos)
         if avail <= 0:
             return None
-        start = fpos - fpos % mmap.ALLOCATIONGRANULARITY
-        try:
-            m = mmap.mmap(fd, fpos - start + avail, prot=mmap.PROT_READ, offset=start)
-        except (OSError, ValueError):
+        got = map_region(fd, fpos, avail)
+        if got is None:
             return None
-        return m, fpos - start, avail
+        return got[0], got[1], avail
 
     def advance(self, n: int) -> None:
         """Consume ``n`` bytes already seen through :meth:`window`."""

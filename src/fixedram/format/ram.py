@@ -8,11 +8,10 @@ live in the low TARGET_PAGE_BITS bits. See docs/formats.md for the layout and
 from __future__ import annotations
 
 import contextlib
-import mmap
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 
@@ -34,6 +33,9 @@ from .constants import (
     RAM_FLAG_ZERO,
 )
 from .primitives import BE64, ByteReader
+
+if TYPE_CHECKING:
+    from mmap import mmap
 
 __all__ = [
     "MappedRamHeader",
@@ -419,7 +421,7 @@ class RamStreamState:
         named: Callable[[int, int], None] | None = getattr(sink, "named", None)
         while True:
             if batch and self.last is not None:
-                self._batch(r, sink)  # type: ignore[arg-type]
+                self._batch(r, cast(RamBatchSink, sink))  # checked: batch
             at = r.tell()
             word = r.be64("a RAM record header")
             flags = word & mask
@@ -516,7 +518,7 @@ class RamStreamState:
                     break
 
     def _take(self, r: ByteReader, sink: RamBatchSink, bi: int,
-              buf: bytes | bytearray | mmap.mmap,
+              buf: bytes | bytearray | mmap,
               i: int, avail: int, stride: int, want: int, pos0: int) -> tuple[int, int]:
         """Hand over the leading run of acceptable records in ``buf[i:i+avail]``.
 

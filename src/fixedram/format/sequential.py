@@ -34,7 +34,7 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -45,6 +45,14 @@ from ..errors import (
     TruncatedFile,
     UnsupportedFeature,
     UsageError,
+)
+from ..io.stream import (
+    DECODED_CHUNK,
+    READ_SIZE,
+    Prefixed,
+    RawInput,
+    Tap,
+    input_stat,
 )
 from .libvirt import HEADER_SIZE, MAGIC_DONE, MAGIC_PART, LibvirtHeader, parse_libvirt, with_body
 from .primitives import ByteReader
@@ -60,7 +68,7 @@ from .walker import (
 )
 
 if TYPE_CHECKING:
-    from .readahead import ReadAhead
+    from ..io.readahead import ReadAhead
 
 __all__ = [
     "COMPRESSION_MAGIC",
@@ -86,15 +94,6 @@ COMPRESSION_MAGIC = {
     "lzop": b"\x89LZO\x00\r\n\x1a\n",
 }
 _BZIP2_BLOCK = b"1AY&SY"
-# Bytes the stream reader buffers (one read-ahead chunk).
-DECODED_CHUNK = 1 << 20
-# Bytes read per system call, and bytes asked of a pipe per read.
-READ_SIZE = 1 << 20
-PIPE_READ = 64 << 10
-PIPE_SIZE = 1 << 20
-F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032  # Linux fcntl commands
-# The stream's first bytes kept for the configuration section (far below this).
-HEAD_KEEP = 64 << 10
 
 
 def sniff_compression(head: bytes) -> str | None:
@@ -141,160 +140,6 @@ def is_one_pass(path: str, stdin_fd: int = 0) -> bool:
     return sniff_compression(head) is not None
 
 
-def input_stat(fd: int, name: str) -> os.stat_result:
-    """``fstat`` of an input descriptor; one error naming it when it is not open.
-
-    Standard input may be closed (``<&-``): then the next file opened would
-    take descriptor 0 and be read as the input, so a command reading ``-``
-    checks it before it opens anything.
-    """
-    try:
-        return os.fstat(fd)
-    except OSError as e:
-        raise InputError(name, e) from e
-
-
-# -- byte sources ------------------------------------------------------------------
-
-
-class _ReadOnly:
-    """A readable, unseekable file object built on ``read`` alone."""
-
-    def read(self, n: int = -1) -> bytes:
-        raise NotImplementedError
-
-    def readinto(self, buf: Any) -> int:
-        b = self.read(len(buf))
-        buf[:len(b)] = b
-        return len(b)
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-
-class _Raw(_ReadOnly):
-    """The input file or pipe, read with plain ``read`` calls; counts bytes."""
-
-    def __init__(self, fd: int, name: str, close: bool) -> None:
-        self.fd = fd
-        self.name = name
-        self._close = close
-        self.pos = 0
-        self.is_pipe = not stat.S_ISREG(input_stat(fd, name).st_mode)
-        if self.is_pipe:
-            _grow_pipe(fd)
-
-    def read(self, n: int = -1) -> bytes:
-        if n < 0:
-            n = READ_SIZE
-        # A pipe is read 64 KiB at a time here (the read-ahead thread reads it
-        # into its own chunks instead): larger reads of uneven size cost an
-        # allocation each (measured 2.5x slower) and grew the heap.
-        try:
-            b = os.read(self.fd, min(n, PIPE_READ) if self.is_pipe else n)
-        except OSError as e:
-            raise self._failed(e) from e
-        self.pos += len(b)
-        return b
-
-    def _failed(self, e: OSError) -> InputError:
-        return InputError(self.name, e, offset=self.pos)
-
-    def readinto(self, buf: Any) -> int:
-        try:
-            n = os.readv(self.fd, [buf])
-        except OSError as e:
-            raise self._failed(e) from e
-        self.pos += n
-        return n
-
-    def read_exact(self, n: int) -> bytes:
-        parts, got = [], 0
-        while got < n:
-            b = self.read(n - got)
-            if not b:
-                break
-            parts.append(b)
-            got += len(b)
-        return b"".join(parts)
-
-
-    def close(self) -> None:
-        if self._close and self.fd >= 0:
-            os.close(self.fd)
-        self.fd = -1
-
-
-def _grow_pipe(fd: int) -> None:
-    """Give a pipe a 1 MiB buffer (Linux's default unprivileged ceiling).
-
-    With the default 64 KiB the writer and this reader wake each other for
-    every 64 KiB: reading 1 GiB through ``cat |`` took 0.85-1.0 s, against
-    0.30-0.36 s with 1 MiB.
-    """
-    try:
-        import fcntl
-
-        if fcntl.fcntl(fd, F_GETPIPE_SZ) < PIPE_SIZE:
-            fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
-    except (OSError, ImportError):
-        pass  # not a pipe (a socket, a tty), or over the user's pipe quota: keep it
-
-
-class _Prefixed(_ReadOnly):
-    """``prefix`` then the rest of ``raw``: bytes already read to recognise the input."""
-
-    def __init__(self, prefix: bytes, raw: _Raw) -> None:
-        self.prefix = prefix
-        self.raw = raw
-
-    def read(self, n: int = -1) -> bytes:
-        if self.prefix:
-            k = len(self.prefix) if n < 0 else min(n, len(self.prefix))
-            b, self.prefix = self.prefix[:k], self.prefix[k:]
-            return b
-        return self.raw.read(n)
-
-    def readinto(self, buf: Any) -> int:
-        if self.prefix:
-            return super().readinto(buf)
-        return self.raw.readinto(buf)
-
-
-
-class _Head:
-    """Passes reads through, keeps the first ``HEAD_KEEP`` bytes and hands
-    every byte to ``sink`` when one is set (a copy of the stream)."""
-
-    def __init__(self, src: Any) -> None:
-        self.src = src
-        self.head = bytearray()
-        self.sink: Callable[[bytes], object] | None = None
-        self.room: int = getattr(src, "room", 0)  # see ByteReader: passed through
-
-    def read(self, n: int = -1) -> bytes:
-        b: bytes = self.src.read(n)
-        self._saw(b)
-        return b
-
-    def read_spaced(self) -> bytearray:
-        b: bytearray = self.src.read_spaced()
-        self._saw(memoryview(b)[self.room:])
-        return b
-
-    def _saw(self, b: bytes | memoryview) -> None:
-        if len(self.head) < HEAD_KEEP:
-            self.head += b[:HEAD_KEEP - len(self.head)]
-        if self.sink is not None and b:
-            self.sink(b)  # type: ignore[arg-type]
-
-    def seekable(self) -> bool:
-        return False
-
-
 @dataclass
 class SequentialInput:
     """An opened one-pass input: a reader at the QEMU stream's first byte.
@@ -314,15 +159,15 @@ class SequentialInput:
     compression: str | None
     input_size: int | None
     input_allocated: int | None
-    _raw: _Raw
-    _head: _Head
+    _raw: RawInput
+    _head: Tap
     _ahead: ReadAhead | None = None
 
     @property
     def head(self) -> bytes:
         return bytes(self._head.head)
 
-    def tee(self, write: Callable[[bytes], object]) -> None:
+    def tee(self, write: Callable[[bytes | memoryview], object]) -> None:
         """Hand every stream byte read from now on to ``write`` (before any is read).
 
         The reader reads ahead, so ``write`` may get bytes past the stream's
@@ -378,7 +223,7 @@ def open_sequential(path: str, *, offset: int | None = None,
             raise InputError(path, e) from e
         name, close = path, True
     try:
-        raw = _Raw(fd, name, close)
+        raw = RawInput(fd, name, close)
     except InputError:  # standard input closed (``<&-``)
         if close:
             os.close(fd)
@@ -390,7 +235,7 @@ def open_sequential(path: str, *, offset: int | None = None,
         raise
 
 
-def _open(raw: _Raw, path: str, name: str, offset: int | None) -> SequentialInput:
+def _open(raw: RawInput, path: str, name: str, offset: int | None) -> SequentialInput:
     st = os.fstat(raw.fd)
     size = None if raw.is_pipe else st.st_size
     alloc = None if raw.is_pipe else st.st_blocks * 512
@@ -423,24 +268,24 @@ def _open(raw: _Raw, path: str, name: str, offset: int | None) -> SequentialInpu
     else:
         prefix, start = head, 0
         kind = sniff_compression(head)
-    src = _Prefixed(prefix, raw)
+    src = Prefixed(prefix, raw)
     ahead: ReadAhead | None = None
     if kind is not None:
         where = "compressed image" if lv is not None else "compressed file"
         sname = f"{name} (decompressed {kind} stream of the {where})"
-        from .decompress import Decoded
+        from ..io.decompress import Decoded
 
         ahead = Decoded(kind, src, sname, name, "image" if lv is not None else "file")
         start = 0
     elif raw.is_pipe:
-        from .readahead import PipeAhead
+        from ..io.readahead import PipeAhead
 
         sname = name
         ahead = PipeAhead(src, name)
     else:
         sname = name
-    tap = _Head(src if ahead is None else ahead)
-    r = ByteReader(tap, sname, start=start, bufsize=DECODED_CHUNK)  # type: ignore[arg-type]
+    tap = Tap(src if ahead is None else ahead)
+    r = ByteReader(tap, sname, start=start, bufsize=DECODED_CHUNK)
     return SequentialInput(path, sname, r, start, lv, kind, size, alloc, raw, tap, ahead)
 
 

@@ -19,7 +19,6 @@ the vmdesc trailer that describes them always come from one place.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -27,6 +26,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import UnsupportedFeature
+from ..io.runs import index_runs
 from .constants import (
     RAM_FLAG_CONTINUE,
     RAM_FLAG_EOS,
@@ -317,8 +317,7 @@ class MappedRamWriter:
         self.ram_end = pos  # EOS goes here
         self.fresh = fresh
         # One bool per page, allocated at the block's first written page.
-        self.bitmaps: list[np.ndarray | None] = [None] * len(blocks)
-        self._alloc_lock = threading.Lock()
+        self._bitmaps: dict[int, np.ndarray] = {}
         self.tail_offset = pos + len(EOS) + 5
         self.finished = False
 
@@ -349,23 +348,35 @@ class MappedRamWriter:
             done += os.pwrite(w, mv[done:], off + done)
         self.bits(bi)[first:first + n] = True
 
+    def write_runs(self, bi: int, idx: np.ndarray, data: np.ndarray,
+                   fd: int | None = None) -> None:
+        """pwrite pages ``data[k]`` to page ``idx[k]``, one call per consecutive run.
+
+        Strided pages (stream record slots) are gathered into one contiguous
+        buffer first: measured faster than ``pwritev`` over per-page views.
+        """
+        firsts = idx.tolist() if idx.size else []
+        for a, n in index_runs(idx):
+            chunk = data[a:a + n]
+            if not chunk.flags.c_contiguous:
+                chunk = np.ascontiguousarray(chunk)
+            self.write_pages(bi, firsts[a], chunk, fd=fd)
+
     def bits(self, bi: int) -> np.ndarray:
         """The block's page bits (one bool per page), allocated on first use.
 
-        Channel threads call this concurrently: the allocation is locked so
-        that two first writers cannot each set bits in an array of their own.
+        Channel threads call this concurrently: ``dict.setdefault`` is atomic,
+        so two first writers agree on one array (a loser's is dropped unused)
+        without a lock in the codec.
         """
-        b = self.bitmaps[bi]
+        b = self._bitmaps.get(bi)
         if b is None:
-            with self._alloc_lock:
-                b = self.bitmaps[bi]
-                if b is None:
-                    b = self.bitmaps[bi] = np.zeros(self.placed[bi].spec.npages, dtype=bool)
+            b = self._bitmaps.setdefault(bi, np.zeros(self.placed[bi].spec.npages, dtype=bool))
         return b
 
     def mark_zero(self, bi: int, pages: np.ndarray | slice | int) -> None:
         """Pages that are zero now: clear their bits, write nothing (holes)."""
-        b = self.bitmaps[bi]
+        b = self._bitmaps.get(bi)
         if b is not None:
             b[pages] = False
 
@@ -383,7 +394,7 @@ class MappedRamWriter:
 
     def _write_bitmap(self, bi: int) -> None:
         off = self.placed[bi].bitmap_offset
-        if self.bitmaps[bi] is None and self.fresh:
+        if bi not in self._bitmaps and self.fresh:
             return  # nothing set, and the region is a hole already
         raw = self.encode_bitmap(bi)
         if not self.fresh:

@@ -50,7 +50,7 @@ from .layout import PhysRange, physical_ranges, x86_below_4g, x86_firmware_range
 
 if TYPE_CHECKING:
     from ..format.devstate import DeviceState
-    from ..format.migfile import MigrationFile
+    from ..format.migfile import MigrationFile, RAMBlock
 
 __all__ = ["ElfCore", "build_core", "cpu_notes", "find_vmcoreinfo", "note",
            "prstatus_i386", "prstatus_x86_64", "qemu_cpu_state", "vmcoreinfo_note_at"]
@@ -190,7 +190,7 @@ def cpu_notes(cpus: Sequence[X86CPUState]) -> tuple[int, bytes]:
 GuestRead = Callable[[int, int], "bytes | None"]
 
 
-def _guest_reader(ranges: Sequence[PhysRange]) -> GuestRead:
+def _guest_reader(ranges: Sequence[PhysRange[RAMBlock]]) -> GuestRead:
     """read(gpa, n): guest bytes when [gpa, gpa+n) lies in one range, else None."""
     def read(gpa: int, n: int) -> bytes | None:
         for r in ranges:
@@ -237,7 +237,7 @@ def _pread_full(fd: int, buf: memoryview, offset: int, path: str) -> None:
         got += k
 
 
-def _name_candidates(mf: MigrationFile, pr: PhysRange,
+def _name_candidates(mf: MigrationFile, pr: PhysRange[RAMBlock],
                      cancel: Callable[[], bool] | None = None) -> Iterator[int]:
     """Guest addresses of 4-byte-aligned ``VMCO`` words in the range's present pages.
 
@@ -275,7 +275,7 @@ def _name_candidates(mf: MigrationFile, pr: PhysRange,
             yield pr.gpa + (r.first + page) * ps - pr.block_offset + 4 * word
 
 
-def find_vmcoreinfo(mf: MigrationFile, ranges: Sequence[PhysRange],
+def find_vmcoreinfo(mf: MigrationFile, ranges: Sequence[PhysRange[RAMBlock]],
                     cancel: Callable[[], bool] | None = None) -> tuple[int, bytes] | None:
     """The first valid Linux VMCOREINFO note in guest RAM: ``(gpa of its header, bytes)``.
 
@@ -328,8 +328,8 @@ class ElfCore:
 
     machine: int
     notes: bytes
-    loads: list[PhysRange]
-    ram: list[PhysRange]
+    loads: list[PhysRange[RAMBlock]]
+    ram: list[PhysRange[RAMBlock]]
     cpus: list[X86CPUState] = field(default_factory=list)
     vmcoreinfo: tuple[int, str] | None = None
     scan_pending: bool = False
@@ -350,7 +350,7 @@ class ElfCore:
         end = EHDR.size + self._nph * PHDR.size + self._room
         return (end + DATA_ALIGN - 1) // DATA_ALIGN * DATA_ALIGN
 
-    def placed(self) -> list[tuple[PhysRange, int]]:
+    def placed(self) -> list[tuple[PhysRange[RAMBlock], int]]:
         """Each LOAD's range with the (page-aligned) file offset of its data."""
         out, off = [], self.data_start
         for r in self.loads:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from ..errors import IncompleteSave, OutputError, UsageError
-from ..format.migfile import MigrationFile
+from ..format.migfile import MigrationFile, RAMBlock
 from ..format.sequential import OnePassFile
 from ..format.walker import Save
 from ..output import AtomicOutput, output_error, staged_directory
@@ -93,7 +93,7 @@ def extract(save: Save, output: str, fmt: str = "raw", *, force: bool = False,
         raise UsageError(f"unknown output format {fmt!r}")
 
 
-def unique_names(mf: MigrationFile) -> list[str]:
+def unique_names(mf: Save) -> list[str]:
     """One distinct file name per block, whatever names the file declares."""
     used: set[str] = {"index.json"}
     names = []
@@ -152,7 +152,7 @@ def _write_raw_set(mf: MigrationFile, d: str, progress: Progress | None) -> dict
     return index
 
 
-def _write_ranges(mf: MigrationFile, placed: list[tuple[PhysRange, int]], fd: int,
+def _write_ranges(mf: MigrationFile, placed: list[tuple[PhysRange[RAMBlock], int]], fd: int,
                   progress: Progress | None) -> None:
     """Copy each range's pages to ``fd`` at the output offset paired with it."""
     copier = RunCopier(mf.fd, 4096, RUN_PAGES, src_name=mf.path)
@@ -165,7 +165,8 @@ def _write_ranges(mf: MigrationFile, placed: list[tuple[PhysRange, int]], fd: in
 
 
 def _write_image(mf: MigrationFile, out: AtomicOutput,
-                 placed: list[tuple[PhysRange, int]], head: bytes | Callable[[], bytes],
+                 placed: list[tuple[PhysRange[RAMBlock], int]],
+                 head: bytes | Callable[[], bytes],
                  size: int, progress: Progress | None) -> None:
     """Fill ``out`` with ``size`` bytes and commit it: each range at its offset,
     then ``head`` at 0. The caller opens ``out`` before any other work, so a
@@ -188,7 +189,8 @@ def _write_image(mf: MigrationFile, out: AtomicOutput,
 
 
 def extract_physical(mf: MigrationFile, out_path: str | os.PathLike[str], *,
-                     force: bool = False, progress: Progress | None = None) -> list[PhysRange]:
+                     force: bool = False,
+                     progress: Progress | None = None) -> list[PhysRange[RAMBlock]]:
     """A sparse image of guest-physical memory (x86 pc/q35 layout)."""
     with AtomicOutput(out_path, force=force) as out:
         ranges = physical_ranges(mf)
@@ -198,7 +200,7 @@ def extract_physical(mf: MigrationFile, out_path: str | os.PathLike[str], *,
 
 
 def extract_elf(mf: MigrationFile, out_path: str | os.PathLike[str], *, force: bool = False,
-                progress: Progress | None = None) -> list[PhysRange]:
+                progress: Progress | None = None) -> list[PhysRange[RAMBlock]]:
     """An ELF64 core as QEMU's dump-guest-memory writes it; returns its LOAD ranges.
 
     Notes first (per-vCPU registers, QEMU's CPU state, the guest's VMCOREINFO;
@@ -245,7 +247,7 @@ def extract_elf(mf: MigrationFile, out_path: str | os.PathLike[str], *, force: b
 
 
 def stream_image(mf: MigrationFile, fmt: str, out: BinaryIO,
-                 progress: Progress | None = None) -> list[PhysRange]:
+                 progress: Progress | None = None) -> list[PhysRange[RAMBlock]]:
     """A ``physical`` or ``elf`` image written in order to ``out`` (``-o -``, a pipe).
 
     A pipe cannot seek, so holes are written as zeros and the ELF header goes

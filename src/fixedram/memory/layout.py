@@ -9,9 +9,13 @@ type and the RAM size.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from ..errors import CorruptFile, UnsupportedFeature
-from ..format.migfile import MigrationFile, RAMBlock
+from ..format.walker import BlockFacts, SaveFacts
+
+# A range's block is the reader's own: a file's can be read at offsets, a pipe's cannot.
+B = TypeVar("B", bound=BlockFacts)
 
 __all__ = ["PhysRange", "main_ram_block", "physical_ranges", "x86_firmware_ranges"]
 
@@ -21,16 +25,16 @@ X86_BIOS_BLOCK = "pc.bios"
 
 
 @dataclass(frozen=True)
-class PhysRange:
+class PhysRange(Generic[B]):
     """``length`` bytes of ``block`` from ``block_offset`` appear at guest address ``gpa``."""
 
     gpa: int
-    block: RAMBlock
+    block: B
     block_offset: int
     length: int
 
 
-def main_ram_block(mf: MigrationFile) -> RAMBlock:
+def main_ram_block(mf: SaveFacts[B]) -> B:
     """The guest's main RAM: ``pc.ram`` on x86, else the largest block."""
     if not mf.blocks:
         raise CorruptFile("the file holds no RAMBlock to place in guest memory", path=mf.path,
@@ -54,7 +58,7 @@ def x86_below_4g(machine: str, ram_size: int) -> int:
     return min(ram_size, lowmem)
 
 
-def physical_ranges(mf: MigrationFile) -> list[PhysRange]:
+def physical_ranges(mf: SaveFacts[B]) -> list[PhysRange[B]]:
     """Guest-physical ranges of the file's main RAM, in address order.
 
     Placed by the machine type's board layout. The per-block address that
@@ -71,7 +75,7 @@ def physical_ranges(mf: MigrationFile) -> list[PhysRange]:
     return out
 
 
-def x86_firmware_ranges(mf: MigrationFile) -> list[PhysRange]:
+def x86_firmware_ranges(mf: SaveFacts[B]) -> list[PhysRange[B]]:
     """The BIOS ROM as x86 pc/q35 map it: ``pc.bios`` ending at 4 GiB.
 
     QEMU's ``dump-guest-memory`` writes a LOAD for it (SeaBIOS: 0xfffc0000,

@@ -19,7 +19,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import itertools
 import json
 import mmap
 import os
@@ -31,18 +30,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import IncompleteSave, OutputError, UnsupportedFeature, UsageError
+from ..errors import IncompleteSave, OutputError, UnsupportedFeature
 from ..format.sequential import OnePassFile
 from ..format.walker import Save
+from ..io.runs import index_runs
 from ..output import AtomicOutput, output_error, staged_directory
 from .copy import WRITEBACK_BYTES
 from .extract import unique_names
 from .layout import physical_ranges
 
 if TYPE_CHECKING:
-    from ..tools.verify import BlockDiff
+    pass
 
-__all__ = ["OnePassCompare", "extract_one_pass"]
+__all__ = ["extract_one_pass"]
 
 _FALLOC_FL_KEEP_SIZE = 1
 _FALLOC_FL_PUNCH_HOLE = 2
@@ -67,15 +67,6 @@ class _Segment:
     hi: int
     file: int
     base: int
-
-
-def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
-    """(start position in idx, length) of each run of consecutive page numbers."""
-    n = idx.size
-    if n == 1 or bool((idx[-1] - idx[0] == n - 1) and (np.diff(idx) == 1).all()):
-        return [(0, n)]
-    brk = [0, *(np.flatnonzero(np.diff(idx) != 1) + 1).tolist(), n]
-    return [(a, b - a) for a, b in itertools.pairwise(brk)]
 
 
 def _direct(fd: int, on: bool) -> bool:
@@ -164,7 +155,7 @@ class _Placed:
         """(segment, position in idx, count, first page) for each run inside a segment."""
         out = []
         segs = self.segments[bi]
-        for a, n in _runs(idx):
+        for a, n in index_runs(idx):
             first = int(idx[a])
             end = first + n
             for s in segs:
@@ -291,7 +282,7 @@ class _RawSet(_Placed):
         self._tried: set[int] = set()  # blocks whose O_DIRECT was tried once
 
     def begin(self, f: Save) -> None:
-        self.names = unique_names(f)  # type: ignore[arg-type]
+        self.names = unique_names(f)
         for b, name in zip(f.blocks, self.names, strict=True):
             path = os.path.join(self.dir, name)
             if os.path.dirname(path) != self.dir:  # defence in depth
@@ -368,7 +359,7 @@ class _Physical(_Placed):
     def begin(self, f: Save) -> None:
         self.direct(self.out.fd)
         self.segments = [[] for _ in f.blocks]
-        for r in physical_ranges(f):  # type: ignore[arg-type]
+        for r in physical_ranges(f):
             ps = r.block.page_size
             lo = r.block_offset // ps
             self.segments[r.block.index].append(
@@ -443,85 +434,3 @@ def _extract_raw(src: OnePassFile, outdir: str, force: bool,
         if f is not None:
             f.close()
         raise
-
-
-class OnePassCompare:
-    """Compares each arriving page with the same page of a file (``verify --against``).
-
-    One bool per page says whether the page's last copy differs; a later copy
-    decides again. Pages the stream never sent count as zero, as in
-    :func:`fixedram.tools.verify.compare`.
-    """
-
-    def __init__(self, other: Save) -> None:
-        from ..format.migfile import MigrationFile
-
-        if not isinstance(other, MigrationFile):
-            raise UsageError(f"{other.path}: a save compared page by page with a one-pass "
-                             "input must be a file that can be read at offsets")
-        self.other = other
-        self.by_name = {b.idstr: b for b in other.blocks}
-        self.pairs: list[Any] = []  # the other's block for each of ours (same length), or None
-        self.diff: list[np.ndarray | None] = []
-
-    def begin(self, f: Save) -> None:
-        for b in f.blocks:
-            o = self.by_name.get(b.idstr)
-            same = o is not None and o.used_length == b.used_length and \
-                o.page_size == b.page_size
-            self.pairs.append(o if same else None)
-            self.diff.append(np.zeros(b.npages, dtype=bool) if same else None)
-
-    def _theirs(self, bi: int, first: int, n: int) -> np.ndarray:
-        o = self.pairs[bi]
-        ps = o.page_size
-        return np.frombuffer(o.read(first * ps, n * ps), dtype=np.uint8).reshape(n, ps)
-
-    def pages(self, bi: int, idx: np.ndarray, data: np.ndarray) -> None:
-        d = self.diff[bi]
-        if d is None:
-            return
-        for a, n in _runs(idx):
-            first = int(idx[a])
-            d[first:first + n] = (data[a:a + n] != self._theirs(bi, first, n)).any(axis=1)
-
-    def zeros(self, bi: int, idx: np.ndarray, had_data: np.ndarray) -> None:
-        d = self.diff[bi]
-        if d is None:
-            return
-        self._nonzero_theirs(bi, np.unique(idx), d)
-
-    def _nonzero_theirs(self, bi: int, pages: np.ndarray, d: np.ndarray) -> None:
-        """Pages ``pages`` (ascending) are zero here: they differ where the file's are not."""
-        for a, n in _runs(pages) if pages.size else []:
-            first = int(pages[a])
-            d[first:first + n] = self._theirs(bi, first, n).any(axis=1)
-
-    def result(self, f: Save, max_report: int = 1000) -> list[BlockDiff]:
-        from ..tools.verify import BlockDiff
-
-        out: list[BlockDiff] = []
-        mine = set()
-        for b, o, d in zip(f.blocks, self.pairs, self.diff, strict=True):
-            mine.add(b.idstr)
-            other = self.by_name.get(b.idstr)
-            if other is None:
-                out.append(BlockDiff(b.idstr, only_in="a", length_a=b.used_length))
-                continue
-            bd = BlockDiff(b.idstr, length_a=b.used_length, length_b=other.used_length)
-            if o is None or d is None:
-                out.append(bd)
-                continue
-            # Never sent here: zero, so it differs where the other holds non-zero data.
-            sent = np.union1d(b.present_pages(), b.zeroed_pages())
-            self._nonzero_theirs(b.index, np.setdiff1d(o.present_pages(), sent,
-                                                       assume_unique=True), d)
-            rows = np.flatnonzero(d)
-            if rows.size:
-                bd.count = int(rows.size)
-                bd.differing_pages = rows[:max_report].tolist()
-                out.append(bd)
-        for name, o in self.by_name.items():
-            if name not in mine:
-                out.append(BlockDiff(name, only_in="b", length_b=o.used_length))
-        return out

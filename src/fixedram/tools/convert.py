@@ -34,16 +34,15 @@ from ..format.libvirt import LibvirtHeader
 from ..format.machine import MachineState
 from ..format.migfile import MigrationFile
 from ..format.sequential import (
+    OnePassFile,
     SequentialInput,
-    is_one_pass,
-    open_sequential,
     scan,
-    seekable_path,
 )
 from ..format.walker import Save
 from ..format.writer import BlockSpec, MappedRamWriter, StreamWriter, refuse_unloadable_mapped_ram
 from ..memory.copy import RUN_PAGES, RunCopier
 from ..output import AtomicOutput, BackgroundWriter, output_error
+from ..save import open_save
 
 __all__ = ["convert_file", "copy_one_pass", "to_mapped_ram", "to_stream"]
 
@@ -122,12 +121,14 @@ def convert_file(src: str, dst: str, to: str, *, offset: int = 0, src_offset: in
         raise ValueError(to)
     if dst == "-" and to != "stream":
         raise OutputError("mapped-ram output needs a seekable file, not stdout")
-    real = seekable_path(src, stdin_fd)
-    if real is None or is_one_pass(src, stdin_fd):
-        with open_sequential(src, offset=src_offset, stdin_fd=stdin_fd) as si:
+    save = open_save(src, offset=src_offset, strict=True, stdin_fd=stdin_fd)
+    if isinstance(save, OnePassFile):  # its stream is copied or written as it arrives
+        with save.src as si:
             return _convert_one_pass(si, dst, to, offset=offset, force=force, bare=bare,
                                      stdout=stdout)
-    with MigrationFile(real, offset=src_offset) as mf:
+    assert isinstance(save, MigrationFile)
+    real = save.path
+    with save as mf:
         if to == "mapped-ram":  # before an output exists (to_mapped_ram checks it again)
             refuse_unloadable_mapped_ram(mf.header, mf.path)
         lv = _libvirt_out(mf.libvirt, dst, offset, bare)
@@ -196,17 +197,15 @@ class _MappedRamTarget:
                                  fresh=True)
 
     def pages(self, bi: int, idx: np.ndarray, data: np.ndarray) -> None:
-        from ..bridge.receive import write_runs
-
         assert self.w is not None
-        write_runs(self.w, bi, idx, data)
+        self.w.write_runs(bi, idx, data)
 
     def zeros(self, bi: int, idx: np.ndarray, had_data: np.ndarray) -> None:
         assert self.w is not None
         self.w.mark_zero(bi, idx)
 
 
-def copy_one_pass(si: SequentialInput, write: Callable[[bytes], object]) -> int:
+def copy_one_pass(si: SequentialInput, write: Callable[[bytes | memoryview], object]) -> int:
     """The QEMU stream of a one-pass input, as it is, to ``write`` (a pipe, a socket),
     each record checked on the way; return the stream's length.
 
@@ -236,7 +235,7 @@ def _convert_one_pass(si: SequentialInput, dst: str, to: str, *, offset: int, fo
             with scan(si, target, strict=True) as f:
                 _require_complete(f)
                 assert target.w is not None
-                target.w.state = MachineState.from_file(f).with_mapped_ram(True)  # type: ignore[arg-type]
+                target.w.state = MachineState.from_file(f).with_mapped_ram(True)
                 end = target.w.finish()
         else:
             bw = BackgroundWriter(ao.fd, start)

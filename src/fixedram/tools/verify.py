@@ -9,12 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FixedramError, FormatError
+from ..errors import FixedramError, FormatError, UsageError
 from ..format.migfile import MigrationFile, RAMBlock
 from ..format.walker import Save
+from ..io.runs import index_runs
 from ..memory.pages import iter_chunks
 
-__all__ = ["BlockDiff", "compare", "compare_total", "structural_problems"]
+__all__ = ["BlockDiff", "OnePassCompare", "compare", "compare_total", "structural_problems"]
 
 
 def structural_problems(mf: Save) -> list[str]:
@@ -130,3 +131,83 @@ def open_checked(path: str, opener: Callable[..., Save] | None = None
     except FixedramError:
         raise
     return mf, structural_problems(mf)
+
+
+class OnePassCompare:
+    """Compares each arriving page with the same page of a file (``verify --against``).
+
+    One bool per page says whether the page's last copy differs; a later copy
+    decides again. Pages the stream never sent count as zero, as in
+    :func:`fixedram.tools.verify.compare`.
+    """
+
+    def __init__(self, other: Save) -> None:
+        from ..format.migfile import MigrationFile
+
+        if not isinstance(other, MigrationFile):
+            raise UsageError(f"{other.path}: a save compared page by page with a one-pass "
+                             "input must be a file that can be read at offsets")
+        self.other = other
+        self.by_name = {b.idstr: b for b in other.blocks}
+        self.pairs: list[Any] = []  # the other's block for each of ours (same length), or None
+        self.diff: list[np.ndarray | None] = []
+
+    def begin(self, f: Save) -> None:
+        for b in f.blocks:
+            o = self.by_name.get(b.idstr)
+            same = o is not None and o.used_length == b.used_length and \
+                o.page_size == b.page_size
+            self.pairs.append(o if same else None)
+            self.diff.append(np.zeros(b.npages, dtype=bool) if same else None)
+
+    def _theirs(self, bi: int, first: int, n: int) -> np.ndarray:
+        o = self.pairs[bi]
+        ps = o.page_size
+        return np.frombuffer(o.read(first * ps, n * ps), dtype=np.uint8).reshape(n, ps)
+
+    def pages(self, bi: int, idx: np.ndarray, data: np.ndarray) -> None:
+        d = self.diff[bi]
+        if d is None:
+            return
+        for a, n in index_runs(idx):
+            first = int(idx[a])
+            d[first:first + n] = (data[a:a + n] != self._theirs(bi, first, n)).any(axis=1)
+
+    def zeros(self, bi: int, idx: np.ndarray, had_data: np.ndarray) -> None:
+        d = self.diff[bi]
+        if d is None:
+            return
+        self._nonzero_theirs(bi, np.unique(idx), d)
+
+    def _nonzero_theirs(self, bi: int, pages: np.ndarray, d: np.ndarray) -> None:
+        """Pages ``pages`` (ascending) are zero here: they differ where the file's are not."""
+        for a, n in index_runs(pages):
+            first = int(pages[a])
+            d[first:first + n] = self._theirs(bi, first, n).any(axis=1)
+
+    def result(self, f: Save, max_report: int = 1000) -> list[BlockDiff]:
+        out: list[BlockDiff] = []
+        mine = set()
+        for b, o, d in zip(f.blocks, self.pairs, self.diff, strict=True):
+            mine.add(b.idstr)
+            other = self.by_name.get(b.idstr)
+            if other is None:
+                out.append(BlockDiff(b.idstr, only_in="a", length_a=b.used_length))
+                continue
+            bd = BlockDiff(b.idstr, length_a=b.used_length, length_b=other.used_length)
+            if o is None or d is None:
+                out.append(bd)
+                continue
+            # Never sent here: zero, so it differs where the other holds non-zero data.
+            sent = np.union1d(b.present_pages(), b.zeroed_pages())
+            self._nonzero_theirs(b.index, np.setdiff1d(o.present_pages(), sent,
+                                                       assume_unique=True), d)
+            rows = np.flatnonzero(d)
+            if rows.size:
+                bd.count = int(rows.size)
+                bd.differing_pages = rows[:max_report].tolist()
+                out.append(bd)
+        for name, o in self.by_name.items():
+            if name not in mine:
+                out.append(BlockDiff(name, only_in="b", length_b=o.used_length))
+        return out

@@ -17,10 +17,10 @@ from typing import IO, TYPE_CHECKING, Any, cast
 
 from ..errors import CorruptFile, FixedramError, TruncatedFile, UnsupportedFeature
 from .readahead import ReadAhead
-from .sequential import READ_SIZE
+from .stream import READ_SIZE
 
 if TYPE_CHECKING:
-    from .sequential import _Prefixed
+    from .stream import Prefixed
 
 __all__ = ["Decoded"]
 
@@ -49,7 +49,7 @@ class Decoded(ReadAhead):
     before the failing call, which the decompressor drops: up to a chunk).
     """
 
-    def __init__(self, kind: str, src: _Prefixed, name: str, path: str,
+    def __init__(self, kind: str, src: Prefixed, name: str, path: str,
                  where: str = "image") -> None:
         super().__init__(name, f"fixedram-{kind}-decoder")
         self.kind = kind
@@ -69,7 +69,7 @@ class Decoded(ReadAhead):
         self._dec = self._open(kind, src)
         self.start()
 
-    def _open(self, kind: str, src: _Prefixed) -> Any:
+    def _open(self, kind: str, src: Prefixed) -> Any:
         if kind in ("gzip", "bzip2", "xz"):
             return _Stdlib(kind, src)
         if kind == "zstd":
@@ -84,7 +84,7 @@ class Decoded(ReadAhead):
             return self._open_lzop(src)
         raise ValueError(kind)
 
-    def _open_lzop(self, src: _Prefixed) -> IO[bytes]:
+    def _open_lzop(self, src: Prefixed) -> IO[bytes]:
         # No maintained Python binding reads lzop's file format (python-lzo
         # only handles single LZO blocks): run the lzop tool, as libvirt does.
         # A regular file it reads itself: its file offset, shared with ours,
@@ -112,7 +112,7 @@ class Decoded(ReadAhead):
         assert proc.stdout is not None
         return proc.stdout
 
-    def _feed(self, src: _Prefixed, wfd: int) -> None:
+    def _feed(self, src: Prefixed, wfd: int) -> None:
         try:
             while True:
                 b = src.read(READ_SIZE)
@@ -239,7 +239,7 @@ class _Stdlib:
     Concatenated streams (multi-member gzip, pbzip2, xz) are read one after another.
     """
 
-    def __init__(self, kind: str, src: _Prefixed) -> None:
+    def __init__(self, kind: str, src: Prefixed) -> None:
         self.kind = kind
         self.src = src
         self.d = self._new()
@@ -327,7 +327,7 @@ class _ZstdFrames:
     are passed over unread: a few operations per block (128 KiB of stream).
     """
 
-    def __init__(self, src: _Prefixed) -> None:
+    def __init__(self, src: Prefixed) -> None:
         self.src = src
         self.pos = 0  # compressed bytes passed on
         self.state = _MAGIC

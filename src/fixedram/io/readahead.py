@@ -20,10 +20,10 @@ import time
 from typing import TYPE_CHECKING
 
 from ..errors import FixedramError
-from .sequential import DECODED_CHUNK as CHUNK
+from .stream import DECODED_CHUNK as CHUNK
 
 if TYPE_CHECKING:
-    from .sequential import _Prefixed
+    from .stream import Prefixed
 
 __all__ = ["CHUNK", "ROOM", "PipeAhead", "ReadAhead"]
 
@@ -148,7 +148,7 @@ class ReadAhead:
 class PipeAhead(ReadAhead):
     """A pipe (or any unseekable input) read ahead."""
 
-    def __init__(self, src: _Prefixed, name: str) -> None:
+    def __init__(self, src: Prefixed, name: str) -> None:
         super().__init__(name, "fixedram-pipe-reader")
         self.src = src
         self.start()
