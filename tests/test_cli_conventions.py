@@ -18,9 +18,10 @@ from util import elf_phdrs
 
 FIXEDRAM = str(Path(sys.executable).with_name("fixedram"))
 COMMANDS = ("inspect", "extract", "convert", "verify", "demo", "save", "restore", "guest",
-            "receive", "send", "state", "map", "completion")
+            "receive", "send", "state", "map", "completion", "define-xml")
 # Commands whose --help ends with examples.
-WITH_EXAMPLES = ("inspect", "extract", "receive", "send", "state", "map", "completion")
+WITH_EXAMPLES = ("inspect", "extract", "receive", "send", "state", "map", "completion", "verify",
+                 "define-xml")
 
 
 def _run(*cmd: str, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -158,21 +159,22 @@ def _stream(path: Path, seeds: dict[int, int], finish: bool = True) -> Path:
     return path
 
 
-def test_verify_exit_status_is_qemu_img_compares(tmp_path: Path) -> None:
+def test_verify_exit_status_is_qemu_img_check_and_compare(tmp_path: Path) -> None:
     a = _stream(tmp_path / "a.mig", {0: 1, 3: 7, 5: 0})
     b = _stream(tmp_path / "b.mig", {0: 1, 3: 8, 5: 0})
     cut = _stream(tmp_path / "cut.mig", {0: 1, 3: 7}, finish=False)
     missing = str(tmp_path / "missing.mig")
-    # FILE alone: 0 sound, 1 problems found, 2 cannot be read.
+    # FILE alone, as qemu-img check: 0 sound, 1 could not be checked, 2 problems found.
     r = _run(FIXEDRAM, "verify", str(a))
     assert r.returncode == 0 and r.stdout == f"{a}: OK\n", r.stderr
     r = _run(FIXEDRAM, "verify", str(cut))
-    assert r.returncode == 1 and r.stdout.startswith(f"{cut}: ") and r.stderr == ""
+    assert r.returncode == 2 and r.stdout.startswith(f"{cut}: ") and r.stderr == ""
     for args in ([missing], [str(tmp_path)]):
         r = _run(FIXEDRAM, "verify", *args)
-        assert r.returncode == 2 and r.stderr.startswith("fixedram: error: "), r
+        assert r.returncode == 1 and r.stderr.startswith("fixedram: error: "), r
         assert len(r.stderr.splitlines()) == 1 and r.stdout == ""
-    # --against: 0 equal, 1 differ, 2 error (unreadable or unsound input).
+    # --against, as qemu-img compare: 0 equal, 1 differ, 2 could not compare,
+    # 3 an input unsound (never the status of an unreadable one).
     r = _run(FIXEDRAM, "verify", str(a), "--against", str(a))
     assert r.returncode == 0 and "RAM equal" in r.stdout
     r = _run(FIXEDRAM, "verify", str(a), "--against", str(b), "--json")
@@ -183,7 +185,7 @@ def test_verify_exit_status_is_qemu_img_compares(tmp_path: Path) -> None:
     assert r.returncode == 2 and "missing.mig" in r.stderr and r.stdout == ""
     for x, y in ((a, cut), (cut, a)):
         r = _run(FIXEDRAM, "verify", str(x), "--against", str(y))
-        assert r.returncode == 2 and f"{cut}: " in r.stdout, r
+        assert r.returncode == 3 and f"{cut}: " in r.stdout, r
     # A pipe read in one pass keeps the same statuses.
     with open(b, "rb") as f:
         r = _run(FIXEDRAM, "verify", "-", "--against", str(a), stdin=f)
@@ -195,19 +197,19 @@ def test_verify_exit_status_is_qemu_img_compares(tmp_path: Path) -> None:
     assert _run(FIXEDRAM, "inspect", missing).returncode == 1
 
 
-def test_inspect_of_an_incomplete_file_describes_it_and_exits_1(tmp_path: Path) -> None:
+def test_inspect_of_an_incomplete_file_describes_it_and_exits_2(tmp_path: Path) -> None:
     whole = _stream(tmp_path / "whole.mig", {0: 1, 3: 7})
     cut = _stream(tmp_path / "cut.mig", {0: 1, 3: 7}, finish=False)
     r = _run(FIXEDRAM, "inspect", str(whole), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["complete"] is True
     r = _run(FIXEDRAM, "inspect", str(cut), "--json")
     doc = json.loads(r.stdout)
-    assert r.returncode == 1 and r.stderr == ""
+    assert r.returncode == 2 and r.stderr == ""
     assert doc["complete"] is False and doc["blocks"][0]["pages_present"] == 2
     r = _run(FIXEDRAM, "inspect", str(cut))
-    assert r.returncode == 1 and "complete: NO" in r.stdout and "pc.ram" in r.stdout
+    assert r.returncode == 2 and "complete: NO" in r.stdout and "pc.ram" in r.stdout
     r = _run("bash", "-c", f"cat {cut} | {FIXEDRAM} inspect - --json")  # a pipe: one pass
-    assert r.returncode == 1 and json.loads(r.stdout)["complete"] is False
+    assert r.returncode == 2 and json.loads(r.stdout)["complete"] is False
 
 
 def test_every_json_document_has_schema_version_1(tmp_path: Path) -> None:

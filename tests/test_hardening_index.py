@@ -66,7 +66,7 @@ def test_cut_inside_block_list(tmp_path: Path) -> None:
             assert not mf.complete and mf.error is not None
             assert mf.passes == 0
     r = _cli("inspect", str(p))
-    assert r.returncode == 1 and "Traceback" not in r.stderr and "complete: NO" in r.stdout
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "complete: NO" in r.stdout
     r = _cli("extract", "--allow-incomplete", str(p), "-o", str(tmp_path / "out"))
     assert "Traceback" not in r.stderr, r.stderr
 
@@ -112,7 +112,7 @@ def test_forged_length_touched_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CorruptFile, match="more than a file of this size"):
         MigrationFile(p)
     r = _cli("inspect", str(p))
-    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr  # a malformed save
     assert len(r.stderr.strip().splitlines()) == 1
 
 

@@ -138,7 +138,7 @@ def test_cli_errors_and_table(tmp_path: Path) -> None:
     bad = tmp_path / "bad.mig"
     bad.write_bytes(b"not a migration file" * 10)
     r = _cli("map", str(bad), "--json")
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     # A compressed save has no file offsets to show: refused in one line.
     gz = tmp_path / "s.mig.gz"
     gz.write_bytes(gzip.compress(src.read_bytes()))

@@ -186,9 +186,10 @@ def cli(*args: str, stdin: Path | bytes | None = None,
     return subprocess.CompletedProcess(p.args, p.returncode, out.decode(), err.decode())
 
 
-def one_error_line(p: subprocess.CompletedProcess[str], *words: str) -> str:
-    """The CLI failed with exit 1 and exactly one ``fixedram: error:`` line naming ``words``."""
-    assert p.returncode == 1, p.stdout + p.stderr
+def one_error_line(p: subprocess.CompletedProcess[str], *words: str, status: int = 1) -> str:
+    """The CLI failed with exit ``status`` (1 could not, 2 a malformed or incomplete save)
+    and exactly one ``fixedram: error:`` line naming ``words``."""
+    assert p.returncode == status, p.stdout + p.stderr
     line, = p.stderr.strip().splitlines()
     assert line.startswith("fixedram: error: "), line
     for w in words:

@@ -15,7 +15,7 @@ import pytest
 from bridge_helpers import MIB
 from libvirt_helpers import assert_same_ram, cli, pmemsave, running_domain, virsh, wait_progress
 
-from fixedram.errors import UnsupportedFeature
+from fixedram.errors import IncompleteSave
 from fixedram.format.libvirt import MAGIC_PART
 from fixedram.format.migfile import MigrationFile
 
@@ -92,16 +92,17 @@ def test_libvirt_unfinished_image(images: Images, tmp_path: Path) -> None:
             f.write(MAGIC_PART)  # what libvirt leaves while QEMU is still writing
         info = json.loads(cli("inspect", "--json", str(part)).stdout)
         assert info["libvirt"]["complete"] is False and info["complete"] is False
+        # An incomplete save exits 2 from every command (1 is "could not read").
         p = cli("extract", str(part), "-o", str(tmp_path / "out"))
-        assert p.returncode == 1 and "incomplete" in p.stderr
+        assert p.returncode == 2 and "incomplete" in p.stderr
         assert not (tmp_path / "out").exists()
         p = cli("verify", str(part))
-        assert p.returncode == 1 and "unfinished" in p.stdout
+        assert p.returncode == 2 and "unfinished" in p.stdout
         p = cli("convert", str(part), str(tmp_path / "c.mig"), "--to", "stream")
-        assert p.returncode == 1 and "incomplete" in p.stderr
+        assert p.returncode == 2 and "incomplete" in p.stderr
         assert not (tmp_path / "c.mig").exists()
         p = cli("send", str(part), "-")
-        assert p.returncode == 1 and "incomplete" in p.stderr and p.stdout == ""
+        assert p.returncode == 2 and "incomplete" in p.stderr and p.stdout == ""
 
 
 def test_libvirt_cut_short(images: Images, tmp_path: Path) -> None:
@@ -115,8 +116,8 @@ def test_libvirt_cut_short(images: Images, tmp_path: Path) -> None:
     with MigrationFile(part, strict=False) as mf:
         assert not mf.complete
     p = cli("extract", str(part), "-o", str(tmp_path / "out"))
-    assert p.returncode == 1
-    with pytest.raises(UnsupportedFeature):
+    assert p.returncode == 2
+    with pytest.raises(IncompleteSave):
         from fixedram.tools.convert import to_stream
 
         with MigrationFile(part, strict=False) as mf:

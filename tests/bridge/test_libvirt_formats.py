@@ -167,7 +167,7 @@ def test_bad_libvirt_images(saves: Saves, tmp_path: Path) -> None:
     bad.write_bytes(data[:mid] + bytes(b ^ 0xFF for b in data[mid:mid + 32]) + data[mid + 32:])
     out = tmp_path / "out"
     one_error_line(cli("extract", str(bad), "-o", str(out)), str(bad), "zstd",
-                   "decompressed", "byte offset")
+                   "decompressed", "byte offset", status=2)
     assert not out.exists()
     # An unknown header format.
     unk = tmp_path / "unknown.sav"
@@ -179,20 +179,21 @@ def test_bad_libvirt_images(saves: Saves, tmp_path: Path) -> None:
             args = ["convert", str(unk), str(out), "--to", "stream"]
         p = cli(*args)
         if cmd[0] == "verify":  # verify reports problems on stdout
-            assert p.returncode == 1 and "format 9 unknown" in p.stdout and "28" in p.stdout
+            assert p.returncode == 2 and "format 9 unknown" in p.stdout and "28" in p.stdout
         else:
-            one_error_line(p, str(unk), "format 9 unknown", "byte offset 28")
+            one_error_line(p, str(unk), "format 9 unknown", "byte offset 28", status=2)
         assert not out.exists()
     # A truncated compressed image, as a file and as a pipe closing mid-stream.
     for comp in ("gzip", "xz"):
         whole = saves.images[comp].read_bytes()
         cut = tmp_path / f"cut-{comp}.sav"
         cut.write_bytes(whole[:start + (len(whole) - start) // 2])
-        one_error_line(cli("extract", str(cut), "-o", str(out)), str(cut), "byte offset")
+        one_error_line(cli("extract", str(cut), "-o", str(out)), str(cut), "byte offset",
+                       status=2)
         assert not out.exists()
         p = cli("convert", "-", str(out), "--to", "mapped-ram", stdin=saves.images[comp],
                 limit=len(cut.read_bytes()))
-        one_error_line(p, "stdin", "byte offset")
+        one_error_line(p, "stdin", "byte offset", status=2)
         assert not out.exists()
     assert not [n for n in os.listdir(tmp_path) if "partial" in n]
     # A sparse (mapped-ram) image on a pipe.

@@ -187,9 +187,10 @@ def test_receive_libvirt_header_refusals(domain: Domain, tmp_path: Path) -> None
     out = tmp_path / "out.sav"
     plain = tmp_path / "plain.mig"
     plain.write_bytes(stream)
-    for bad in (plain, tmp_path / "missing.sav"):
+    # A save that is no libvirt image is malformed as one (2); a missing one unreadable (1).
+    for bad, status in ((plain, 2), (tmp_path / "missing.sav", 1)):
         p = cli("receive", "-", "-o", str(out), "--libvirt-header", str(bad), stdin=stream)
-        one_error_line(p, str(bad))
+        one_error_line(p, str(bad), status=status)
         assert not out.exists()
     assert "not a libvirt save image" in cli("receive", "-", "-o", str(out), "--libvirt-header",
                                              str(plain), stdin=b"").stderr

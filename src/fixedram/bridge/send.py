@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from ..errors import FixedramError, TransportError, UnsupportedFeature
+from ..errors import FixedramError, IncompleteSave, TransportError
 from ..format.machine import MachineState
 from ..format.migfile import MigrationFile, Run
 from ..format.multifd import (
@@ -104,8 +104,8 @@ def send(path: str, dest: str, *, stdout: BinaryIO | None = None,
         return s
     with MigrationFile(path, offset=offset) as mf:
         if not mf.complete:
-            raise UnsupportedFeature("the save is incomplete; refusing to send it", path=path,
-                                     offset=mf.size)
+            raise IncompleteSave(f"{path}: the save is incomplete (no EOF marker, at byte "
+                                 f"{mf.size}); refusing to send it")
         u = _destination(dest)
         if on_total is not None:
             on_total(total_bytes(mf))

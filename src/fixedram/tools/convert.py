@@ -29,7 +29,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ..errors import OutputError, UnsupportedFeature
+from ..errors import IncompleteSave, OutputError
 from ..format.libvirt import LibvirtHeader
 from ..format.machine import MachineState
 from ..format.migfile import MigrationFile
@@ -51,9 +51,9 @@ Progress = Callable[[int], None]
 
 def _require_complete(mf: Save) -> None:
     if not mf.complete:
-        raise UnsupportedFeature("the input save is incomplete (no EOF marker, or an unfinished "
-                                 "libvirt image); refusing to convert it", path=mf.path,
-                                 offset=mf.size)
+        raise IncompleteSave(f"{mf.path}: the input save is incomplete (no EOF marker, or an "
+                             f"unfinished libvirt image, at byte {mf.size}); refusing to "
+                             "convert it")
 
 
 LIBVIRT_FORMAT_OF = {"stream": "raw", "mapped-ram": "sparse"}

@@ -21,7 +21,7 @@ import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
 
-from ..errors import CorruptFile, InputError, UsageError
+from ..errors import InputError, UsageError
 from ..format.libvirt import LIBVIRT_PAD, LibvirtHeader, probe_libvirt
 from ..output import AtomicOutput, output_error
 
@@ -41,23 +41,23 @@ class DefineResult:
 
 def _check_xml(xml: bytes, name: str) -> None:
     """A well-formed ``<domain>`` document (libvirt refuses anything else at restore)."""
-    if b"\0" in xml:
-        raise CorruptFile("the domain XML holds a NUL byte, which ends it in the image",
-                          path=name, offset=xml.index(b"\0"))
+    nul = xml.find(b"\0")
+    if nul >= 0:
+        raise UsageError(f"{name}: the domain XML holds a NUL byte at byte {nul}, which "
+                         "would end it in the image")
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as e:
-        raise CorruptFile(f"not well-formed XML: {e}", path=name, offset=0) from None
+        raise UsageError(f"{name}: not well-formed XML: {e}") from None
     if root.tag != "domain":
-        raise CorruptFile(f"the root element is <{root.tag}>, not <domain>", path=name,
-                          offset=0)
+        raise UsageError(f"{name}: the root element is <{root.tag}>, not <domain>")
 
 
 def define_xml(image: str, xml: bytes, *, xml_name: str = "XML") -> DefineResult:
     """Make ``xml`` the domain XML of the libvirt save image ``image``.
 
     :raise UsageError: ``image`` is not a libvirt save image, or is unfinished.
-    :raise CorruptFile: ``xml`` is not a well-formed ``<domain>`` document.
+    :raise UsageError: ``xml`` is not a well-formed ``<domain>`` document.
     :raise OutputError: the image cannot be written; it is left as it was.
     """
     if len(xml) > _MAX_XML:
