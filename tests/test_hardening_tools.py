@@ -26,7 +26,7 @@ from fixedram.format.constants import (
     SectionType,
 )
 from fixedram.format.libvirt import LibvirtHeader
-from fixedram.format.machine import MachineState
+from fixedram.format.machine import DeviceRecord, MachineState
 from fixedram.format.migfile import MigrationFile
 from fixedram.format.primitives import BE64
 from fixedram.format.ram import encode_block_record
@@ -35,6 +35,7 @@ from fixedram.format.writer import EOS, BlockSpec, MappedRamWriter, StreamWriter
 from fixedram.memory import map as memory_map
 from fixedram.memory.map import DATA, KINDS, BlockMap, Extent, file_map, json_text
 from fixedram.tools.convert import convert_file
+from util import assert_truthful_vmdesc
 
 FIXEDRAM = [sys.executable, "-m", "fixedram.cli.main"]
 PS = 4096
@@ -67,21 +68,40 @@ def one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> str:
 # -- 1. convert --to mapped-ram of an x-ignore-shared stream -----------------------
 
 
-def ignore_shared_stream(npages: int = 64, data_pages: int = 8) -> bytes:
+# QEMU's mr->addr of each block: made distinct so a lost or shuffled one shows.
+IGNORE_SHARED_BLOCKS = (("pc.ram", 64, 0), ("pc.bios", 16, 0xfffc0000),
+                        ("/rom@etc/acpi/rsdp", 1, 0x7000))
+
+
+def ignore_shared_stream(npages: int = 64, data_pages: int = 8,
+                         blocks: tuple[tuple[str, int, int], ...] | None = None,
+                         devices: tuple[DeviceRecord, ...] = ()) -> bytes:
     """A complete stream whose configuration declares x-ignore-shared, so each
-    RAMBlock record carries the region's address after its length."""
-    state = MachineState("pc-q35-10.0", ("x-ignore-shared",))
-    used = npages * PS
+    RAMBlock record carries the region's address after its length.
+
+    ``blocks``: (name, pages, address) each; by default one ``pc.ram`` of
+    ``npages`` at address 0. Each block gets ``data_pages`` (at most its
+    size) data pages and one ZERO record after them when there is room.
+    """
+    blocks = blocks or (("pc.ram", npages, 0),)
+    state = MachineState("pc-q35-10.0", ("x-ignore-shared",), devices=list(devices))
     out = bytearray(state.header())
     out += encode_section_full(SectionType.START, state.ram_section_id, RAM_SECTION_NAME, 0,
                                RAM_SECTION_VERSION)
-    out += BE64.pack(used | RAM_FLAG_MEM_SIZE) + encode_block_record("pc.ram", used, gpa=0)
+    out += BE64.pack(sum(n for _, n, _ in blocks) * PS | RAM_FLAG_MEM_SIZE)
+    for name, n, gpa in blocks:
+        out += encode_block_record(name, n * PS, gpa=gpa)
     out += EOS + encode_footer(state.ram_section_id)
-    # StreamWriter.begin() has no address field to write: the START section above is
-    # ours, the page sections and the tail are the writer's.
-    w = StreamWriter(out.extend, state, [BlockSpec("pc.ram", used)])
+    # The START section above is ours (encode_block_record), so the input does not
+    # depend on the writer's begin(); the page sections and the tail are the writer's.
+    w = StreamWriter(out.extend, state, [BlockSpec(name, n * PS, gpa=gpa)
+                                         for name, n, gpa in blocks])
     w.begin_part(end=True)
-    w.pages(0, 0, b"\x5a" * (data_pages * PS))
+    for bi, (_, n, _) in enumerate(blocks):
+        d = min(data_pages, n)
+        w.pages(bi, 0, bytes([0x5a + bi]) * (d * PS))
+        if d < n:
+            w.zero(bi, d)
     w.end_part()
     w.finish()
     return bytes(out)
@@ -135,6 +155,55 @@ def test_convert_ignore_shared_refused_api(tmp_path: Path) -> None:
         convert_file(str(src), str(tmp_path / "out.mig"), "mapped-ram")
     assert ei.value.path == str(src) and ei.value.offset == 8
     assert os.listdir(tmp_path) == ["in.mig"]
+
+
+TIMER = DeviceRecord("timer", 0, 2, 3, b"\x11" * 24,
+                     {"name": "timer", "instance_id": 0, "vmsd_name": "timer", "version": 2,
+                      "fields": [{"name": "t", "array_len": 3, "type": "int64", "size": 8}]})
+
+
+@pytest.mark.parametrize("kind", ["file", "stdin-file", "pipe", "libvirt-raw"])
+def test_convert_ignore_shared_to_stream(tmp_path: Path, kind: str) -> None:
+    """convert --to stream keeps x-ignore-shared whole: every block record of the
+    output carries the source's address (QEMU's loader reads one after each
+    length), so the output parses, its RAM is the input's page by page and its
+    vmdesc describes it."""
+    body = ignore_shared_stream(data_pages=3, blocks=IGNORE_SHARED_BLOCKS, devices=(TIMER,))
+    src = tmp_path / "in.mig"
+    prefix = b""
+    if kind == "libvirt-raw":
+        prefix = LibvirtHeader.new(b"<domain type='kvm'><name>x</name></domain>",
+                                   format="raw").encode()
+    src.write_bytes(prefix + body)
+    out = tmp_path / "out.mig"
+    if kind == "file":
+        r = run("convert", "--to", "stream", str(src), str(out))
+    else:
+        r = run("convert", "--to", "stream", "-", str(out), stdin=src, pipe=kind == "pipe")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    want = [(name, n * PS, gpa) for name, n, gpa in IGNORE_SHARED_BLOCKS]
+    with MigrationFile(str(out)) as mf:
+        assert mf.capabilities == ["x-ignore-shared"]
+        assert [(b.idstr, b.used_length, b.record.gpa) for b in mf.blocks] == want
+        assert [b.pages_present for b in mf.blocks] == [3, 3, 1]
+    r = run("verify", str(out), "--against", str(src))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_truthful_vmdesc(out)
+
+
+def test_stream_writer_ignore_shared_needs_addresses() -> None:
+    """A block without an address cannot be written under x-ignore-shared: its
+    record would be 8 bytes short and misalign the loader."""
+    state = MachineState("pc-q35-10.0", ("x-ignore-shared",))
+    with pytest.raises(ValueError, match="address"):
+        StreamWriter(bytearray().extend, state, [BlockSpec("pc.ram", 16 * PS)])
+    # Without the capability an address is not written at all.
+    plain, shared = bytearray(), bytearray()
+    StreamWriter(plain.extend, MachineState("pc-q35-10.0"),
+                 [BlockSpec("pc.ram", 16 * PS, gpa=0x1000)]).begin()
+    StreamWriter(shared.extend, state, [BlockSpec("pc.ram", 16 * PS, gpa=0x1000)]).begin()
+    rec = encode_block_record("pc.ram", 16 * PS)
+    assert rec in plain and rec + BE64.pack(0x1000) + EOS in shared
 
 
 # -- 2. inspect prices re-sent records at their size in the file ------------------

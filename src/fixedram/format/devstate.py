@@ -38,7 +38,13 @@ _MAX_DEPTH = 32
 # Values decoded per section beyond one per data byte (zero-size fields exist).
 _BUDGET_SLACK = 4096
 _SUBSECTION = SectionType.SUBSECTION
-_NULLPTR_MARKER = 0x30  # '0', what QEMU writes for a NULL element of a pointer array
+# The 1-byte marker QEMU writes for an element of a pointer array: '0' for a
+# NULL element; '1' (auto-allocated arrays) when the element itself follows
+# as the next vmdesc entry of the same name. The vmdesc type is "nullptr" up
+# to QEMU 11.0 (only '0' exists), "ptr-marker" after it.
+_PTR_NULL, _PTR_PRESENT = 0x30, 0x31
+_PTR_MARKER_BYTES = {"nullptr": bytes([_PTR_NULL]), "ptr-marker": bytes([_PTR_NULL, _PTR_PRESENT])}
+_PTR_VALID = object()  # what a '1' marker decodes to: no value, the next entry holds it
 
 # vmstate integer types: (width in bytes, signed). Big-endian on the wire.
 _INT_TYPES: dict[str, tuple[int, bool]] = {
@@ -154,6 +160,8 @@ class _Walk:
         if self.budget < 0:
             raise self.fail("vmdesc describes more values than the section can hold")
         value = self.values(f, name, typ, size, count, arr is not None, end, depth)
+        if value is _PTR_VALID:
+            return  # the element follows under the same name
         if idx is not None:  # one element of an array QEMU could not describe compactly
             if name not in out:
                 out[name] = [value]
@@ -208,10 +216,8 @@ class _Walk:
         elif typ in _FLOAT_TYPES and size == 8:
             vals = struct.unpack_from(f">{count}d", data, pos)
             return list(vals) if is_array else vals[0]
-        elif typ == "nullptr":
-            if size != 1 or data[pos:pos + total] != b"0" * count:
-                raise self.fail(f"field {name!r}: null pointer marker is not '0'", at=pos)
-            return [None] * count if is_array else None
+        elif typ in _PTR_MARKER_BYTES:
+            return self.ptr_markers(name, typ, size, count, is_array, pos)
         elif typ == "pci irq state" and size % 4 == 0:
             n = size // 4
             out = [list(struct.unpack_from(f">{n}i", data, pos + i * size))
@@ -220,6 +226,32 @@ class _Walk:
         # buffers, bitmaps, PCI config space, virtio, unknown types: the raw bytes
         out = [data[pos + i * size:pos + (i + 1) * size] for i in range(count)]
         return out if is_array else out[0]
+
+    def ptr_markers(self, name: str, typ: str, size: int, count: int, is_array: bool,
+                    pos: int) -> Any:
+        """``count`` pointer markers at ``pos``: None for each NULL element.
+
+        QEMU writes each marker as one byte and describes a run of them with
+        one entry; a '1' (ptr-marker only) announces the element that follows
+        it, so it contributes nothing itself. The loader refuses any other byte.
+        """
+        if size != 1:
+            raise self.fail(f"field {name!r}: a pointer marker ({typ}) is 1 byte, the vmdesc "
+                            f"says {size}", at=pos)
+        raw = self.data[pos:pos + count]
+        allowed = _PTR_MARKER_BYTES[typ]
+        for i, b in enumerate(raw):
+            if b not in allowed:
+                want = " or ".join(repr(chr(c)) for c in allowed)
+                raise self.fail(f"field {name!r}: pointer marker ({typ}) is 0x{b:02x}, not {want}",
+                                at=pos + i)
+        if _PTR_PRESENT in raw:
+            if count != 1:
+                # QEMU never compresses an auto-allocated array: each '1' has its own entry.
+                raise self.fail(f"field {name!r}: '1' in a run of {count} pointer markers",
+                                at=pos)
+            return _PTR_VALID
+        return [None] * count if is_array else None
 
     def plan(self, desc: Any, size: int) -> _Plan | None:
         """One unpack format for a struct of plain integers and bools that fill its

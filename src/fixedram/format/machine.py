@@ -157,3 +157,8 @@ class MachineState:
     @property
     def mapped_ram(self) -> bool:
         return "mapped-ram" in output_capabilities(self.capabilities)
+
+    @property
+    def ignore_shared(self) -> bool:
+        """x-ignore-shared reaches the file: every RAMBlock record carries an address."""
+        return "x-ignore-shared" in output_capabilities(self.capabilities)

@@ -103,6 +103,7 @@ class BlockFacts:
         self.used_length = rec.used_length
         self.page_size = rec.page_size
         self.npages = rec.npages
+        self.gpa = rec.gpa
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.idstr!r} 0x{self.used_length:x}>"

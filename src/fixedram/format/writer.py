@@ -58,11 +58,19 @@ MULTIFD_FLUSH = BE64.pack(RAM_FLAG_MULTIFD_FLUSH)
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """A RAMBlock to write: its name and used length."""
+    """A RAMBlock to write: its name, used length and, for x-ignore-shared,
+    its address.
+
+    ``gpa`` is QEMU's ``mr->addr`` (the region's offset in its container), the
+    be64 an x-ignore-shared stream carries after the length of every block;
+    the loader compares it with its own for a shared block, so it is kept
+    from the source rather than made up.
+    """
 
     idstr: str
     used_length: int
     page_size: int = 4096
+    gpa: int | None = None
 
     @property
     def npages(self) -> int:
@@ -71,13 +79,14 @@ class BlockSpec:
     @classmethod
     def of(cls, blocks: Iterable[_BlockLike]) -> list[BlockSpec]:
         """Specs for the blocks of a file or guest being written out again."""
-        return [cls(b.idstr, b.used_length, b.page_size) for b in blocks]
+        return [cls(b.idstr, b.used_length, b.page_size, b.gpa) for b in blocks]
 
 
 class _BlockLike(Protocol):
     idstr: str
     used_length: int
     page_size: int
+    gpa: int | None
 
 
 def _check_blocks(blocks: Sequence[BlockSpec]) -> None:
@@ -87,6 +96,8 @@ def _check_blocks(blocks: Sequence[BlockSpec]) -> None:
             raise ValueError(f"bad or duplicate RAMBlock name {b.idstr!r}")
         if b.used_length <= 0 or b.used_length % b.page_size:
             raise ValueError(f"RAMBlock {b.idstr!r} length must be a page multiple")
+        if b.gpa is not None and not 0 <= b.gpa < 1 << 64:
+            raise ValueError(f"RAMBlock {b.idstr!r} address does not fit a be64")
         seen.add(b.idstr)
 
 
@@ -108,6 +119,10 @@ class StreamWriter:
         _check_blocks(blocks)
         if state.mapped_ram:
             raise ValueError("a sequential stream cannot carry the mapped-ram capability")
+        if state.ignore_shared and any(b.gpa is None for b in blocks):
+            # QEMU's loader reads the address after every block's length:
+            # a record without it would misalign everything after it.
+            raise ValueError("an x-ignore-shared stream needs the address of every RAMBlock")
         self._write = write
         self.state = state
         self.blocks = list(blocks)
@@ -132,8 +147,12 @@ class StreamWriter:
         out += encode_section_full(SectionType.START, self.sid, RAM_SECTION_NAME, 0,
                                    RAM_SECTION_VERSION)
         out += BE64.pack(total | RAM_FLAG_MEM_SIZE)
+        ignore_shared = self.state.ignore_shared
         for b in self.blocks:
-            out += encode_block_record(b.idstr, b.used_length)
+            # ram_save_setup: idstr, used_length, then mr->addr with x-ignore-shared
+            # (the postcopy page size cannot come between: postcopy excludes it).
+            out += encode_block_record(b.idstr, b.used_length,
+                                       gpa=b.gpa if ignore_shared else None)
         if multifd_flush:
             out += MULTIFD_FLUSH
         out += EOS + encode_footer(self.sid)
