@@ -208,7 +208,7 @@ class _Channel:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                                  struct.pack("ll", STALL_SECONDS, 0))
         self.mf = mf
-        self.copier = RunCopier(mf.fd, 4096, 128, src_name=mf.path)
+        self.copier = RunCopier(mf.source, 4096, 128, src_name=mf.path)
         self.compressor = PageCompressor(compression) if compression != "none" else None
         self.q: queue.Queue[_Item] = queue.Queue(QUEUE_DEPTH)
         self.failed = failed
@@ -243,6 +243,9 @@ class _Channel:
         self.bytes += len(b)
 
     def _sendfile(self, offset: int, n: int) -> None:
+        if self.mf.fd < 0:  # a source without a descriptor: read, then send
+            self._send(self.copier.read_run(Run(0, n // 4096, offset, 4096)))
+            return
         done = 0
         while done < n:
             try:

@@ -46,6 +46,7 @@ from ..errors import (
     UnsupportedFeature,
     UsageError,
 )
+from ..io.source import FileSource
 from .libvirt import HEADER_SIZE, MAGIC_DONE, MAGIC_PART, LibvirtHeader, parse_libvirt, with_body
 from .primitives import ByteReader
 from .ram import RAMBlockRecord, RamStreamState, ResendLedger
@@ -498,6 +499,7 @@ class OnePassFile(SaveFacts[OnePassBlock]):
         self.start = src.start
         self.fd = -1
         self.size = src.start
+        self.source = FileSource(-1, self.path, 0)  # the walk makes the real one
         self.error: TruncatedFile | None = None
         self._summary: StreamSummary | None = None
         self.blocks: list[OnePassBlock] = []
@@ -551,6 +553,7 @@ class OnePassFile(SaveFacts[OnePassBlock]):
         os.pwrite(self.fd, cfg, hdr.offset)
         self.size = max(self.summary.end_offset, src.reader.tell())
         os.ftruncate(self.fd, self.size)
+        self.source = FileSource(self.fd, self.path, self.size)
 
     # -- like MigrationFile ----------------------------------------------------
 

@@ -67,7 +67,7 @@ def to_mapped_ram(mf: MigrationFile, fd: int, *, start: int = 0,
     _require_complete(mf)
     state = MachineState.from_file(mf).with_mapped_ram(True)
     w = MappedRamWriter(fd, state, BlockSpec.of(mf.blocks), start=start, fresh=True)
-    copier = RunCopier(mf.fd, 4096, RUN_PAGES, src_name=mf.path)
+    copier = RunCopier(mf.source, 4096, RUN_PAGES, src_name=mf.path)
     for bi, b in enumerate(mf.blocks):
         copier.copy(b.runs(RUN_PAGES), fd, w.placed[bi].pages_offset, progress)
         w.set_present(bi, b.present_pages())
@@ -82,7 +82,7 @@ def to_stream(mf: MigrationFile, write: Callable[[bytes | memoryview], object], 
     w = StreamWriter(write, state, BlockSpec.of(mf.blocks))
     w.begin()
     w.begin_part()
-    copier = RunCopier(mf.fd, 4096, RUN_PAGES, src_name=mf.path)
+    copier = RunCopier(mf.source, 4096, RUN_PAGES, src_name=mf.path)
     for bi, b in enumerate(mf.blocks):
         for run in b.runs(RUN_PAGES):
             if run.stride == b.page_size and w.continues(bi):

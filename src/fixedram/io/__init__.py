@@ -1,0 +1,1 @@
+"""Byte sources under the codec: files, pipes, decoders, qcow2 snapshots."""
