@@ -29,7 +29,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ..errors import OutputError, UnsupportedFeature
+from ..errors import OutputError, UnsupportedFeature, UsageError
 from ..format.libvirt import LibvirtHeader
 from ..format.machine import MachineState
 from ..format.migfile import MigrationFile
@@ -108,8 +108,11 @@ def to_stream(mf: MigrationFile, write: Callable[[bytes | memoryview], object], 
 
 def convert_file(src: str, dst: str, to: str, *, offset: int = 0, src_offset: int | None = None,
                  force: bool = False, progress: Progress | None = None,
-                 stdout: BinaryIO | None = None, bare: bool = False, stdin_fd: int = 0) -> int:
+                 stdout: BinaryIO | None = None, bare: bool = False, stdin_fd: int = 0,
+                 snapshot: str | None = None) -> int:
     """Convert ``src`` (``-``: standard input) into ``dst`` (``-``: stdout, stream only).
+
+    ``snapshot``: in a qcow2 image, the internal snapshot whose VM state is converted.
 
     A libvirt image in gives a libvirt image out unless ``bare`` (or the
     output is stdout, where a QEMU ``exec:`` reads a plain stream).
@@ -124,10 +127,15 @@ def convert_file(src: str, dst: str, to: str, *, offset: int = 0, src_offset: in
         raise OutputError("mapped-ram output needs a seekable file, not stdout")
     real = seekable_path(src, stdin_fd)
     if real is None or is_one_pass(src, stdin_fd):
+        if snapshot is not None:
+            raise UsageError(f"{src}: --snapshot reads a qcow2 image's internal snapshot, and "
+                             "this is not a qcow2 image")
         with open_sequential(src, offset=src_offset, stdin_fd=stdin_fd) as si:
             return _convert_one_pass(si, dst, to, offset=offset, force=force, bare=bare,
                                      stdout=stdout)
-    with MigrationFile(real, offset=src_offset) as mf:
+    from ..save import open_file
+
+    with open_file(real, offset=src_offset, snapshot=snapshot) as mf:
         if to == "mapped-ram":  # before an output exists (to_mapped_ram checks it again)
             refuse_unloadable_mapped_ram(mf.header, mf.path)
         lv = _libvirt_out(mf.libvirt, dst, offset, bare)
