@@ -50,7 +50,7 @@ def fixedram(path: str) -> dict[str, object]:
     t0 = time.perf_counter()
     mf = MigrationFile(path)
     t1 = time.perf_counter()
-    copier = RunCopier(mf.fd, 4096, src_name=mf.path)
+    copier = RunCopier(mf.source, 4096, src_name=mf.path)
     n = 0
     for b in mf.blocks:
         for run in b.runs():

@@ -78,7 +78,7 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
         path.append(v)
         for w in sorted(edges.get(v, ())):
             if state.get(w) == 1:
-                found.append(path[path.index(w):] + [w])
+                found.append([*path[path.index(w):], w])
             elif w not in state:
                 visit(w)
         path.pop()

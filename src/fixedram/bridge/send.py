@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from ..errors import FixedramError, IncompleteSave, TransportError
+from ..errors import FixedramError, IncompleteSave, TransportError, UsageError
 from ..format.machine import MachineState
 from ..format.migfile import MigrationFile, Run
 from ..format.multifd import (
@@ -72,7 +72,8 @@ def send(path: str, dest: str, *, stdout: BinaryIO | None = None,
          offset: int | None = None, multifd_channels: int = 0,
          uuid: bytes = bytes(16), multifd_compression: str = "none",
          progress: Progress | None = None,
-         on_total: Callable[[int], None] | None = None) -> SendSummary:
+         on_total: Callable[[int], None] | None = None,
+         snapshot: str | None = None) -> SendSummary:
     """Stream ``path`` to ``dest`` (``tcp:HOST:PORT``, ``unix:PATH`` or ``-``).
 
     :param multifd_channels: send with socket multifd on this many channels;
@@ -86,6 +87,7 @@ def send(path: str, dest: str, *, stdout: BinaryIO | None = None,
         with the stream bytes sent, per chunk read.
     :param on_total: called once with the bytes of guest RAM to send, when
         known (never for a one-pass input: its size is known at its end).
+    :param snapshot: in a qcow2 image, the internal snapshot whose VM state is sent.
     """
     if multifd_channels and not 1 <= multifd_channels <= 255:
         raise TransportError(f"multifd channels must be 1..255, not {multifd_channels}")
@@ -99,10 +101,15 @@ def send(path: str, dest: str, *, stdout: BinaryIO | None = None,
     t0 = time.monotonic()
     s = SendSummary(os.path.abspath(path), dest)
     if is_one_pass(path):  # a pipe or a compressed image: its stream, checked as it goes
+        if snapshot is not None:
+            raise UsageError(f"{path}: --snapshot reads a qcow2 image's internal snapshot, "
+                             "and this is not a qcow2 image")
         _send_one_pass(path, dest, s, stdout, offset, multifd_channels, progress)
         s.seconds = round(time.monotonic() - t0, 3)
         return s
-    with MigrationFile(path, offset=offset) as mf:
+    from ..save import open_file
+
+    with open_file(path, offset=offset, snapshot=snapshot) as mf:
         if not mf.complete:
             raise IncompleteSave(f"{path}: the save is incomplete (no EOF marker, at byte "
                                  f"{mf.size}); refusing to send it")
@@ -208,7 +215,7 @@ class _Channel:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                                  struct.pack("ll", STALL_SECONDS, 0))
         self.mf = mf
-        self.copier = RunCopier(mf.fd, 4096, 128, src_name=mf.path)
+        self.copier = RunCopier(mf.source, 4096, 128, src_name=mf.path)
         self.compressor = PageCompressor(compression) if compression != "none" else None
         self.q: queue.Queue[_Item] = queue.Queue(QUEUE_DEPTH)
         self.failed = failed
@@ -243,6 +250,9 @@ class _Channel:
         self.bytes += len(b)
 
     def _sendfile(self, offset: int, n: int) -> None:
+        if self.mf.fd < 0:  # a source without a descriptor: read, then send
+            self._send(self.copier.read_run(Run(0, n // 4096, offset, 4096)))
+            return
         done = 0
         while done < n:
             try:

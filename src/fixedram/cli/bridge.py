@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..errors import TransportError
-from .main import _size, int_in, number_in
+from .main import _size, add_snapshot_option, int_in, number_in
 
 
 def cmd_receive(a: argparse.Namespace) -> int:
@@ -64,7 +64,7 @@ def cmd_send(a: argparse.Namespace) -> int:
         s = send(a.file, a.destination, stdout=sys.stdout.buffer, offset=a.offset,
                  multifd_channels=a.multifd_channels, uuid=uuid,
                  multifd_compression=a.multifd_compression, progress=bar,
-                 on_total=bar.set_total if bar is not None else None)
+                 on_total=bar.set_total if bar is not None else None, snapshot=a.snapshot)
     if a.json:
         json.dump(s.as_dict(), sys.stderr if a.destination == "-" else sys.stdout, indent=2)
         (sys.stderr if a.destination == "-" else sys.stdout).write("\n")
@@ -132,5 +132,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--uuid", default=None,
                    help="the destination's -uuid (multifd channels are checked against it)")
     s.add_argument("--json", action="store_true")
+    add_snapshot_option(s)
     s.set_defaults(func=cmd_send)
 

@@ -70,8 +70,15 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
     if a.xml:
         return _print_xml(a.file)
-    with open_input(a.file, offset=a.offset) as s:
+    from ..save import is_qcow2_file
+
+    if a.snapshot is None and is_qcow2_file(a.file):
+        return _print_snapshots(a.file, a.json)
+    with open_input(a.file, offset=a.offset, snapshot=a.snapshot) as s:
         d = describe(s.walk())
+        snap = getattr(s.source, "snapshot", None)
+        if snap is not None:  # the VM state of a qcow2 snapshot
+            d["snapshot"] = snap.as_dict(getattr(s.source, "start", 0))
     # An incomplete save is described in full, then exits 2: scripts see it is unfinished.
     status = EXIT_OK if d["complete"] else EXIT_UNSOUND
     if a.json:
@@ -82,6 +89,40 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
     render_inspect(d)
     return status
+
+
+def _print_snapshots(path: str, as_json: bool) -> int:
+    """The snapshot table of a qcow2 image, as ``qemu-img snapshot -l`` lists it,
+    with the snapshots that hold VM state (the saves in it) marked."""
+    from ..describe import SCHEMA_VERSION
+    from ..io.qcow2 import Qcow2Image
+    from .render import printable, snapshot_table
+
+    with Qcow2Image(path) as img:
+        snaps = [s.as_dict(img.vm_state_offset(s)) for s in img.snapshots]
+        doc = {"schema_version": SCHEMA_VERSION, "file": path, "format": "qcow2",
+               "qcow2_version": img.version, "cluster_size": img.cluster_size,
+               "virtual_size": img.size, "extended_l2": img.extended_l2,
+               "compression_type": ("zstd" if img.compression_type else "zlib"),
+               "encrypted": bool(img.crypt_method), "backing_file": img.backing_file,
+               "data_file": img.data_file, "snapshots": snaps}
+        lines = snapshot_table(img.snapshots)
+    if as_json:
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    n = sum(1 for s in snaps if s["has_vm_state"])
+    print(printable(f"{path}: qcow2 v{doc['qcow2_version']} image, "
+                    f"{doc['cluster_size'] >> 10} KiB clusters, {len(snaps)} internal "
+                    f"snapshots, {n} with VM state (read one with --snapshot ID|TAG)"))
+    if not snaps:
+        if doc["backing_file"]:
+            print(printable(f"backing file {doc['backing_file']}: backing files never hold "
+                            "the VM state of this image"))
+        return 0
+    for line in lines:
+        print(printable(line))
+    return 0
 
 
 def _print_xml(path: str) -> int:
@@ -100,7 +141,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
     from ..memory.extract import extract, total_bytes
     from .progress import open_input, progress_bar
 
-    with open_input(a.file, offset=a.offset) as s:
+    with open_input(a.file, offset=a.offset, snapshot=a.snapshot) as s:
         total = total_bytes(s) if s.random_access else 0  # one pass: not known beforehand
         with progress_bar("extracting", total) as prog:
             extract(s, a.output, a.format, force=a.force, allow_incomplete=a.allow_incomplete,
@@ -133,6 +174,8 @@ examples:
   fixedram inspect guest.sav --json          one JSON object (libvirt images in any format)
   fixedram inspect guest.sav --xml           the domain XML of a libvirt save image
   zstd -dc guest.sav.zst | fixedram inspect -
+  fixedram inspect disk.qcow2                the internal snapshots, as qemu-img snapshot -l
+  fixedram inspect disk.qcow2 --snapshot s1  the VM state of snapshot s1 (savevm s1)
 
 exit status: 0 a complete save, 1 could not read it (or bad options), 2 a malformed or
   incomplete save (an incomplete one is described all the same), 128+N stopped by signal N
@@ -156,6 +199,14 @@ class _Parser(argparse.ArgumentParser):
 
         self.print_usage(sys.stderr)
         self.exit(EXIT_FAILED, f"{self.prog}: error: {message}\n")
+
+
+def add_snapshot_option(s: Any, more: str = "") -> None:
+    """``--snapshot ID|TAG``: which internal snapshot of a qcow2 image is the save."""
+    s.add_argument("--snapshot", metavar="ID|TAG", default=None,
+                   help="in a qcow2 image, the internal snapshot whose VM state is the save "
+                   "(savevm); may be omitted when only one holds VM state"
+                   + (f"; {more}" if more else ""))
 
 
 class _Unused:
@@ -204,6 +255,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="print the domain XML of a libvirt image (as virsh save-image-dumpxml)")
     s.add_argument("--offset", type=_size, default=None,
                    help="stream start in the file (default: found automatically)")
+    add_snapshot_option(s, "without it, a qcow2 image's snapshots are listed")
     s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("extract", help="write guest RAM out of a migration file",
@@ -217,6 +269,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace existing outputs")
     s.add_argument("--allow-incomplete", action="store_true",
                    help="extract a save that has no EOF marker (unfinished)")
+    add_snapshot_option(s)
     s.set_defaults(func=cmd_extract)
 
     for module in (tools, engine, bridge, state, map_cli, completion):

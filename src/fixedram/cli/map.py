@@ -28,7 +28,7 @@ def cmd_map(a: argparse.Namespace) -> int:
 
     if a.svg is not None:
         _check_matplotlib()
-    with open_input(a.file, offset=a.offset) as mf:
+    with open_input(a.file, offset=a.offset, snapshot=a.snapshot) as mf:
         maps = file_map(mf)
         if a.svg is not None:
             _draw(mf.path, mf.format, mf.complete, maps, a.svg, a.force)
@@ -169,7 +169,7 @@ def _human(n: float) -> str:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from .main import _size
+    from .main import _size, add_snapshot_option
 
     s = sub.add_parser("map", help="extents of data, zero and absent pages per RAMBlock, "
                        "with file offsets (qemu-img map of a save)",
@@ -182,4 +182,5 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--force", action="store_true", help="replace an existing --svg output")
     s.add_argument("--offset", type=_size, default=None,
                    help="stream start in the file (default: found automatically)")
+    add_snapshot_option(s)
     s.set_defaults(func=cmd_map)

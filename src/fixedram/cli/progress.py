@@ -123,10 +123,12 @@ def open_input(path: str, **kw: Any) -> Save:
     import contextlib
     import os
 
-    from ..save import open_save
+    from ..save import is_qcow2_file, open_save
 
-    size = 0
-    if path != "-":
+    size: int | None = 0
+    if is_qcow2_file(path):
+        size = None  # the VM state's size is known once the image is open
+    elif path != "-":
         with contextlib.suppress(OSError):  # open_save names the file in its error
             size = os.stat(path).st_size
     with progress_bar(f"indexing {os.path.basename(path)}", size) as bar:

@@ -10,6 +10,7 @@ module for :func:`printable` alone does not load rich.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -97,6 +98,39 @@ def render_inspect(d: dict[str, Any]) -> None:
                 f"{human_bytes(d['resent_bytes'])}")
     c.print(f"devices: {len(d['devices'])} sections; vmdesc trailer: "
             f"{'yes' if d['vmdesc'] else 'no'}")
-    if d["apparent_bytes"] is not None:
+    if "snapshot" in d:
+        sn = d["snapshot"]
+        c.print(Text(f"qcow2 internal snapshot {printable(sn['id'])} "
+                     f"({printable(sn['tag'])}): VM state of {sn['vm_state_size']} bytes at "
+                     f"virtual offset 0x{sn['vm_state_offset']:x}; offsets above are in it"))
+        c.print(f"VM state: {human_bytes(d['apparent_bytes'])}, "
+                f"{human_bytes(d['allocated_bytes'])} of image clusters")
+    elif d["apparent_bytes"] is not None:
         c.print(f"file size: {human_bytes(d['apparent_bytes'])} apparent, "
                 f"{human_bytes(d['allocated_bytes'])} allocated")
+
+
+def qemu_size(n: int) -> str:
+    """A size as QEMU's ``size_to_str`` writes it: three significant digits, binary units."""
+    import math
+
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+    i = min((math.frexp(n / (1000 / 1024))[1] - 1) // 10, len(units) - 1) if n else 0
+    return f"{n / (1 << (10 * i)):0.3g} {units[i]}"
+
+
+def snapshot_table(snaps: Sequence[Any]) -> list[str]:
+    """Lines of a qcow2 snapshot table in ``qemu-img snapshot -l``'s columns (QEMU 10),
+    plus one: whether the snapshot holds VM state (a save fixedram reads)."""
+    import time
+
+    fmt = "%-7s %-16s %8s %19s %15s %10s  %s"
+    out = [fmt % ("ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT", "SAVE")]
+    for s in snaps:
+        secs, ms = divmod(s.vm_clock_ns // 1_000_000, 1000)
+        clock = f"{secs // 3600:04d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{ms:03d}"
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.date_sec))
+        out.append(fmt % (s.id, s.tag, qemu_size(s.vm_state_size), date, clock,
+                          "--" if s.icount is None else str(s.icount),
+                          "VM state" if s.has_vm_state else "disk only"))
+    return out

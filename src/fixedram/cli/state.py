@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from ..errors import UsageError
-from .main import _size
+from .main import _size, add_snapshot_option
 
 # The readable tree shows this much of a buffer; --json has all of it.
 _SHOW_BYTES = 32
@@ -27,7 +27,7 @@ def cmd_state(a: argparse.Namespace) -> int:
     from ..format.devstate import decode_configuration, jsonable
     from .progress import open_input
 
-    with open_input(a.file, offset=a.offset, strict=True) as s:
+    with open_input(a.file, offset=a.offset, strict=True, snapshot=a.snapshot) as s:
         config = decode_configuration(s.walk())
         devices = s.devices()
         if s.random_access:
@@ -121,5 +121,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--device", metavar="NAME", help="only the sections with this name (idstr)")
     s.add_argument("--offset", type=_size, default=None,
                    help="stream start in the file (default: found automatically)")
+    add_snapshot_option(s)
     s.set_defaults(func=cmd_state)
 

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from ..errors import FormatError, UsageError
-from .main import _size
+from .main import _size, add_snapshot_option
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
@@ -21,11 +21,12 @@ def cmd_convert(a: argparse.Namespace) -> int:
         from ..save import open_save, reads_one_pass
 
         if not reads_one_pass(a.input):  # one pass: no size beforehand
-            with open_save(a.input, offset=a.input_offset) as s:
+            with open_save(a.input, offset=a.input_offset, snapshot=a.snapshot) as s:
                 total = total_bytes(s)
     with progress_bar("converting", total) as prog:
         convert_file(a.input, a.output, a.to, offset=a.offset, src_offset=a.input_offset,
-                     force=a.force, progress=prog, stdout=sys.stdout.buffer, bare=a.bare)
+                     force=a.force, progress=prog, stdout=sys.stdout.buffer, bare=a.bare,
+                     snapshot=a.snapshot)
     if a.output == "-":
         sys.stdout.buffer.flush()
     return 0
@@ -43,10 +44,13 @@ def cmd_verify(a: argparse.Namespace) -> int:
     from ..describe import SCHEMA_VERSION
 
     result: dict[str, object] = {"schema_version": SCHEMA_VERSION, "file": a.file}
+    if one_a and a.snapshot is not None:
+        raise UsageError(f"{a.file}: --snapshot reads a qcow2 image's internal snapshot, and "
+                         "this is not a qcow2 image")
     if one_a or one_b:
         probs, probs_b, diff_objs = _verify_one_pass(a.file, a.against, one_a, one_b)
     else:
-        probs, probs_b, diff_objs = _verify_files(a.file, a.against)
+        probs, probs_b, diff_objs = _verify_files(a.file, a.against, a.snapshot)
     result.update(problems=probs, sound=not probs)
     diffs = [d.as_dict() for d in diff_objs]
     if a.against:
@@ -87,14 +91,15 @@ def cmd_verify(a: argparse.Namespace) -> int:
     return status
 
 
-def _verify_files(path: str, against: str | None) -> tuple[list[str], list[str], list[Any]]:
+def _verify_files(path: str, against: str | None,
+                  snapshot: str | None = None) -> tuple[list[str], list[str], list[Any]]:
     from ..tools.verify import compare, compare_total, open_checked
     from .progress import open_input, progress_bar
 
-    def indexed(p: str) -> tuple[Any, list[str]]:
-        return open_checked(p, opener=open_input)
+    def indexed(p: str, snap: str | None = None) -> tuple[Any, list[str]]:
+        return open_checked(p, opener=open_input, snapshot=snap)
 
-    mf, probs = indexed(path)
+    mf, probs = indexed(path, snapshot)
     if against is None:
         if mf is not None:
             mf.close()
@@ -229,6 +234,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--bare", action="store_true",
                    help="from a libvirt image, write the plain QEMU file (default: a libvirt "
                    "image with the same domain XML, format raw or sparse)")
+    add_snapshot_option(s)
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("verify", help="check a save file; compare guest RAM of two files",
@@ -236,6 +242,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("file", help="the file (a libvirt image in any format), or - for stdin")
     s.add_argument("--against", metavar="OTHER", help="compare guest RAM with this file")
     s.add_argument("--json", action="store_true")
+    add_snapshot_option(s, "of FILE")
     s.set_defaults(func=cmd_verify)
 
 

@@ -178,7 +178,7 @@ def _load_mapped(path: str, guest: BuiltinGuest, cfg: MigrationConfig, offset: i
             for fd in fds:
                 os.close(fd)
         for dev in mf.sections:
-            data = os.pread(mf.fd, dev.data_length, dev.data_offset)
+            data = mf.source.pread(dev.data_length, dev.data_offset)
             _load_device(guest, dev, data)
         return sum(run.count for _, run in jobs)
 

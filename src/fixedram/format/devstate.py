@@ -19,7 +19,6 @@ values are capped, and the walk must end exactly at the section's end.
 from __future__ import annotations
 
 import math
-import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -348,11 +347,11 @@ def decode_section(desc: Mapping[str, Any], data: bytes, *, who: str, offset: in
 
 
 def _pread(mf: Save, offset: int, n: int, what: str) -> bytes:
-    data = os.pread(mf.fd, n, offset)
-    if len(data) != n:
-        raise TruncatedFile(f"file ends inside {what}: needed {n} bytes, {len(data)} left",
-                            path=mf.path, offset=offset)
-    return data
+    try:
+        return mf.source.pread(n, offset)
+    except TruncatedFile:
+        raise TruncatedFile(f"file ends inside {what}: needed {n} bytes", path=mf.path,
+                            offset=offset) from None
 
 
 def _device_descs(mf: Save) -> dict[tuple[str, int], Mapping[str, Any]]:

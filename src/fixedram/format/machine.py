@@ -10,7 +10,6 @@ configuration section, as it would in a file QEMU 10 saved that way.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -94,10 +93,11 @@ class MachineState:
         descs = mf.summary.vmdesc.device_entries() if mf.summary.vmdesc else {}
         devices = []
         for d in mf.sections:
-            data = os.pread(mf.fd, d.data_length, d.data_offset)
-            if len(data) != d.data_length:
+            try:
+                data = mf.source.pread(d.data_length, d.data_offset)
+            except TruncatedFile:
                 raise TruncatedFile(f"device section {d.idstr!r} is cut short", path=mf.path,
-                                    offset=d.data_offset)
+                                    offset=d.data_offset) from None
             devices.append(DeviceRecord(d.idstr, d.instance_id, d.version_id, d.section_id,
                                         data, descs.get((d.idstr, d.instance_id))))
         hdr = mf.header

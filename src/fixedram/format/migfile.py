@@ -16,11 +16,12 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import BadMagic, CorruptFile, InputError, TruncatedFile, UnsupportedFeature
+from ..io.source import ByteSource, FileSource, SourceReader
 from .constants import STREAM_MAGIC_BYTES
 from .primitives import ByteReader
 from .ram import PageBudget, RAMBlockRecord, RamStreamState, ResendLedger
@@ -205,10 +206,11 @@ class RAMBlock(BlockFacts):
         if m.bitmap_offset + n > mf.size:
             raise CorruptFile(f"bitmap of RAMBlock {self.idstr!r} ({n} bytes) runs past the "
                               "end of the file", path=mf.path, offset=m.bitmap_offset)
-        raw = os.pread(mf.fd, n, m.bitmap_offset)
-        if len(raw) != n:
+        try:
+            raw = mf.source.pread(n, m.bitmap_offset)
+        except TruncatedFile:
             raise CorruptFile(f"short read of the bitmap of RAMBlock {self.idstr!r}",
-                              path=mf.path, offset=m.bitmap_offset)
+                              path=mf.path, offset=m.bitmap_offset) from None
         # 64-bit little-endian unsigned longs: byte i/8, bit i%8, LSB first.
         return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
 
@@ -356,7 +358,7 @@ class RAMBlock(BlockFacts):
             pg = first + k
             a = max(offset, pg * ps)
             b = min(offset + length, (pg + 1) * ps)
-            data = os.pread(self._mf.fd, b - a, fo + (a - pg * ps))
+            data = self._mf.source.pread(b - a, fo + (a - pg * ps))
             out[a - offset:a - offset + len(data)] = data
         return bytes(out)
 
@@ -375,10 +377,19 @@ class MigrationFile(SaveFacts[RAMBlock]):
     :param progress: called with the bytes walked since its last call (at
         each RAM section, so a caller can show how far indexing a large
         stream has got); the calls add up to the file's size.
+    :param source: read the stream from this byte source instead of opening
+        ``path`` (which then only names the input), e.g. the VM state of a
+        qcow2 snapshot; the file owns it and closes it. Its stream starts at
+        ``offset`` (default 0). When the source has no descriptor, ``fd`` is
+        -1: read through :attr:`source`.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, offset: int | None = None,
-                 strict: bool = True, progress: Callable[[int], None] | None = None) -> None:
+                 strict: bool = True, progress: Callable[[int], None] | None = None,
+                 source: ByteSource | None = None) -> None:
+        if source is not None:
+            self._open_source(path, source, offset, strict, progress)
+            return
         self.path = self.input_path = os.fspath(path)
         # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below.
         try:
@@ -395,6 +406,7 @@ class MigrationFile(SaveFacts[RAMBlock]):
             regular = stat.S_ISREG(st.st_mode)
             self.size = st.st_size if regular else os.lseek(self.fd, 0, os.SEEK_END)
             os.set_blocking(self.fd, True)
+            self.source: ByteSource = FileSource(self.fd, self.path, self.size)
             self._open(offset, strict, progress)
         except OSError as e:
             os.close(self.fd)
@@ -405,11 +417,27 @@ class MigrationFile(SaveFacts[RAMBlock]):
             os.close(self.fd)
             raise
 
+    def _open_source(self, path: str | os.PathLike[str], source: ByteSource,
+                     offset: int | None, strict: bool,
+                     progress: Callable[[int], None] | None) -> None:
+        self.input_path = os.fspath(path)
+        self.path = source.name
+        self.source = source
+        self.size = source.size
+        self.fd = -1 if source.fd is None else source.fd
+        try:
+            self._open(0 if offset is None else offset, strict, progress)
+        except BaseException:
+            source.close()
+            raise
+
     def _open(self, offset: int | None, strict: bool,
               progress: Callable[[int], None] | None) -> None:
         from .libvirt import LibvirtHeader, probe_libvirt
 
-        self.libvirt: LibvirtHeader | None = probe_libvirt(self.fd, self.size, self.path)
+        self.libvirt: LibvirtHeader | None = None
+        if self.fd >= 0:
+            self.libvirt = probe_libvirt(self.fd, self.size, self.path)
         if offset is None:
             offset = (self.libvirt.data_offset if self.libvirt is not None
                       else find_stream_start(self.fd, self.size, self.path))
@@ -417,11 +445,14 @@ class MigrationFile(SaveFacts[RAMBlock]):
             raise CorruptFile(f"stream offset {offset} is outside the file (size {self.size})",
                               path=self.path, offset=0)
         self.start = offset
-        vmdesc = read_vmdesc_at_end(self.fd, self.size, offset, self.path)
+        vmdesc = read_vmdesc_at_end(self.source, offset)
         self.error: TruncatedFile | None = None
         index = _StreamIndex(self.path, self.size - offset)
         index.progress = progress
-        with os.fdopen(os.dup(self.fd), "rb", buffering=0) as f:
+        # A plain file is read through a descriptor of its own (the reader may map it).
+        f: Any = (os.fdopen(os.dup(self.fd), "rb", buffering=0) if self.fd >= 0
+                  else SourceReader(self.source))
+        with f:
             f.seek(offset)
             r = ByteReader(f, self.path, start=offset)
             try:
@@ -452,9 +483,12 @@ class MigrationFile(SaveFacts[RAMBlock]):
     # -- context manager -------------------------------------------------------
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if isinstance(self.source, FileSource):
+            if self.fd >= 0:
+                os.close(self.fd)
+        else:
+            self.source.close()
+        self.fd = -1
 
     # -- facts ---------------------------------------------------------------
 
@@ -474,7 +508,7 @@ class MigrationFile(SaveFacts[RAMBlock]):
                 if buf.size < need:
                     buf = np.empty(need, dtype=np.uint8)
                 n = (run.count - 1) * run.stride + ps  # the last page has no record after it
-                got = os.preadv(self.fd, [buf.data[:n]], run.file_offset)
+                got = self.source.preadv([buf.data[:n]], run.file_offset)
                 if got != n:
                     raise TruncatedFile(f"RAMBlock {b.idstr!r}: page data cut short",
                                         path=self.path, offset=run.file_offset + got)
@@ -502,8 +536,10 @@ class MigrationFile(SaveFacts[RAMBlock]):
         return ix.ledger.superseded_bytes(ix.page_records, ix.zero_records, ix.sends, data, zero)
 
     def allocated_bytes(self) -> int:
-        return os.fstat(self.fd).st_blocks * 512
+        return self.input_sizes()[1] or 0
 
     def input_sizes(self) -> tuple[int | None, int | None]:
+        if not isinstance(self.source, FileSource):
+            return self.size, self.source.allocated_bytes()
         st = os.fstat(self.fd)
         return st.st_size, st.st_blocks * 512

@@ -46,6 +46,7 @@ from ..errors import (
     UnsupportedFeature,
     UsageError,
 )
+from ..io.source import FileSource
 from ..io.stream import (
     DECODED_CHUNK,
     READ_SIZE,
@@ -384,6 +385,7 @@ class OnePassFile(SaveFacts[OnePassBlock]):
         self.start = src.start
         self.fd = -1
         self.size = src.start
+        self.source = FileSource(-1, self.path, 0)  # the walk makes the real one
         self.error: TruncatedFile | None = None
         self._summary: StreamSummary | None = None
         self.blocks: list[OnePassBlock] = []
@@ -443,6 +445,7 @@ class OnePassFile(SaveFacts[OnePassBlock]):
         cfg = src.head[:hdr.end - src.start]
         os.pwrite(self.fd, cfg, hdr.offset)
         os.ftruncate(self.fd, self.size)
+        self.source = FileSource(self.fd, self.path, self.size)
 
     # -- like MigrationFile ----------------------------------------------------
 

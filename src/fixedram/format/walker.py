@@ -33,6 +33,7 @@ from .vmdesc import VMDesc, find_trailer, parse_trailer
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+    from ..io.source import ByteSource
     from .devstate import DeviceState
     from .libvirt import LibvirtHeader
 
@@ -160,6 +161,9 @@ class SaveFacts(Generic[BlockT]):
     :ivar error: why the stream ended early, for an incomplete save.
     :ivar fd: a descriptor holding the stream's device state at its stream
         offsets (the file itself, or an in-memory copy for one pass).
+    :ivar source: the stream's bytes at their stream offsets, read through
+        :meth:`~fixedram.io.source.ByteSource.pread`; ``fd`` is its descriptor,
+        or -1 when it has none (the VM state of a qcow2 snapshot).
     """
 
     blocks: Sequence[BlockT]
@@ -172,6 +176,7 @@ class SaveFacts(Generic[BlockT]):
     summary: StreamSummary
     start: int
     fd: int
+    source: ByteSource
     libvirt: LibvirtHeader | None
     error: TruncatedFile | None
     #: Pages can be read at offsets (runs, reads); otherwise each page is
@@ -299,15 +304,16 @@ class StreamEvents:
         """Called at each RAM section header."""
 
 
-def read_vmdesc_at_end(fd: int, size: int, start: int, path: str) -> VMDesc | None:
-    """Find the vmdesc trailer by reading the end of a seekable file."""
-    if size <= start or os.pread(fd, 1, size - 1) != b"}":
+def read_vmdesc_at_end(src: ByteSource, start: int) -> VMDesc | None:
+    """Find the vmdesc trailer by reading the end of a random-access source."""
+    size, path = src.size, src.name
+    if size <= start or src.pread(1, size - 1) != b"}":
         return None  # the compact JSON always ends the file with '}'
     for span in (1 << 20, 16 << 20, MAX_VMDESC_JSON + 5):
         n = min(span, size - start)
         if n <= 0:
             return None
-        tail = os.pread(fd, n, size - n)
+        tail = src.pread(n, size - n)
         found = find_trailer(tail, size - n, path)
         if found is not None or n == size - start:
             return found
@@ -323,11 +329,17 @@ def _scan_for_footer(r: ByteReader, sh: SectionHeader) -> int:
     assert r.seekable and r.size is not None  # callers check
     pat = bytes([SectionType.FOOTER]) + BE32.pack(sh.section_id)
     pos = sh.data_offset
+    # A SourceReader (the VM state of a qcow2 snapshot) reads through its source.
+    source: ByteSource | None = getattr(r.f, "source", None)
     try:
-        fd = r.f.fileno()
+        if source is not None:
+            def read_at(n: int, off: int) -> bytes:
+                return source.pread(min(n, source.size - off), off)
+        else:
+            fd = r.f.fileno()
 
-        def read_at(n: int, off: int) -> bytes:
-            return os.pread(fd, n, off)
+            def read_at(n: int, off: int) -> bytes:
+                return os.pread(fd, n, off)
     except (OSError, io.UnsupportedOperation):  # a pipe's tail, buffered in memory
         mem = r.f.getbuffer()  # type: ignore[attr-defined]
 

@@ -4,7 +4,9 @@ Runs come from :meth:`fixedram.format.migfile.RAMBlock.runs`. A run whose
 pages are contiguous in the source (mapped-ram) is copied in the kernel with
 ``copy_file_range``; a run of stream page records (data every 4104 bytes) is
 read in one ``preadv`` and its pages gathered with a strided numpy view.
-Pages never written stay holes, so outputs are sparse. Gathered runs are
+A source without a descriptor (the VM state of a qcow2 snapshot) is read
+with its own ``preadv`` and written with ``pwrite``. Pages never written stay
+holes, so outputs are sparse. Gathered runs are
 written by a second thread while the next run is read and gathered: both are
 system calls or numpy copies that release the GIL.
 
@@ -17,15 +19,17 @@ the input out of the page cache.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
 from ..errors import CorruptFile
 from ..format.migfile import Run
+from ..io.source import Buffer, ByteSource
 
 __all__ = ["RUN_PAGES", "RunCopier"]
 
@@ -40,15 +44,23 @@ _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, e
 class RunCopier:
     """Copies runs from one file descriptor to another; reuses its buffers.
 
-    :param src_fd: source file (read with positional I/O only).
+    :param src_fd: the source: a file descriptor, or a byte source (read
+        through its descriptor when it has one, else through its ``preadv``).
     :param page_size: guest page size.
     :param max_pages: longest run it will be given.
     :param src_name: file name for error messages.
     """
 
-    def __init__(self, src_fd: int, page_size: int, max_pages: int = 256,
+    def __init__(self, src_fd: int | ByteSource, page_size: int, max_pages: int = 256,
                  src_name: str = "input") -> None:
-        self.src_fd = src_fd
+        fd = src_fd if isinstance(src_fd, int) else src_fd.fd
+        self.src_fd = -1 if fd is None else fd
+        self._preadv: Callable[[Sequence[Buffer], int], int]
+        if fd is not None:
+            self._preadv = functools.partial(os.preadv, fd)
+        else:
+            assert not isinstance(src_fd, int)
+            self._preadv = src_fd.preadv
         self.ps = page_size
         self.src_name = src_name
         self._gather = bytearray(max_pages * (page_size + 64))
@@ -61,7 +73,7 @@ class RunCopier:
         self._q: queue.Queue[tuple[int, memoryview, int] | None] | None = None
         self._writer: threading.Thread | None = None
         self._werr: OSError | None = None
-        self._kernel_copy = hasattr(os, "copy_file_range")
+        self._kernel_copy = hasattr(os, "copy_file_range") and fd is not None
         self._writeback = hasattr(os, "posix_fadvise")
 
     def copy(self, runs: Iterable[Run], dst_fd: int, dst_base: int,
@@ -168,7 +180,7 @@ class RunCopier:
         n, width = rec.shape
         flat = rec.data.cast("B")
         views = [flat[a:a + width - skip] for a in range(skip, n * width, width)]
-        got = os.preadv(self.src_fd, views, offset)
+        got = self._preadv(views, offset)
         if got != n * (width - skip):  # rare short read: finish slot by slot
             for k, v in enumerate(views):
                 lo = k * len(v)
@@ -181,7 +193,7 @@ class RunCopier:
     def _pread_into(self, buf: memoryview, offset: int) -> None:
         got = 0
         while got < len(buf):
-            k = os.preadv(self.src_fd, [buf[got:]], offset + got)
+            k = self._preadv([buf[got:]], offset + got)
             if k == 0:
                 raise CorruptFile(f"page data ends early ({len(buf) - got} bytes missing)",
                                   path=self.src_name, offset=offset + got)

@@ -122,7 +122,7 @@ def extract_raw(mf: MigrationFile, outdir: str | os.PathLike[str], *, force: boo
 
 
 def _write_raw_set(mf: MigrationFile, d: str, progress: Progress | None) -> dict[str, object]:
-    copier = RunCopier(mf.fd, 4096, RUN_PAGES, src_name=mf.path)
+    copier = RunCopier(mf.source, 4096, RUN_PAGES, src_name=mf.path)
     entries = []
     for b, name in zip(mf.blocks, unique_names(mf), strict=True):
         path = os.path.join(d, name)
@@ -155,7 +155,7 @@ def _write_raw_set(mf: MigrationFile, d: str, progress: Progress | None) -> dict
 def _write_ranges(mf: MigrationFile, placed: list[tuple[PhysRange[RAMBlock], int]], fd: int,
                   progress: Progress | None) -> None:
     """Copy each range's pages to ``fd`` at the output offset paired with it."""
-    copier = RunCopier(mf.fd, 4096, RUN_PAGES, src_name=mf.path)
+    copier = RunCopier(mf.source, 4096, RUN_PAGES, src_name=mf.path)
     for pr, dst in placed:
         ps = pr.block.page_size
         lo, hi = pr.block_offset // ps, (pr.block_offset + pr.length) // ps
@@ -277,7 +277,7 @@ def stream_image(mf: MigrationFile, fmt: str, out: BinaryIO,
 
     out.write(head)
     pos = len(head)
-    copier = RunCopier(mf.fd, 4096, RUN_PAGES, src_name=mf.path)
+    copier = RunCopier(mf.source, 4096, RUN_PAGES, src_name=mf.path)
     for pr, dst in sorted(placed, key=lambda p: p[1]):
         if dst < pos:  # layouts never overlap; a pipe could not go back if one did
             raise OutputError(f"{mf.path}: output ranges overlap at 0x{dst:x}")

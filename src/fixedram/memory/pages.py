@@ -19,7 +19,7 @@ def iter_chunks(block: RAMBlock, chunk_pages: int = 4096,
     Absent pages are zero. The array is reused between iterations.
     """
     ps = block.page_size
-    copier = RunCopier(block._mf.fd, ps, max_run, block._mf.path)
+    copier = RunCopier(block._mf.source, ps, max_run, block._mf.path)
     buf = np.zeros((chunk_pages, ps), dtype=np.uint8)
     runs = iter(block.runs(max_run))
     pending: Run | None = next(runs, None)

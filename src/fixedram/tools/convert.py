@@ -66,7 +66,7 @@ def to_mapped_ram(mf: MigrationFile, fd: int, *, start: int = 0,
     _require_complete(mf)
     state = MachineState.from_file(mf).with_mapped_ram(True)
     w = MappedRamWriter(fd, state, BlockSpec.of(mf.blocks), start=start, fresh=True)
-    copier = RunCopier(mf.fd, 4096, RUN_PAGES, src_name=mf.path)
+    copier = RunCopier(mf.source, 4096, RUN_PAGES, src_name=mf.path)
     for bi, b in enumerate(mf.blocks):
         copier.copy(b.runs(RUN_PAGES), fd, w.placed[bi].pages_offset, progress)
         w.set_present(bi, b.present_pages())
@@ -81,7 +81,7 @@ def to_stream(mf: MigrationFile, write: Callable[[bytes | memoryview], object], 
     w = StreamWriter(write, state, BlockSpec.of(mf.blocks))
     w.begin()
     w.begin_part()
-    copier = RunCopier(mf.fd, 4096, RUN_PAGES, src_name=mf.path)
+    copier = RunCopier(mf.source, 4096, RUN_PAGES, src_name=mf.path)
     for bi, b in enumerate(mf.blocks):
         for run in b.runs(RUN_PAGES):
             if run.stride == b.page_size and w.continues(bi):
@@ -107,8 +107,11 @@ def to_stream(mf: MigrationFile, write: Callable[[bytes | memoryview], object], 
 
 def convert_file(src: str, dst: str, to: str, *, offset: int = 0, src_offset: int | None = None,
                  force: bool = False, progress: Progress | None = None,
-                 stdout: BinaryIO | None = None, bare: bool = False, stdin_fd: int = 0) -> int:
+                 stdout: BinaryIO | None = None, bare: bool = False, stdin_fd: int = 0,
+                 snapshot: str | None = None) -> int:
     """Convert ``src`` (``-``: standard input) into ``dst`` (``-``: stdout, stream only).
+
+    ``snapshot``: in a qcow2 image, the internal snapshot whose VM state is converted.
 
     A libvirt image in gives a libvirt image out unless ``bare`` (or the
     output is stdout, where a QEMU ``exec:`` reads a plain stream).
@@ -121,7 +124,8 @@ def convert_file(src: str, dst: str, to: str, *, offset: int = 0, src_offset: in
         raise ValueError(to)
     if dst == "-" and to != "stream":
         raise OutputError("mapped-ram output needs a seekable file, not stdout")
-    save = open_save(src, offset=src_offset, strict=True, stdin_fd=stdin_fd)
+    save = open_save(src, offset=src_offset, strict=True, stdin_fd=stdin_fd,
+                     snapshot=snapshot)
     if isinstance(save, OnePassFile):  # its stream is copied or written as it arrives
         with save.src as si:
             return _convert_one_pass(si, dst, to, offset=offset, force=force, bare=bare,

@@ -113,19 +113,21 @@ def compare(a: MigrationFile, b: MigrationFile, *, max_report: int = 1000,
     return out
 
 
-def open_checked(path: str, opener: Callable[..., Save] | None = None
-                 ) -> tuple[Save | None, list[str]]:
+def open_checked(path: str, opener: Callable[..., Save] | None = None,
+                 snapshot: str | None = None) -> tuple[Save | None, list[str]]:
     """Open leniently; a format error becomes a problem line.
 
     :param opener: opens the save (default :func:`fixedram.save.open_save`;
         the CLI's shows a progress bar).
+    :param snapshot: in a qcow2 image, the internal snapshot to check.
     """
     if opener is None:
         from ..save import open_save
 
         opener = open_save
     try:
-        mf = opener(path, strict=False)
+        mf = (opener(path, strict=False) if snapshot is None
+              else opener(path, strict=False, snapshot=snapshot))
     except FormatError as e:
         return None, [str(e)]
     except FixedramError:
