@@ -472,8 +472,7 @@ class _Source:
             raise rp.error
         if rp.shut is not None:
             if rp.shut != 0:
-                raise MigrationError(f"the destination failed to load the migration (it "
-                                     f"answered SHUT {rp.shut}; see its log)")
+                raise self._shut_error(rp.shut)
             if not self.eof_sent:
                 raise MigrationError("the destination ended the migration before every page "
                                      "was sent (SHUT 0 before EOF)")
@@ -485,9 +484,8 @@ class _Source:
         self.rp.done.wait(1)
         if self.rp.error is not None and not isinstance(self.rp.error, TransportError):
             return self.rp.error
-        if self.rp.shut not in (None, 0):
-            return MigrationError(f"the destination failed to load the migration (it "
-                                  f"answered SHUT {self.rp.shut}; see its log)")
+        if self.rp.shut is not None and self.rp.shut != 0:
+            return self._shut_error(self.rp.shut)
         why = (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
         if isinstance(e, TransportError) and isinstance(e.exc, OSError):
             why = e.exc.strerror or why
@@ -500,6 +498,15 @@ class _Source:
         return TransportError(f"{self.u.text}: the connection broke during postcopy after "
                               f"{self.pages_out} of {self.total_pages} pages (the guest on the "
                               f"destination is lost; see its log): {why}")
+
+    def _shut_error(self, status: int) -> MigrationError:
+        if PING_IN_PACKAGE not in self.rp.pongs:
+            return MigrationError(f"the destination refused the migration before postcopy "
+                                  f"started (it answered SHUT {status}; does it have "
+                                  f"capability postcopy-ram on and mapped-ram off? see its log)")
+        return MigrationError(f"the destination failed to load the migration during postcopy "
+                              f"(it answered SHUT {status}; the guest there is lost; see its "
+                              f"log)")
 
     def _stats(self) -> None:
         s, rp = self.s, self.rp
