@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from bridge_helpers import FIXEDRAM
 
-from qemu_harness import LinuxArtifacts, diff_pages, make_artifacts, ram_split
+from qemu_harness import LinuxArtifacts, diff_pages, make_artifacts, ram_compare_ranges, ram_split
 from qemu_harness.guard import require_qemu
 from qemu_harness.linux import READY_MARKER, TICK_MARKER, LinuxGuest
 
@@ -270,3 +270,85 @@ def test_postcopy_refuses_bad_return_path(reply: bytes | None, words: str, scrip
     assert p.returncode == 1, p.stderr
     assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
     assert words in p.stderr, p.stderr
+
+
+# ---- QEMU 7.2 (Debian 12), unpacked by scripts/install-qemu72.sh -----------------------------
+ROOT = Path(__file__).resolve().parents[2]
+QEMU72_DIR = Path(os.environ.get("FIXEDRAM_QEMU72_DIR", ROOT / "build" / "qemu72"))
+QEMU72 = QEMU72_DIR / "root" / "usr" / "bin" / "qemu-system-x86_64"
+MACHINE72 = "pc-q35-7.2"
+# 7.2's data package links its BIOS to a seabios package: use the system firmware.
+FIRMWARE72 = ["-L", "/usr/share/qemu", "-L", "/usr/share/seabios"]
+
+
+@contextlib.contextmanager
+def _qemu72() -> Iterator[None]:
+    import qemu_harness.vm as hvm
+
+    if not QEMU72.exists():
+        pytest.fail(f"{QEMU72} missing: run scripts/install-qemu72.sh (or set "
+                    "FIXEDRAM_QEMU72_DIR)", pytrace=False)
+    old = hvm.QEMU_BINARY
+    hvm.QEMU_BINARY = str(QEMU72)
+    os.environ["QEMU_MODULE_DIR"] = str(QEMU72_DIR / "root" / "usr" / "lib" / "x86_64-linux-gnu"
+                                        / "qemu")  # Debian builds TCG as a module
+    try:
+        yield
+    finally:
+        hvm.QEMU_BINARY = old
+        del os.environ["QEMU_MODULE_DIR"]
+
+
+@pytest.fixture(scope="module")
+def save72(tmp_path_factory: pytest.TempPathFactory,
+           linux_saves: LinuxArtifacts) -> tuple[Path, Path, int]:
+    """A stream save of the Linux guest by QEMU 7.2 (paused), its pmemsave and last tick."""
+    d = tmp_path_factory.mktemp("save72")
+    art = linux_saves
+    low, _ = ram_split(art.ram_size, MACHINE72)
+    with _qemu72(), LinuxGuest(d, Path(art.meta["kernel"]), Path(art.meta["initrd"]),
+                               machine=MACHINE72, memory=art.ram_size, name="src72",
+                               extra_args=FIRMWARE72) as src:
+        src.wait_ready()
+        src.wait_ticks(2)
+        src.stop()
+        pmem = src.pmemsave(0, low, d / "src72.pmem")
+        save = d / "guest72.sav"
+        src.migrate(f"exec:cat > {save}")  # 7.2 has no file: migration
+        return save, pmem, src.ticks()
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("paused", [True, False], ids=["S", "running"])
+def test_postcopy_qemu72(paused: bool, tmp_path: Path, linux_saves: LinuxArtifacts,
+                         save72: tuple[Path, Path, int]) -> None:
+    """A QEMU 7.2 save restored by postcopy into QEMU 7.2: RAM equal with -S; without it,
+    RESUME before completion and the workload continues."""
+    save, pmem, last = save72
+    art = linux_saves
+    with _qemu72(), LinuxGuest(tmp_path, Path(art.meta["kernel"]), Path(art.meta["initrd"]),
+                               machine=MACHINE72, memory=art.ram_size, incoming=True,
+                               paused=paused, name="dst72", extra_args=FIRMWARE72) as dst:
+        dst.set_caps(**{"postcopy-ram": True, "events": True})
+        uri = f"tcp:127.0.0.1:{_free_port()}"
+        dst.qmp("migrate-incoming", uri=uri)  # 7.2 has no exit-on-error
+        extra = () if paused else ("--postcopy-bandwidth", "32M")
+        rc, doc, err = _finish(_send(save, uri, *extra))
+        assert rc == 0, err + dst.log_text()
+        dst.wait_migration(60)
+        names = [(e, s) for e, s, _ in _events(dst)]
+        if paused:
+            assert ("RESUME", None) not in names and dst.status() == "paused"
+            low, _ = ram_split(art.ram_size, MACHINE72)
+            got = dst.pmemsave(0, low, tmp_path / "dst72.pmem")
+            deadline = time.monotonic() + 10
+            while got.stat().st_size < low and time.monotonic() < deadline:
+                time.sleep(0.05)
+            bad = diff_pages(pmem.read_bytes(), got.read_bytes(),
+                             ram_compare_ranges(art.ram_size, MACHINE72))
+            assert not bad, f"{len(bad)} pages differ, first at 0x{bad[0]:x}"
+        else:
+            assert names.index(("RESUME", None)) < names.index(("MIGRATION", "completed"))
+            assert doc["pages_sent_on_request"] > 0, doc
+            dst._wait(f"tick > {last}", lambda: dst.ticks() > last, 60)
+            assert READY_MARKER not in dst.serial_text()
