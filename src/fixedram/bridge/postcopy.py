@@ -420,7 +420,11 @@ class _Source:
         b = self.blocks[r.block]
         self.s.requests += 1
         self.s.pages_requested += r.count
-        self.s.pages_sent_on_request += self._send_range(b, r.first, r.first + r.count)
+        # In pieces: a request may span a whole block (a huge destination
+        # page size), and each piece is read into one reused buffer.
+        for a in range(r.first, r.first + r.count, PUSH_PAGES):
+            self.s.pages_sent_on_request += self._send_range(
+                b, a, min(a + PUSH_PAGES, r.first + r.count))
         self.out.flush()
         self.latencies.append(time.monotonic() - r.at)
 
