@@ -45,6 +45,10 @@ def cmd_receive(a: argparse.Namespace) -> int:
 
 
 def cmd_send(a: argparse.Namespace) -> int:
+    if a.postcopy:
+        return _send_postcopy(a)
+    if a.postcopy_bandwidth is not None:
+        raise TransportError("--postcopy-bandwidth needs --postcopy")
     from ..bridge.send import send
     from .progress import progress_bar
 
@@ -71,6 +75,24 @@ def cmd_send(a: argparse.Namespace) -> int:
     return 0
 
 
+def _send_postcopy(a: argparse.Namespace) -> int:
+    from ..bridge.postcopy import check_postcopy_destination, send_postcopy
+    from .progress import progress_bar
+
+    check_postcopy_destination(a.destination)  # before the file is read
+    if a.multifd_channels or a.multifd_compression != "none":
+        # QEMU 10.0 refuses postcopy-ram with multifd as well.
+        raise TransportError("--postcopy cannot be combined with --multifd-channels")
+    with progress_bar("sending", None) as bar:
+        s = send_postcopy(a.file, a.destination, offset=a.offset,
+                          bandwidth=a.postcopy_bandwidth, progress=bar,
+                          on_total=bar.set_total if bar is not None else None)
+    if a.json:
+        json.dump(s.as_dict(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    return 0
+
+
 RECEIVE_EPILOG = """\
 examples:
   fixedram receive tcp::4444 -o guest.mig       then in QEMU's monitor: migrate tcp:127.0.0.1:4444
@@ -85,6 +107,9 @@ examples:
   fixedram send guest.mig tcp:127.0.0.1:4444    into qemu-system-x86_64 ... -incoming tcp::4444
   fixedram send guest.mig unix:/tmp/in.sock --multifd-channels 4
   qemu-system-x86_64 ... -incoming "exec:fixedram send guest.mig -"
+  fixedram send --postcopy guest.mig tcp:127.0.0.1:4444
+                         the guest runs at once; its RAM follows (QEMU: -incoming defer,
+                         migrate-set-capabilities postcopy-ram on, migrate-incoming tcp:...)
 """
 
 
@@ -129,6 +154,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--multifd-compression", choices=("none", "zlib", "zstd"), default="none",
                    help="compress the multifd channels' pages as QEMU does (level 1); the "
                         "destination must have the same multifd-compression")
+    s.add_argument("--postcopy", action="store_true",
+                   help="restore by postcopy: the guest runs on the destination as soon as "
+                        "its devices are loaded, pages it touches are served first (needs "
+                        "tcp: or unix:, and capability postcopy-ram on at the destination)")
+    s.add_argument("--postcopy-bandwidth", type=_size, default=None, metavar="BYTES",
+                   help="per second, for the pages pushed in the background (requested "
+                        "pages are never held back)")
     s.add_argument("--uuid", default=None,
                    help="the destination's -uuid (multifd channels are checked against it)")
     s.add_argument("--json", action="store_true")

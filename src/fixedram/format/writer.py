@@ -136,14 +136,16 @@ class StreamWriter:
         self._write(b)
         self.bytes_written += len(b)
 
-    def begin(self, multifd_flush: bool = False) -> None:
+    def begin(self, multifd_flush: bool = False, commands: bytes = b"") -> None:
         """Header, configuration and the START ram section with the block list.
 
         :param multifd_flush: end the block list with a MULTIFD_FLUSH record,
             as a socket-multifd source does after its setup sync.
+        :param commands: encoded commands to put between the configuration
+            and START (a postcopy source's OPEN_RETURN_PATH, PING, ADVISE).
         """
         total = sum(b.used_length for b in self.blocks)
-        out = bytearray(self.state.header())
+        out = bytearray(self.state.header()) + commands
         out += encode_section_full(SectionType.START, self.sid, RAM_SECTION_NAME, 0,
                                    RAM_SECTION_VERSION)
         out += BE64.pack(total | RAM_FLAG_MEM_SIZE)
