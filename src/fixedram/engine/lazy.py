@@ -40,14 +40,15 @@ from ..format.migfile import MigrationFile
 from .capabilities import MigrationConfig, capability_mismatch
 from .guest import PAGE, BuiltinGuest, GuestBlock
 
-__all__ = ["LazyBlock", "LazyRAM", "bitmap_runs", "data_extents", "open_lazy", "plan", "set_runs",
-           "stale_runs"]
+__all__ = ["LazyBlock", "LazyRAM", "bitmap_runs", "data_extents", "open_lazy", "plan",
+           "prefault", "set_runs", "stale_runs"]
 
 PIECE_PAGES = 4096  # populate 16 MiB a call: a stop request waits for one piece at most
 MAX_OVERLAYS = 4096  # anonymous mappings over stale runs (each costs VMAs); past it, writes
 
 _MADV_WILLNEED = 3
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 _MAP_FIXED = getattr(mmap, "MAP_FIXED", 0x10)
 
 _FS_IOC_FIEMAP = 0xC020660B
@@ -271,6 +272,15 @@ def _pieces(runs: np.ndarray, size: int) -> np.ndarray:
     k = np.arange(idx.size) - np.repeat(np.cumsum(n) - n, n)
     first = runs[idx, 0] + k * size
     return np.stack([first, np.minimum(first + size, runs[idx, 1])], axis=1)
+
+
+def prefault(mv: memoryview) -> None:
+    """Make the pages of ``mv`` (page-aligned, writable) resident for writing,
+    in one system call; nothing happens where the kernel cannot."""
+    n = len(mv)
+    if n:
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(mv))
+        _libc.madvise(addr, n, _MADV_POPULATE_WRITE)
 
 
 def _overlay_zero(addr: int, length: int) -> None:
