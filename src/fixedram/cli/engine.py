@@ -171,6 +171,8 @@ def cmd_restore(a: argparse.Namespace) -> int:
         cfg.set_capabilities(caps, inmigrate=True, host_check=False)
         if mapped and a.multifd > 0:
             cfg.set_parameters({"multifd-channels": a.multifd, "direct-io": a.direct_io})
+        if a.max_postcopy_bandwidth:
+            cfg.set_parameters({"max-postcopy-bandwidth": a.max_postcopy_bandwidth})
         if a.postcopy and not mapped:
             notes.append(f"{uri.text}: a sequential stream has no fixed page offsets to map; "
                          "loading it eagerly")
@@ -543,6 +545,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    "mapped-ram + postcopy-ram at the destination): RAM is mapped from the file "
                    "copy-on-write, the guest can run at once and a thread faults in the rest; "
                    "other inputs load eagerly, with a note saying why")
+    s.add_argument("--max-postcopy-bandwidth", type=_size, default=0,
+                   help="with --postcopy: bytes/s the background fault-in may read "
+                   "(QEMU's max-postcopy-bandwidth; 0 = unlimited)")
     s.add_argument("--checksum", action="store_true",
                    help="print the RAM digest once every page is loaded (as save prints it)")
     s.add_argument("--json", action="store_true")

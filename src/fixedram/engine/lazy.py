@@ -299,10 +299,11 @@ class LazyRAM:
     :ivar populated_bytes: bytes of set pages made resident so far.
     """
 
-    def __init__(self, path: str, fd: int, blocks: list[LazyBlock]) -> None:
+    def __init__(self, path: str, fd: int, blocks: list[LazyBlock], bandwidth: int = 0) -> None:
         self.path = path
         self.fd = fd
         self.blocks = blocks
+        self.bandwidth = bandwidth  # max-postcopy-bandwidth: bytes/s of fault-in, 0 = no cap
         self.total_bytes = sum(b.pages for b in blocks) * PAGE
         self.populated_bytes = 0
         self.error: BaseException | None = None
@@ -354,6 +355,7 @@ class LazyRAM:
         return self
 
     def _run(self) -> None:
+        t0 = time.monotonic()
         try:
             advice = _MADV_POPULATE_READ
             for b in self.blocks:
@@ -374,6 +376,10 @@ class LazyRAM:
                         _libc.madvise(addr, n, advice)
                         int(b.gb.data[first * PAGE:end * PAGE:PAGE].max())  # touch each page
                     self.populated_bytes += n
+                    if self.bandwidth:  # the guest's own faults are not held back
+                        ahead = t0 + self.populated_bytes / self.bandwidth - time.monotonic()
+                        if ahead > 0 and self._stop.wait(ahead):
+                            return
         except BaseException as e:
             self.error = e
         finally:
@@ -414,7 +420,7 @@ def open_lazy(path: str, guest: BuiltinGuest, cfg: MigrationConfig, offset: int,
             note(f"{path}: {why}; loading it eagerly")
             return None
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        lazy = LazyRAM(path, fd, blocks)
+        lazy = LazyRAM(path, fd, blocks, int(cfg.params["max-postcopy-bandwidth"]))
         try:
             lazy.map()
         except OSError as e:
