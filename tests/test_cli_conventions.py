@@ -236,7 +236,7 @@ def test_every_json_document_has_schema_version_1(tmp_path: Path) -> None:
         "demo": _run(FIXEDRAM, "demo", "--ram", "4M", "--dir", str(tmp_path / "demo"),
                      "--json").stdout,
     }
-    docs["restore"] = _run(FIXEDRAM, "restore", str(saved), "--json").stdout
+    docs["restore"] = _run(FIXEDRAM, "restore", str(saved), "--json", "--checksum").stdout
     for name, text in docs.items():
         doc = json.loads(text)
         assert next(iter(doc)) == "schema_version" and doc["schema_version"] == 1, name
@@ -250,7 +250,7 @@ def test_every_json_document_has_schema_version_1(tmp_path: Path) -> None:
     old = ("apparent_size", "allocated_size", "file_apparent_bytes", "file_allocated_bytes",
            "time_s")
     assert not [k for t in docs.values() for k in old if f'"{k}"' in t]
-    assert json.loads(docs["restore"])["ram-digest"] == json.loads(docs["save"])["ram-digest"]
+    assert json.loads(docs["restore"])["ram_digest"] == json.loads(docs["save"])["ram-digest"]
 
 
 def _segments(path: Path) -> list[tuple[int, int, int, bytes]]:

@@ -198,10 +198,10 @@ def test_cli_save_restore(tmp_path: Path) -> None:
                         "--json"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     saved = json.loads(r.stdout)
-    r = subprocess.run([*cmd, "restore", str(f), "--multifd", "2", "--json"],
+    r = subprocess.run([*cmd, "restore", str(f), "--multifd", "2", "--json", "--checksum"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["ram-digest"] == saved["ram-digest"]
+    assert json.loads(r.stdout)["ram_digest"] == saved["ram-digest"]
     r = subprocess.run([*cmd, "save", "tcp:127.0.0.1:1", "--fixed-ram"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 1

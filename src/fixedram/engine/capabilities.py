@@ -156,13 +156,17 @@ class MigrationConfig:
 
     def set_capabilities(self, states: Mapping[str, bool] | Iterable[Mapping[str, Any]], *,
                          migration_running: bool = False, incoming_started: bool = False,
-                         inmigrate: bool = False) -> None:
+                         inmigrate: bool = False, host_check: bool = True) -> None:
         """Apply capability changes atomically after checking the result.
 
         :param states: ``{"mapped-ram": True}`` or QMP's
             ``[{"capability": "mapped-ram", "state": true}]``.
         :param incoming_started: ``migrate-incoming`` has been issued.
-        :param inmigrate: the run state is ``inmigrate`` (postcopy's host check).
+        :param inmigrate: the run state is ``inmigrate``: a destination, where
+            postcopy is checked against the host and mapped-ram may go with it
+            (fast snapshot load).
+        :param host_check: ask the kernel for a userfaultfd (QMP, as QEMU
+            does); ``restore --postcopy`` maps the file and needs none.
         :raise CapabilityError: QEMU's message; nothing is applied.
         """
         if migration_running:
@@ -173,7 +177,7 @@ class MigrationConfig:
         for name, on in items:
             new[canonical_capability(str(name))] = bool(on)
         check_capabilities(self.caps, new, self.params, incoming_started=incoming_started,
-                           inmigrate=inmigrate)
+                           inmigrate=inmigrate, host_check=host_check)
         self.caps = new
 
     def set_parameters(self, values: Mapping[str, Any]) -> None:
@@ -248,6 +252,8 @@ class MigrationConfig:
     def check_migrate(self) -> None:
         """The capability/parameter checks of QEMU's ``migrate_prepare``."""
         if self.caps["mapped-ram"]:
+            if self.caps["postcopy-ram"]:  # set on a destination, then migrate asked
+                raise CapabilityError("Mapped-ram migration is incompatible with postcopy")
             if self.tls:
                 raise CapabilityError("Cannot use TLS with mapped-ram")
             if self.params["multifd-compression"] != "none":
@@ -301,10 +307,15 @@ class MigrationConfig:
 
 def check_capabilities(old: Mapping[str, bool], c: Mapping[str, bool],
                        params: Mapping[str, Any], *, incoming_started: bool = False,
-                       inmigrate: bool = False) -> None:
-    """The capability combinations QEMU 10.0 refuses, in its order and words."""
+                       inmigrate: bool = False, host_check: bool = True) -> None:
+    """The capability combinations QEMU 10.0 refuses, in its order and words.
+
+    One rule follows QEMU master instead: mapped-ram with postcopy-ram is
+    accepted on a destination (``inmigrate``), the fast snapshot load of
+    docs/devel/migration/fast-snapshot-load.rst; a source still refuses it.
+    """
     if c["postcopy-ram"]:
-        if not old["postcopy-ram"] and inmigrate:
+        if not old["postcopy-ram"] and inmigrate and host_check:
             why = userfaultfd_problem()
             if why:
                 raise CapabilityError(f"Postcopy is not supported: {why}")
@@ -344,7 +355,7 @@ def check_capabilities(old: Mapping[str, bool], c: Mapping[str, bool],
     if c["mapped-ram"]:
         if c["xbzrle"]:
             raise CapabilityError("Mapped-ram migration is incompatible with xbzrle")
-        if c["postcopy-ram"]:
+        if c["postcopy-ram"] and not inmigrate:
             raise CapabilityError("Mapped-ram migration is incompatible with postcopy")
 
 

@@ -44,14 +44,48 @@ class GuestBlock:
         self.idstr = idstr
         self.size = size
         self.npages = size // PAGE
-        self.mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hasattr(mmap, "MADV_HUGEPAGE"):  # as QEMU does for guest RAM: fewer faults
             with contextlib.suppress(OSError):
-                self.mm.madvise(mmap.MADV_HUGEPAGE)
-        self.data = np.frombuffer(self.mm, dtype=np.uint8)
-        self.pages = self.data.reshape(self.npages, PAGE)
-        self.words = np.frombuffer(self.mm, dtype=np.uint64).reshape(self.npages, PAGE // 8)
+                mm.madvise(mmap.MADV_HUGEPAGE)
+        self._use(mm)
+        self.file_backed = False
         self.dirty = np.zeros(self.npages, dtype=bool)
+
+    def _use(self, mm: mmap.mmap) -> None:
+        self.mm = mm
+        self.data = np.frombuffer(mm, dtype=np.uint8)
+        self.pages = self.data.reshape(self.npages, PAGE)
+        self.words = np.frombuffer(mm, dtype=np.uint64).reshape(self.npages, PAGE // 8)
+
+    @property
+    def address(self) -> int:
+        """Virtual address of the block's first byte (for madvise and mmap calls)."""
+        return int(self.data.ctypes.data)
+
+    def map_file(self, fd: int, offset: int) -> None:
+        """Back the block with a private mapping of ``fd`` from ``offset`` on.
+
+        Copy on write: the guest reads the file's bytes and its writes stay
+        in this process, so the file never changes. Only for a guest whose
+        vCPUs have not run on this memory yet (a fresh destination).
+
+        :raise OSError: the kernel refused the mapping (offset alignment, a
+            file system without mmap); the anonymous memory stays in place.
+        """
+        self.install(mmap.mmap(fd, self.size, flags=mmap.MAP_PRIVATE,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset))
+
+    def install(self, mm: mmap.mmap) -> None:
+        """Make ``mm`` (``size`` bytes, e.g. from :meth:`map_file`) the block's memory."""
+        if len(mm) != self.size:
+            raise ValueError(f"RAMBlock {self.idstr!r}: a mapping of {len(mm)} bytes, "
+                             f"not {self.size}")
+        old = self.mm
+        self._use(mm)
+        self.file_backed = True
+        with contextlib.suppress(BufferError):  # a view still held elsewhere: the GC frees it
+            old.close()
 
     def view(self, first: int, count: int) -> memoryview:
         """Pages ``[first, first+count)`` as a page-aligned buffer (no copy)."""

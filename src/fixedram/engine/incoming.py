@@ -12,6 +12,7 @@ touched: the destination guest is fresh, so they are already zero.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import queue
 import struct
@@ -31,6 +32,7 @@ from ..transports.channels import InChannel, open_incoming
 from ..transports.uri import MigrationURI, parse_uri
 from .capabilities import MigrationConfig, capability_mismatch
 from .guest import DEVICE_NAME, PAGE, BuiltinGuest
+from .lazy import LazyRAM, open_lazy, prefault
 
 __all__ = ["Incoming", "load_file", "load_stream"]
 
@@ -160,10 +162,17 @@ def _load_mapped(path: str, guest: BuiltinGuest, cfg: MigrationConfig, offset: i
         if not mf.complete:
             raise MigrationError(f"{path}: the mapped-ram file is incomplete (no EOF)")
         jobs: list[tuple[memoryview, Run]] = []
+        touched: list[Any] = []
         for fb in mf.blocks:
             gb = _match_block(guest, fb.idstr, fb.used_length)
+            touched.append(gb)
             for run in fb.runs(max_pages=256):
                 jobs.append((gb.view(run.first, run.count), run))
+        # Huge pages would fault (zero) 2 MiB for every run of a sparse save, the
+        # whole of RAM when runs are spread: load in small pages, then allow them again.
+        for gb in touched:
+            with contextlib.suppress(OSError, AttributeError):
+                gb.mm.madvise(mmap.MADV_NOHUGEPAGE)
         nch = cfg.channels
         flags = os.O_RDONLY | (os.O_DIRECT if cfg.direct_io else 0)
         fds: list[int] = []
@@ -177,6 +186,9 @@ def _load_mapped(path: str, guest: BuiltinGuest, cfg: MigrationConfig, offset: i
         finally:
             for fd in fds:
                 os.close(fd)
+            for gb in touched:
+                with contextlib.suppress(OSError, AttributeError):
+                    gb.mm.madvise(mmap.MADV_HUGEPAGE)
         for dev in mf.sections:
             data = mf.source.pread(dev.data_length, dev.data_offset)
             _load_device(guest, dev, data)
@@ -197,6 +209,9 @@ def _parallel_reads(fds: list[int], jobs: list[tuple[memoryview, Run]], path: st
                 return
             mv, run = job
             try:
+                # Fault the run in with one call (ctypes drops the GIL): far cheaper
+                # than a fault per page inside preadv's copy.
+                prefault(mv)
                 got = 0
                 while got < len(mv):
                     k = os.preadv(fd, [mv[got:]], run.file_offset + got)
@@ -237,12 +252,20 @@ class Incoming:
     :param on_event: (name, data) for MIGRATION and RESUME.
     :param on_failed: called in the loading thread after a failure (the QMP
         guest exits there when exit-on-error is on).
+    :param on_note: told, in one line, why a lazy load runs eagerly.
+
+    With ``mapped-ram`` and ``postcopy-ram`` on and a ``file:`` URI the load
+    is lazy (QEMU master's fast snapshot load, :mod:`fixedram.engine.lazy`):
+    ``active`` while RAM is mapped and the devices load, ``postcopy-active``
+    (and RESUME) once the guest can run, ``completed`` once every page is
+    resident. ``t_running`` is when the guest could run, eager or lazy.
     """
 
     def __init__(self, guest: BuiltinGuest, config: MigrationConfig, uri: str | MigrationURI,
                  *, autostart: bool = True, listen: bool = True,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None,
-                 on_failed: Callable[[Incoming], None] | None = None) -> None:
+                 on_failed: Callable[[Incoming], None] | None = None,
+                 on_note: Callable[[str], None] | None = None) -> None:
         self.g = guest
         self.cfg = config.copy()
         self.uri = parse_uri(uri) if isinstance(uri, str) else uri
@@ -257,7 +280,9 @@ class Incoming:
         self.error: str | None = None
         self.exc: BaseException | None = None
         self.pages = 0
-        self.t_start = self.t_end = 0.0
+        self.t_start = self.t_end = self.t_running = 0.0
+        self.on_note = on_note
+        self.lazy: LazyRAM | None = None
         self.ch: InChannel = open_incoming(self.uri)
         self.g.stop("inmigrate")
         self._done = threading.Event()
@@ -297,23 +322,35 @@ class Incoming:
                 self._set("setup")
             if self.uri.kind == "file":
                 self._set("active")
-                self.pages = load_file(self.ch.load_path, self.g, self.cfg, self.uri.offset)
+                if self.cfg.caps["postcopy-ram"] and self.cfg.caps["mapped-ram"]:
+                    self.lazy = open_lazy(self.ch.load_path, self.g, self.cfg, self.uri.offset,
+                                          self._note)
+                if self.lazy is None:
+                    self.pages = load_file(self.ch.load_path, self.g, self.cfg, self.uri.offset)
             else:
                 f = self.ch.open()
                 self._set("active")
                 self.pages, summary = _load_stream(f, self.g, self.cfg, self.uri.text)
                 if any(cmd == Command.OPEN_RETURN_PATH for _, cmd, _ in summary.commands):
                     self._send_shut(0)
-            self.t_end = time.monotonic()
-            self.g.clear_dirty()
-            if self.autostart:
-                self.g.cont()
-                if self.on_event is not None:
-                    self.on_event("RESUME", {})
+            lazy = self.lazy
+            if lazy is not None:
+                # QEMU's destination order: postcopy-active, RESUME, ..., completed.
+                self.pages = lazy.pages
+                self._set("postcopy-active")
+                self._start_guest()
+                lazy.start()
+                lazy.wait()
+                if lazy.error is not None:
+                    raise lazy.error
+                self.t_end = lazy.t_done
             else:
-                self.g.status = "paused"
+                self._start_guest()
+                self.t_end = self.t_running  # eager: runnable and complete at once
             self._set("completed")
         except BaseException as e:
+            if self.lazy is not None:
+                self.lazy.stop()  # a signal or a failure: no thread outlives the load
             self.t_end = time.monotonic()
             self.exc = e
             self.error = str(e) or type(e).__name__
@@ -322,8 +359,24 @@ class Incoming:
             if self.on_failed is not None:
                 self.on_failed(self)
         finally:
+            if self.lazy is not None:
+                self.lazy.close()
             self.ch.close()
             self._done.set()
+
+    def _start_guest(self) -> None:
+        self.t_running = time.monotonic()
+        self.g.clear_dirty()
+        if self.autostart:
+            self.g.cont()
+            if self.on_event is not None:
+                self.on_event("RESUME", {})
+        else:
+            self.g.status = "paused"
+
+    def _note(self, text: str) -> None:
+        if self.on_note is not None:
+            self.on_note(text)
 
     def _send_shut(self, status: int) -> None:
         """The return path's SHUT message (QEMU's destination sends it when

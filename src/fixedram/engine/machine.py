@@ -100,7 +100,8 @@ class GuestMachine:
         """QEMU's migrate_incoming_started(): a transport is set up and the
         load has not ended (failure or completion releases it)."""
         inc = self.incoming
-        return inc is not None and self.incoming_once and inc.status in ("setup", "active")
+        return inc is not None and self.incoming_once and inc.status in (
+            "setup", "active", "postcopy-active")
 
     def _outgoing_running(self) -> bool:
         m = self.migration
@@ -376,7 +377,8 @@ class GuestMachine:
             uri = self._resolve_fd(uri)
         self.exit_on_error = exit_on_error
         inc = Incoming(self.g, self.cfg, uri, autostart=self.autostart, listen=False,
-                       on_event=self._mig_event, on_failed=self._incoming_failed)
+                       on_event=self._mig_event, on_failed=self._incoming_failed,
+                       on_note=lambda text: print(f"fixedram guest: {text}", file=sys.stderr))
         self.incoming = inc
         inc._set("setup")
         inc.listen()  # an error leaves the state "setup", as QEMU leaves it
