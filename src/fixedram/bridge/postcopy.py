@@ -50,10 +50,10 @@ from ..format.constants import TARGET_PAGE_SIZE, Command, SectionType
 from ..format.machine import MachineState
 from ..format.migfile import MigrationFile, Run
 from ..format.primitives import BE32, BE64
-from ..format.sequential import is_one_pass
 from ..format.stream import encode_command
 from ..format.writer import BlockSpec, StreamWriter
 from ..memory.copy import RunCopier
+from ..save import reads_one_pass
 from ..transports.channels import SocketOut
 from ..transports.uri import MigrationURI, parse_uri
 
@@ -145,7 +145,7 @@ def send_postcopy(path: str, dest: str, *, offset: int | None = None,
     u = check_postcopy_destination(dest)
     if bandwidth is not None and bandwidth <= 0:
         raise TransportError("the postcopy bandwidth must be positive")
-    if is_one_pass(path):
+    if reads_one_pass(path):
         raise UnsupportedFeature("postcopy reads pages in the order the destination asks "
                                  "for them: the save must be an uncompressed file (convert "
                                  "a pipe or a compressed image first)", path=path)

@@ -38,10 +38,11 @@ from ..format.multifd import (
     encode_sync,
     split_packets,
 )
-from ..format.sequential import is_one_pass, open_sequential
+from ..format.sequential import open_sequential
 from ..format.writer import BlockSpec, StreamWriter
 from ..memory.copy import RunCopier
 from ..memory.extract import total_bytes
+from ..save import reads_one_pass
 from ..tools.convert import copy_one_pass, to_stream
 from ..transports.channels import SocketOut, open_outgoing
 from ..transports.uri import MigrationURI, parse_uri
@@ -100,7 +101,7 @@ def send(path: str, dest: str, *, stdout: BinaryIO | None = None,
         raise TransportError("multifd compression needs --multifd-channels")
     t0 = time.monotonic()
     s = SendSummary(os.path.abspath(path), dest)
-    if is_one_pass(path):  # a pipe or a compressed image: its stream, checked as it goes
+    if reads_one_pass(path):  # a pipe or a compressed image: its stream, checked as it goes
         if snapshot is not None:
             raise UsageError(f"{path}: --snapshot reads a qcow2 image's internal snapshot, "
                              "and this is not a qcow2 image")

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..errors import CapabilityError, MigrationError, OutputError, TransportError
+from ..errors import CapabilityError, MigrationError, OutputError, TransportError, UsageError
 from .main import _ram_size, _size, int_in, number_in
 
 __all__ = ["register"]
@@ -146,9 +146,9 @@ def _libvirt_start(path: str) -> int:
 
 def cmd_restore(a: argparse.Namespace) -> int:
     from ..engine.capabilities import MigrationConfig
-    from ..engine.guest import BuiltinGuest
+    from ..engine.guest import MACHINE, BuiltinGuest
     from ..engine.incoming import Incoming
-    from ..format.migfile import MigrationFile
+    from ..save import open_file
     from ..transports.uri import MigrationURI, parse_uri
 
     t0 = time.monotonic()
@@ -162,7 +162,12 @@ def cmd_restore(a: argparse.Namespace) -> int:
             start = _libvirt_start(uri.path)
             if start:
                 uri = MigrationURI("file", uri.text, path=uri.path, offset=start)
-        with MigrationFile(uri.path, offset=uri.offset) as mf:
+        with open_file(uri.path, offset=uri.offset) as mf:
+            if mf.machine != MACHINE:
+                raise UsageError(
+                    f"{uri.path}: a save of a {mf.machine} machine, made by QEMU or libvirt; "
+                    "restore loads fixedram's built-in guest only: restore it with "
+                    "'virsh restore', or into a QEMU with 'fixedram send FILE URI'")
             mapped = mf.format == "mapped-ram"
             ram = mf.block("pc.ram").used_length
         caps = {"mapped-ram": mapped, "multifd": mapped and a.multifd > 0,
@@ -491,9 +496,30 @@ def _print_demo(out: dict[str, Any]) -> None:
         c.print(out["note"])
 
 
+SAVE_EPILOG = """\
+examples:
+  fixedram save vm.mig --ram 1G                          a paused save, as a stream
+  fixedram save file:vm.mapped --mapped-ram --multifd 4 --direct-io --live-for 2
+  fixedram save tcp:127.0.0.1:4444 --json                into any destination that listens
+"""
+
+RESTORE_EPILOG = """\
+examples:
+  fixedram restore vm.mapped --checksum                  load every page, print ram_digest
+  fixedram restore vm.mapped --postcopy --json           run at once, fault the rest in
+  fixedram restore tcp:127.0.0.1:4444 --ram 1G           listen for a migration
+"""
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    raw = argparse.RawDescriptionHelpFormatter
     s = sub.add_parser("demo", help="live-save a busy built-in guest as a stream and as "
-                       "fixed-ram, compare, restore and verify")
+                       "fixed-ram, compare, restore and verify", formatter_class=raw,
+                       epilog="""examples:
+  fixedram demo                              256 MiB guest, both saves, sizes and times
+  fixedram demo --ram 1G --json              one JSON object
+  fixedram demo --plot sizes.svg             both files' size against time
+""")
     _add_guest_args(s, "256M", "512M")
     s.add_argument("--max-bandwidth", type=_size, default=_size("256M"),
                    help="bytes/s the save may use (models the disk; default 256M)")
@@ -516,7 +542,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("save", help="save the built-in guest to a URI (file:, tcp:, unix:, "
-                       "exec:, fd:) or a file")
+                       "exec:, fd:) or a file", formatter_class=raw,
+                       description="Save fixedram's built-in guest (anonymous memory written by "
+                       "vCPU threads), as QEMU's migrate does. For a real VM, use virsh save, or "
+                       "receive a QEMU's migration with 'fixedram receive URI -o FILE'.",
+                       epilog=SAVE_EPILOG)
     s.add_argument("uri")
     _add_guest_args(s, "64M", "0")
     s.add_argument("--live-for", type=number_in(0, 10**7), default=0.0,
@@ -533,7 +563,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_save)
 
-    s = sub.add_parser("restore", help="load a migration into a fresh built-in guest")
+    s = sub.add_parser("restore", help="load a migration into a fresh built-in guest",
+                       formatter_class=raw,
+                       description="Load a save of fixedram's built-in guest into a fresh one, "
+                       "as QEMU's migrate-incoming does. A save of a real VM (QEMU, libvirt) is "
+                       "restored with virsh restore, or sent into a QEMU started with -incoming "
+                       "with 'fixedram send FILE URI' (--postcopy: the guest runs at once).",
+                       epilog=RESTORE_EPILOG)
     s.add_argument("uri", help="file, file:PATH[,offset=N], tcp:HOST:PORT, unix:PATH, exec:CMD")
     s.add_argument("--ram", type=_ram_size, default=None,
                    help="guest RAM (needed unless file)")
@@ -554,7 +590,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.set_defaults(func=cmd_restore)
 
     s = sub.add_parser("guest", help="run the built-in guest with a QMP socket, like "
-                       "qemu-system-x86_64 -qmp unix:PATH (see docs/qmp.md)")
+                       "qemu-system-x86_64 -qmp unix:PATH (see docs/qmp.md)",
+                       formatter_class=raw, epilog="""examples:
+  fixedram guest --qmp /tmp/g.sock --ram 64M -S &     then drive it with qemu.qmp or socat
+  fixedram guest --qmp /tmp/d.sock --incoming defer   a destination for migrate-incoming
+""")
     s.add_argument("--qmp", required=True, help="unix socket path (QMP server)")
     _add_guest_args(s, "64M", "64M")
     s.add_argument("--incoming", help="'defer' or a URI to receive a migration (the process "

@@ -222,7 +222,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("xml", help="the new domain XML")
     s.set_defaults(func=cmd_define_xml)
 
-    s = sub.add_parser("convert", help="convert between sequential stream and mapped-ram")
+    s = sub.add_parser("convert", help="convert between sequential stream and mapped-ram",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
+  fixedram convert live.stream vm.mapped --to mapped-ram     bounded, sparse; QEMU >= 9.0 loads it
+  fixedram convert vm.mapped vm.stream --to stream           for a QEMU without mapped-ram
+  fixedram convert vm.sav vm-sparse.sav --to mapped-ram      a libvirt image stays one (sparse)
+  fixedram convert vm.mapped - --to stream | qemu ... -incoming exec:cat
+""")
     s.add_argument("input", help="the file (a libvirt image in any format), or - for stdin")
     s.add_argument("output", help="output file, or - for stdout (stream only, bare)")
     s.add_argument("--to", required=True, choices=("mapped-ram", "stream"))
