@@ -394,7 +394,7 @@ def test_configuration_subsection_missing_from_vmdesc(real_files: dict[str, Save
             decode_configuration(mf)
         assert e.value.offset == mf.header.offset + 9 + 4 + len("pc-q35-10.0")
     rc, _, err = cli_state(str(bad), "--json", capsys=capsys)
-    assert rc == 1 and err.count("\n") == 1 and "not described by the vmdesc" in err
+    assert rc == 2 and err.count("\n") == 1 and "not described by the vmdesc" in err
 
 
 def test_configuration_subsection_missing_from_stream(real_files: dict[str, SavedFile],
@@ -450,7 +450,7 @@ def test_broken_subsection_marker_names_the_device(real_files: dict[str, SavedFi
         mf.devices()
     assert "device 'cpu' instance 0" in str(e.value) and e.value.offset == at
     rc, _, err = cli_state(str(bad), capsys=capsys)
-    assert rc == 1 and err.count("\n") == 1 and "'cpu'" in err and f"offset {at}" in err
+    assert rc == 2 and err.count("\n") == 1 and "'cpu'" in err and f"offset {at}" in err
 
 
 def test_left_over_and_missing_bytes(real_files: dict[str, SavedFile]) -> None:

@@ -235,7 +235,8 @@ def test_hostile_l1_offset_past_the_end(tmp_path: Path, capsys: pytest.CaptureFi
     rc, _out, err = _cli(capsys, "extract", str(img), "-o", str(tmp_path / "x"),
                          "--format", "physical")
     line = _one_error_line(err)
-    assert rc == 1 and "L1 table" in line and f"(at byte offset {where['snapshot_entry']})" in line
+    # A malformed image exits 2 (a malformed save), never 1 (could not read).
+    assert rc == 2 and "L1 table" in line and f"(at byte offset {where['snapshot_entry']})" in line
 
 
 def test_hostile_snapshot_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -244,7 +245,7 @@ def test_hostile_snapshot_count(tmp_path: Path, capsys: pytest.CaptureFixture[st
     _patch(img, 60, ">I", 65536)  # far more entries than the image holds
     rc, _out, err = _cli(capsys, "inspect", str(img))
     line = _one_error_line(err)
-    assert rc == 1 and "65536 snapshot table entries" in line and "(at byte offset 60)" in line
+    assert rc == 2 and "65536 snapshot table entries" in line and "(at byte offset 60)" in line
     _patch(img, 60, ">I", 2)  # the second entry is the zeros after the first
     with pytest.raises(CorruptFile, match="entry 1 of 2 has an empty id") as e:
         Qcow2Image(img)
@@ -257,7 +258,7 @@ def test_hostile_l2_entry_past_the_end(tmp_path: Path, capsys: pytest.CaptureFix
     _patch(img, where["l2"] + 8 * 3, ">Q", (1 << 63) | (1 << 45))  # cluster 3 of the VM state
     rc, _out, err = _cli(capsys, "inspect", str(img), "--snapshot", "snap1")
     line = _one_error_line(err)
-    assert rc == 1 and "past the end" in line
+    assert rc == 2 and "past the end" in line
     assert f"(at byte offset {where['l2'] + 24})" in line
 
 
