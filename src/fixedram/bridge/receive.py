@@ -36,7 +36,7 @@ from ..errors import (
     TruncatedFile,
     UnsupportedFeature,
 )
-from ..format.constants import STREAM_MAGIC_BYTES, Command
+from ..format.constants import STREAM_MAGIC_BYTES, TARGET_PAGE_SIZE, Command
 from ..format.libvirt import MAGIC_DONE, LibvirtHeader, probe_libvirt
 from ..format.machine import DeviceRecord, MachineState
 from ..format.multifd import (
@@ -459,7 +459,7 @@ class _Multifd:
         cid = decode_init(bytes(init), name).channel_id
         name = f"multifd channel {cid}"
         self._claim(cid, name)
-        ps = 4096
+        ps = TARGET_PAGE_SIZE  # multifd packets carry target pages
         hsize = packet_size(ps)
         hdr = bytearray(hsize)
         payload = bytearray(MULTIFD_PACKET_SIZE)
@@ -485,7 +485,7 @@ class _Multifd:
 
     def _packets(self, sock: socket.socket, counter: list[int], name: str, hdr: bytearray,
                  payload: bytearray, splicer: Splicer | None) -> None:
-        ps = 4096
+        ps = TARGET_PAGE_SIZE  # multifd packets carry target pages
         hsize = len(hdr)
         rx = self.rx
         # Compressed channels: this channel's decoder (its state spans every

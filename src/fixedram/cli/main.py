@@ -34,7 +34,9 @@ def _size(text: str) -> int:
 def _ram_size(text: str) -> int:
     """Guest RAM: a size that is a positive multiple of the 4 KiB page."""
     n = _size(text)
-    if n <= 0 or n % 4096:
+    from ..format.constants import TARGET_PAGE_SIZE
+
+    if n <= 0 or n % TARGET_PAGE_SIZE:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive multiple of 4 KiB")
     return n
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CapabilityError
+from ..format.constants import TARGET_PAGE_SIZE
 
 __all__ = [
     "CAPABILITIES",
@@ -60,7 +61,6 @@ DEPRECATED_CAPABILITIES = ("zero-blocks",)
 
 MAX_THROTTLE = 128 << 20  # QEMU's default max-bandwidth
 MAX_DOWNTIME_MS = 2000 * 1000
-TARGET_PAGE_SIZE = 4096
 
 # QEMU 10.0's MigrationParameters, in schema order, with QEMU's defaults.
 # block-bitmap-mapping has no default: it is reported once it has been set.

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import MigrationError
+from ..format.constants import TARGET_PAGE_SIZE
 from ..format.machine import DeviceRecord
 
 __all__ = ["MACHINE", "BuiltinGuest", "GuestBlock", "Workload"]
 
 # Starts with "pc": the files are x86-64 little-endian layout (bitmap words).
 MACHINE = "pc-fixedram-1.0"
-PAGE = 4096
+PAGE = TARGET_PAGE_SIZE  # the built-in guest uses the target page size
 DEVICE_NAME = "fixedram-guest"
 DEVICE_VERSION = 1
 _DEV = struct.Struct(">QQQ16Q")  # ram size, workload sequence, seed, 16 "registers"

@@ -31,7 +31,7 @@ from .sinks import MappedRamSink, Sink, StreamSink
 
 __all__ = ["Migration", "RateLimiter", "dirty_runs"]
 
-RUN_PAGES = 256  # 1 MiB per job: QEMU's mapped-ram load piece size
+JOB_PAGES = 256  # 1 MiB per job: QEMU's mapped-ram load piece size
 BANDWIDTH_WINDOW = 0.1  # s: QEMU measures bandwidth (and so its switchover threshold) so often
 FINAL_STATES = ("completed", "failed", "cancelled")
 
@@ -40,7 +40,7 @@ class Cancelled(MigrationError):
     pass
 
 
-def dirty_runs(idx: np.ndarray, max_pages: int = RUN_PAGES) -> Iterator[tuple[int, int]]:
+def dirty_runs(idx: np.ndarray, max_pages: int = JOB_PAGES) -> Iterator[tuple[int, int]]:
     """Coalesce sorted page indices into (first, count) runs of at most ``max_pages``."""
     return page_runs(idx, max_pages)
 

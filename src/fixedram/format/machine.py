@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from .constants import SectionType
+from .constants import TARGET_PAGE_SIZE, SectionType
 from .stream import (
     configuration_desc,
     encode_footer,
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_RAM_SECTION_ID", "DeviceRecord", "MachineState"]
 
 DEFAULT_RAM_SECTION_ID = 2
-TARGET_PAGE_SIZE = 4096
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,7 @@ class _StreamIndex(StreamEvents):
         # Skip first: a copy cut off by the end of the file must not replace
         # the last complete one.
         at = r.tell()
-        r.skip(4096, "page data")
+        r.skip(self.records[block].page_size, "page data")
         loc, sends = self._arrays(block)
         loc[page_index] = at
         sends[page_index] += 1

@@ -28,6 +28,7 @@ from typing import IO, Any, cast
 import numpy as np
 
 from ..errors import BadMagic, CorruptFile, FixedramError, UnsupportedFeature, UnsupportedVersion
+from .constants import TARGET_PAGE_SIZE
 
 __all__ = [
     "COMPRESSION_FLAGS",
@@ -81,7 +82,7 @@ _HDR = struct.Struct(">IIIIIIQII24x256s")
 assert _INIT.size == INIT_SIZE and _HDR.size == HEADER_SIZE
 
 
-def packet_size(page_size: int = 4096) -> int:
+def packet_size(page_size: int = TARGET_PAGE_SIZE) -> int:
     """Wire size of every packet header block (header + offset slots)."""
     return HEADER_SIZE + 8 * (MULTIFD_PACKET_SIZE // page_size)
 
@@ -133,7 +134,7 @@ def encode_init(channel_id: int, uuid: bytes = bytes(16)) -> bytes:
     return _INIT.pack(MULTIFD_MAGIC, MULTIFD_VERSION, uuid, channel_id)
 
 
-def decode_packet(raw: bytes | bytearray | memoryview, page_size: int = 4096, *,
+def decode_packet(raw: bytes | bytearray | memoryview, page_size: int = TARGET_PAGE_SIZE, *,
                   name: str = "multifd", offset: int = 0) -> MultifdPacket:
     """Decode one header block of :func:`packet_size` bytes; offsets become page indices.
 
@@ -191,7 +192,7 @@ def decode_packet(raw: bytes | bytearray | memoryview, page_size: int = 4096, *,
 
 
 def encode_packet(flags: int, packet_num: int, ramblock: str, normal: np.ndarray,
-                  zero: np.ndarray, page_size: int = 4096, *,
+                  zero: np.ndarray, page_size: int = TARGET_PAGE_SIZE, *,
                   payload_size: int | None = None) -> bytes:
     """A header block as QEMU sends it: ``normal`` and ``zero`` are page
     indices; the normal pages' data must follow it, in ``normal`` order
@@ -216,13 +217,13 @@ def encode_packet(flags: int, packet_num: int, ramblock: str, normal: np.ndarray
     return hdr + offs.tobytes()
 
 
-def encode_sync(packet_num: int, page_size: int = 4096) -> bytes:
+def encode_sync(packet_num: int, page_size: int = TARGET_PAGE_SIZE) -> bytes:
     """An empty SYNC packet (the per-channel half of a multifd sync point)."""
     empty = np.zeros(0, dtype=np.int64)
     return encode_packet(FLAG_SYNC, packet_num, "", empty, empty, page_size)
 
 
-def split_packets(pages: np.ndarray, page_size: int = 4096) -> list[np.ndarray]:
+def split_packets(pages: np.ndarray, page_size: int = TARGET_PAGE_SIZE) -> list[np.ndarray]:
     """Page indices cut into packet-sized pieces (QEMU's 512 KiB batches)."""
     slots = MULTIFD_PACKET_SIZE // page_size
     return [pages[i:i + slots] for i in range(0, pages.size, slots)]
@@ -260,7 +261,7 @@ class PageDecompressor:
     zlib/zstd data, raises :class:`CorruptFile`.
     """
 
-    def __init__(self, method: str, page_size: int = 4096) -> None:
+    def __init__(self, method: str, page_size: int = TARGET_PAGE_SIZE) -> None:
         if method not in ("zlib", "zstd"):
             raise ValueError(f"no decompressor for multifd compression {method!r}")
         self.method = method

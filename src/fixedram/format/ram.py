@@ -31,6 +31,7 @@ from .constants import (
     RAM_FLAG_PAGE,
     RAM_FLAG_XBZRLE,
     RAM_FLAG_ZERO,
+    TARGET_PAGE_SIZE,
 )
 from .primitives import BE64, ByteReader
 
@@ -302,7 +303,7 @@ class RamStreamState:
     :param ignore_shared: ``x-ignore-shared`` is on; each block carries its GPA.
     """
 
-    def __init__(self, *, mapped_ram: bool, ignore_shared: bool, page_size: int = 4096,
+    def __init__(self, *, mapped_ram: bool, ignore_shared: bool, page_size: int = TARGET_PAGE_SIZE,
                  seek_past_pages: bool = True) -> None:
         self.mapped_ram = mapped_ram
         self.ignore_shared = ignore_shared

@@ -55,6 +55,7 @@ from ..io.stream import (
     Tap,
     input_stat,
 )
+from .constants import TARGET_PAGE_SIZE
 from .libvirt import HEADER_SIZE, MAGIC_DONE, MAGIC_PART, LibvirtHeader, parse_libvirt, with_body
 from .primitives import ByteReader
 from .ram import PageBudget, RAMBlockRecord, RamStreamState, ResendLedger
@@ -492,7 +493,7 @@ class _Pass(StreamEvents):
     def __init__(self, f: OnePassFile, target: PageTarget | None) -> None:
         self.f = f
         self.target = target
-        self.ps = 4096
+        self.ps = TARGET_PAGE_SIZE  # the stream header says; set again at the RAMBlock list
         self.budget = PageBudget(f.path)
 
     def _arrays(self, block: int, top: int) -> tuple[np.ndarray, np.ndarray]:

@@ -36,6 +36,7 @@ from .constants import (
     RAM_FLAG_ZERO,
     RAM_SECTION_NAME,
     RAM_SECTION_VERSION,
+    TARGET_PAGE_SIZE,
     Command,
     SectionType,
 )
@@ -69,7 +70,7 @@ class BlockSpec:
 
     idstr: str
     used_length: int
-    page_size: int = 4096
+    page_size: int = TARGET_PAGE_SIZE
     gpa: int | None = None
 
     @property
