@@ -60,7 +60,7 @@ def extract(save: Save, output: str, fmt: str = "raw", *, force: bool = False,
     :param output: a directory (``raw``) or a file (``physical``, ``elf``);
         ``-`` writes a ``physical`` or ``elf`` image in order to ``stdout``.
     :raise UsageError: an output the input cannot give (raw to stdout; a
-        one-pass input to stdout).
+        one-pass input to stdout: its pages arrive out of order).
     :raise IncompleteSave: the save has no end, without ``allow_incomplete``.
     """
     to_stdout = output == "-"
@@ -71,8 +71,12 @@ def extract(save: Save, output: str, fmt: str = "raw", *, force: bool = False,
         from .stream_extract import extract_one_pass
 
         if to_stdout:
-            raise UsageError(f"{save.path}: -o - needs an input file that can be read "
-                             "at any offset (not a pipe or a compressed image)")
+            # Pages of a pipe arrive in any order, and an ELF core's headers are known last.
+            what, example = (("an ELF core", "core.elf") if fmt == "elf"
+                             else ("a guest-physical image", "ram.img"))
+            raise UsageError(f"{save.path}: {what} of a pipe or a compressed image cannot go "
+                             f"to standard output (it is written out of order): write it to "
+                             f"a file: -o {example}")
         assert isinstance(save, OnePassFile)
         extract_one_pass(save, output, fmt, force=force, allow_incomplete=allow_incomplete)
         return
