@@ -65,13 +65,14 @@ def number_in(lo: float, hi: float) -> Callable[[str], float]:
 
 def cmd_inspect(a: argparse.Namespace) -> int:
     from ..describe import describe
+    from ..memory.layout import guest_physical
     from .progress import open_input
     from .status import EXIT_OK, EXIT_UNSOUND
 
     if a.xml:
         return _print_xml(a.file)
     with open_input(a.file, offset=a.offset) as s:
-        d = describe(s.walk())
+        d = describe(s.walk(), guest_physical(s))
     # An incomplete save is described in full, then exits 2: scripts see it is unfinished.
     status = EXIT_OK if d["complete"] else EXIT_UNSOUND
     if a.json:
