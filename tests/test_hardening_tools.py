@@ -338,3 +338,36 @@ def test_map_output_unchanged(map_inputs: list[Path]) -> None:
         assert len(doc["extents"]) == sum(len(m) for m in maps)
         assert doc["blocks"] == blocks
         assert any(b["guest_physical"] for b in blocks)  # pc.ram at least
+
+
+def test_raw_index_chain_of_custody(tmp_path: Path) -> None:
+    """index.json names its schema, the sha256 of every block file it lists and of the
+    input: a file, a gzip-compressed file (hashed as it is on disk), and a pipe (which
+    cannot be read again: null), written by one writer for both paths."""
+    import gzip
+    import hashlib
+
+    src = tmp_path / "guest.mig"
+    subprocess.run([*FIXEDRAM, "save", str(src), "--ram", "16M"], check=True,
+                   capture_output=True)
+    gz = tmp_path / "guest.mig.gz"
+    gz.write_bytes(gzip.compress(src.read_bytes(), 1))
+
+    def sha(p: Path) -> str:
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    outs = []
+    for name, args, stdin, want in (("file", [str(src)], None, sha(src)),
+                                    ("gzip", [str(gz)], None, sha(gz)),
+                                    ("pipe", ["-"], src.read_bytes(), None)):
+        out = tmp_path / name
+        r = subprocess.run([*FIXEDRAM, "extract", *args, "-o", str(out)], input=stdin,
+                           capture_output=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        index = json.loads((out / "index.json").read_text())
+        assert list(index)[:3] == ["schema_version", "source", "source_sha256"]
+        assert index["schema_version"] == SCHEMA_VERSION and index["source_sha256"] == want
+        for b in index["blocks"]:
+            assert b["sha256"] == sha(out / b["file"]), (name, b)
+        outs.append(index["blocks"])
+    assert outs[0] == outs[1] == outs[2]

@@ -22,7 +22,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import json
 import mmap
 import os
 import queue
@@ -33,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import IncompleteSave, OutputError
-from ..format.sequential import OnePassFile
+from ..errors import IncompleteSave, InputError, OutputError
+from ..format.sequential import OnePassFile, seekable_path
 from ..format.walker import BlockFacts, Save
 from ..io.runs import index_runs
 from ..output import AtomicOutput, output_error, staged_directory
@@ -49,7 +48,7 @@ from .elfcore import (
     vmcoreinfo_in_pages,
 )
 from .elfcore import log as elfcore_log
-from .extract import unique_names
+from .extract import sha256_fd, unique_names, write_index
 from .layout import physical_ranges, x86_firmware_ranges
 
 __all__ = ["extract_one_pass"]
@@ -336,23 +335,24 @@ class _RawSet(_Placed):
 
     def finish(self, f: Save) -> dict[str, object]:
         self.drain()
-        entries = []
-        for b, name in zip(f.blocks, self.names, strict=True):
+        for b in f.blocks:
             fd = self._fd(b.index)  # the writing thread has stopped
             os.ftruncate(fd, b.used_length)
             os.fsync(fd)
-            entries.append({"idstr": b.idstr, "file": name, "used_length": b.used_length,
-                            "page_size": b.page_size, "pages_present": b.pages_present})
-        index: dict[str, object] = {"source": f.input_path, "format": f.format,
-                                    "machine": f.machine, "complete": f.complete,
-                                    "blocks": entries}
-        if f.libvirt is not None:
-            index["libvirt_image_format"] = f.libvirt.format
-        with open(os.path.join(self.dir, "index.json"), "x") as fh:
-            fh.write(json.dumps(index, indent=2) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        return index
+        # A compressed image is a file, hashed as it is on disk; a pipe's bytes
+        # are gone once walked, so it has no sha256.
+        real = seekable_path(f.input_path)
+        digest = None
+        if real is not None:
+            try:
+                fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise InputError(f.input_path, e) from e
+            try:
+                digest = sha256_fd(fd, f.input_path)
+            finally:
+                os.close(fd)
+        return write_index(self.dir, f, self.names, digest)
 
     def close(self) -> None:
         with contextlib.suppress(BaseException):
