@@ -249,12 +249,13 @@ def run_readers(path: Path, work: Path, deep: bool) -> list[str]:
     from fixedram.describe import describe
     from fixedram.format.devstate import decode_configuration
     from fixedram.memory.extract import extract_elf, extract_physical, extract_raw
+    from fixedram.memory.layout import guest_physical
     from fixedram.tools.convert import to_stream
     from fixedram.tools.verify import structural_problems
 
     reached = []
     with MigrationFile(path, strict=False) as mf:
-        json.dumps(describe(mf))
+        json.dumps(describe(mf, guest_physical(mf)))
         reached.append("open")
         structural_problems(mf)  # verify's checks (verify opens the file as above)
         with contextlib.suppress(FixedramError):

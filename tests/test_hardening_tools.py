@@ -33,6 +33,7 @@ from fixedram.format.ram import encode_block_record
 from fixedram.format.stream import encode_footer, encode_section_full
 from fixedram.format.writer import EOS, BlockSpec, MappedRamWriter, StreamWriter
 from fixedram.memory import map as memory_map
+from fixedram.memory.layout import physical_ranges, x86_firmware_ranges
 from fixedram.memory.map import DATA, KINDS, BlockMap, Extent, file_map, json_text
 from fixedram.tools.convert import convert_file
 from util import assert_truthful_vmdesc
@@ -267,7 +268,7 @@ def test_inspect_resent_bytes_are_record_bytes(tmp_path: Path, pipe: bool) -> No
 
 def alternating_mapped_ram(path: Path, npages: int) -> None:
     """A sparse mapped-ram file whose bitmap alternates set/clear: ``npages`` extents
-    (data, absent, data...) for a few KiB of allocated blocks."""
+    (data, zero, data...) for a few KiB of allocated blocks."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         w = MappedRamWriter(fd, MachineState("pc-q35-10.0", ("mapped-ram",)),
@@ -305,15 +306,16 @@ def test_map_json_memory_is_bounded(tmp_path: Path) -> None:
         assert f.readline() == '{"schema_version": 1, "extents": [\n'
         count = 0
         for line in f:
-            if line == "]}\n":
+            if line == "],\n":
                 break
             e = json.loads(line.rstrip("\n").removesuffix(","))
             assert e["start"] == count * PS and e["length"] == PS
-            assert e["kind"] == ("data", "absent")[count % 2]
+            # Complete mapped-ram: a clear bit is a zero page on load.
+            assert e["kind"] == ("data", "zero")[count % 2]
             assert e["copies"] == 1 - count % 2
             assert (e["file_offset"] is None) == bool(count % 2)
             count += 1
-        assert f.read() == ""
+        assert json.loads('{' + f.read())["blocks"][0]["idstr"] == "pc.ram"
     assert count == n
 
 
@@ -380,14 +382,61 @@ def map_inputs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def test_map_output_unchanged(map_inputs: list[Path]) -> None:
-    """The streamed JSON and table are byte for byte what the whole-list code wrote."""
+    """The streamed JSON's extents are byte for byte what the whole-list code wrote; the
+    blocks' guest-physical placement follows them, as the layout gives it."""
     for p in map_inputs:
         with MigrationFile(p) as mf:
             maps = file_map(mf)
-            want = _json_text_before(maps)
-            assert "".join(json_text(maps)) == want, p
+            old = _json_text_before(maps)
+            assert old.endswith("\n]}\n")
+            extents = old[:-len("}\n")] + ",\n"  # the same text up to the end of its list
+            text = "".join(json_text(maps))
+            assert text.startswith(extents) and text[len(extents):].startswith('"blocks": ['), p
             for m in maps:
                 assert list(m.extents()) == _extents_before(m), p
+            placed: dict[str, list[dict[str, int]]] = {}
+            for r in sorted(physical_ranges(mf) + x86_firmware_ranges(mf), key=lambda r: r.gpa):
+                placed.setdefault(r.block.idstr, []).append(
+                    {"gpa": r.gpa, "block_offset": r.block_offset, "length": r.length})
+            blocks = [{"idstr": b.idstr, "used_length": b.used_length,
+                       "guest_physical": placed.get(b.idstr, [])} for b in mf.blocks]
         r = run("map", "--json", str(p))
-        assert r.returncode == 0 and r.stdout == want, (p, r.stderr)
-        assert len(json.loads(r.stdout)["extents"]) == sum(len(m) for m in maps)
+        assert r.returncode == 0 and r.stdout == text, (p, r.stderr)
+        doc = json.loads(r.stdout)
+        assert list(doc) == ["schema_version", "extents", "blocks"]
+        assert len(doc["extents"]) == sum(len(m) for m in maps)
+        assert doc["blocks"] == blocks
+        assert any(b["guest_physical"] for b in blocks)  # pc.ram at least
+
+
+def test_raw_index_chain_of_custody(tmp_path: Path) -> None:
+    """index.json names its schema, the sha256 of every block file it lists and of the
+    input: a file, a gzip-compressed file (hashed as it is on disk), and a pipe (which
+    cannot be read again: null), written by one writer for both paths."""
+    import gzip
+    import hashlib
+
+    src = tmp_path / "guest.mig"
+    subprocess.run([*FIXEDRAM, "save", str(src), "--ram", "16M"], check=True,
+                   capture_output=True)
+    gz = tmp_path / "guest.mig.gz"
+    gz.write_bytes(gzip.compress(src.read_bytes(), 1))
+
+    def sha(p: Path) -> str:
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    outs = []
+    for name, args, stdin, want in (("file", [str(src)], None, sha(src)),
+                                    ("gzip", [str(gz)], None, sha(gz)),
+                                    ("pipe", ["-"], src.read_bytes(), None)):
+        out = tmp_path / name
+        r = subprocess.run([*FIXEDRAM, "extract", *args, "-o", str(out)], input=stdin,
+                           capture_output=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        index = json.loads((out / "index.json").read_text())
+        assert list(index)[:3] == ["schema_version", "source", "source_sha256"]
+        assert index["schema_version"] == SCHEMA_VERSION and index["source_sha256"] == want
+        for b in index["blocks"]:
+            assert b["sha256"] == sha(out / b["file"]), (name, b)
+        outs.append(index["blocks"])
+    assert outs[0] == outs[1] == outs[2]

@@ -2,24 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from .format.walker import Save
 
-__all__ = ["SCHEMA_VERSION", "describe"]
+if TYPE_CHECKING:
+    from .format.walker import BlockFacts
+    from .memory.layout import PhysRange
+
+__all__ = ["SCHEMA_VERSION", "describe", "placement"]
 
 # Every ``--json`` document of the command line starts with this (docs/json.md).
 SCHEMA_VERSION = 1
 
 
-def describe(mf: Save) -> dict[str, Any]:
+def placement(ranges: Sequence[PhysRange[BlockFacts]]) -> list[dict[str, int]]:
+    """A block's ``guest_physical`` list (docs/json.md)."""
+    return [{"gpa": r.gpa, "block_offset": r.block_offset, "length": r.length} for r in ranges]
+
+
+def describe(mf: Save, placed: tuple[Sequence[Sequence[PhysRange[BlockFacts]]], str | None]
+             ) -> dict[str, Any]:
     """The ``fixedram inspect --json`` object, for a file or a one-pass input.
+
+    ``placed`` is :func:`fixedram.memory.layout.guest_physical` of ``mf``:
+    each block's guest-physical ranges, and why there are none.
 
     For a one-pass input (a pipe, a compressed image) ``compression`` names
     the compressor, offsets are in the (decompressed) QEMU stream, and the
     sizes are the input's (None for a pipe).
     """
     apparent, allocated = mf.input_sizes()
+    ranges, unplaced = placed
     blocks = []
     for b in mf.blocks:
         e: dict[str, Any] = {
@@ -39,6 +54,7 @@ def describe(mf: Save) -> dict[str, Any]:
             e["max_sends"] = b.max_sends
         if b.record.gpa is not None:
             e["gpa"] = b.record.gpa
+        e["guest_physical"] = placement(ranges[b.index])
         blocks.append(e)
     out: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -68,6 +84,8 @@ def describe(mf: Save) -> dict[str, Any]:
     }
     if mf.error is not None:
         out["error"] = str(mf.error)
+    if unplaced is not None:
+        out["guest_physical_error"] = unplaced
     if mf.libvirt is not None:
         lv = mf.libvirt
         out["libvirt"] = {"complete": lv.complete, "version": lv.version,

@@ -318,7 +318,7 @@ class _Source:
                        for i, b in enumerate(mf.blocks)]
         self.total_pages = sum(b.npages for b in self.blocks)
         self.pages_out = 0
-        self.copier = RunCopier(mf.fd, TARGET_PAGE_SIZE, PUSH_PAGES, src_name=mf.path)
+        self.copier = RunCopier(mf.source, TARGET_PAGE_SIZE, PUSH_PAGES, src_name=mf.path)
         self.latencies: list[float] = []
         self.eof_sent = False
 

@@ -163,6 +163,10 @@ def cmd_restore(a: argparse.Namespace) -> int:
             if start:
                 uri = MigrationURI("file", uri.text, path=uri.path, offset=start)
         with open_file(uri.path, offset=uri.offset) as mf:
+            if mf.fd < 0:  # a qcow2 snapshot's VM state: no file offsets to load from
+                raise UsageError(f"{uri.path}: restore loads a save file; convert the snapshot "
+                                 "to one first ('fixedram convert IMAGE --snapshot ID OUT "
+                                 "--to mapped-ram')")
             if mf.machine != MACHINE:
                 raise UsageError(
                     f"{uri.path}: a save of a {mf.machine} machine, made by QEMU or libvirt; "

@@ -67,6 +67,7 @@ def number_in(lo: float, hi: float) -> Callable[[str], float]:
 
 def cmd_inspect(a: argparse.Namespace) -> int:
     from ..describe import describe
+    from ..memory.layout import guest_physical
     from .progress import open_input
     from .status import EXIT_OK, EXIT_UNSOUND
 
@@ -77,7 +78,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     if a.snapshot is None and is_qcow2_file(a.file):
         return _print_snapshots(a.file, a.json)
     with open_input(a.file, offset=a.offset, snapshot=a.snapshot) as s:
-        d = describe(s.walk())
+        d = describe(s.walk(), guest_physical(s))
         snap = getattr(s.source, "snapshot", None)
         if snap is not None:  # the VM state of a qcow2 snapshot
             d["snapshot"] = snap.as_dict(getattr(s.source, "start", 0))

@@ -16,13 +16,18 @@ examples:
   fixedram map guest.mig                    extents per RAMBlock, as a table
   fixedram map guest.mig --json | jq '.extents[] | select(.kind == "data")'
   fixedram map live.stream --svg map.svg    the page map as a picture (pip install 'fixedram[plot]')
+  gzip -dc guest.mig.gz | fixedram map -     read in one pass: kinds and copies, no file offsets
 
 A stream's data extent holds pages whose records follow each other: page k is at
 file_offset + k * (page size + 8). A mapped-ram extent's page k is at file_offset + k * page size.
+A zero extent is zero on load: ZERO records, or clear bits of a complete mapped-ram file. A pipe
+or a compressed image is mapped in one pass, without file offsets. After the extents, where each
+RAMBlock sits in guest-physical memory (pc and q35 machine types).
 """
 
 
 def cmd_map(a: argparse.Namespace) -> int:
+    from ..memory.layout import guest_physical
     from ..memory.map import file_map, json_text
     from .progress import open_input
 
@@ -30,14 +35,19 @@ def cmd_map(a: argparse.Namespace) -> int:
         _check_matplotlib()
     with open_input(a.file, offset=a.offset, snapshot=a.snapshot) as mf:
         maps = file_map(mf)
+        unplaced = guest_physical(mf)[1]
         if a.svg is not None:
             _draw(mf.path, mf.format, mf.complete, maps, a.svg, a.force)
         if a.json:
             out = sys.stdout
-            for piece in json_text(maps):
+            for piece in json_text(maps, unplaced):
                 out.write(piece)
         elif a.svg is None:
+            if not mf.random_access:
+                print(f"{mf.path}: read in one pass: a pipe or a compressed stream has no file "
+                      "offsets, so none are shown")
             _print_table(maps)
+            _print_placement(maps, unplaced)
         if not mf.complete:
             print(f"fixedram: warning: {a.file}: the save is incomplete "
                   f"({mf.error or 'unfinished'}); the map shows what it holds", file=sys.stderr)
@@ -55,6 +65,23 @@ def _print_table(maps: list[BlockMap]) -> None:
             off = f"0x{e.file_offset:x}" if e.file_offset is not None else "-"
             w(f"{printable(e.block):<{nw}} {f'0x{e.start:x}':>12} {f'0x{e.length:x}':>12} "
               f"{e.kind:<6} {off:>12} {e.copies}\n")
+
+
+def _print_placement(maps: list[BlockMap], unplaced: str | None) -> None:
+    """Where each block sits in guest-physical memory, after the extents."""
+    from .render import guest_physical_text, printable
+
+    w = sys.stdout.write
+    if unplaced is not None:
+        w(f"\nguest-physical placement not known: {printable(unplaced)}\n")
+        return
+    nw = max([len(printable(m.block.idstr)) for m in maps] + [5])
+    w(f"\n{'block':<{nw}} guest-physical (part from block offset)\n")
+    for m in maps:
+        ranges = [{"gpa": r.gpa, "block_offset": r.block_offset, "length": r.length}
+                  for r in m.guest_physical]
+        text = guest_physical_text(ranges) if ranges else "- (not mapped)"
+        w(f"{printable(m.block.idstr):<{nw}} {text}\n")
 
 
 def _check_matplotlib(option: str = "--svg") -> None:
@@ -174,9 +201,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s = sub.add_parser("map", help="extents of data, zero and absent pages per RAMBlock, "
                        "with file offsets (qemu-img map of a save)",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("file", help="a migration file or uncompressed libvirt save image")
+    s.add_argument("file", help="a migration file or libvirt save image; - for stdin (a pipe "
+                   "or a compressed image is read in one pass, without file offsets)")
     s.add_argument("--json", action="store_true", help='print {"schema_version": 1, '
-                   '"extents": [...]}')
+                   '"extents": [...], "blocks": [...]}')
     s.add_argument("--svg", metavar="OUT", help="draw the page map into OUT (SVG; .png for "
                    "PNG); needs matplotlib")
     s.add_argument("--force", action="store_true", help="replace an existing --svg output")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rich.text import Text
 
-__all__ = ["human_bytes", "printable", "render_inspect"]
+__all__ = ["guest_physical_text", "human_bytes", "printable", "render_inspect"]
 
 
 def printable(s: object) -> str:
@@ -53,6 +53,16 @@ def human_bytes(n: int | None) -> str:
     return str(n)
 
 
+def guest_physical_text(ranges: list[dict[str, int]]) -> str:
+    """A block's guest-physical ranges: ``0x0-0x7fffffff, 0x100000000-0x17fffffff (+0x80000000)``
+    (the part from block offset 0x80000000), or ``-`` where the guest does not see it."""
+    parts = []
+    for r in ranges:
+        p = f"0x{r['gpa']:x}-0x{r['gpa'] + r['length'] - 1:x}"
+        parts.append(p + (f" (+0x{r['block_offset']:x})" if r["block_offset"] else ""))
+    return ", ".join(parts) or "-"
+
+
 def render_inspect(d: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -82,16 +92,19 @@ def render_inspect(d: dict[str, Any]) -> None:
     if "error" in d:
         c.print(Text.assemble(("stopped early:", "red"), " ", printable(d["error"])))
     t = Table(title="RAMBlocks")
-    for col in ("idstr", "used_length", "pages", "present", "zero", "file offsets"):
-        t.add_column(col, justify="left" if col in ("idstr", "file offsets") else "right",
-                     overflow="fold")
+    for col in ("idstr", "used_length", "pages", "present", "zero", "file offsets",
+                "guest-physical"):
+        t.add_column(col, justify="right" if col in ("used_length", "pages", "present", "zero")
+                     else "left", overflow="fold")
     for b in d["blocks"]:
         where = (f"bitmap 0x{b['bitmap_offset']:x}, pages 0x{b['pages_offset']:x}"
                  if "pages_offset" in b else f"record 0x{b['record_offset']:x}")
         t.add_row(_t(b["idstr"]), human_bytes(b["used_length"]), str(b["pages"]),
                   str(b["pages_present"]), "-" if b["zero_pages"] is None else str(b["zero_pages"]),
-                  where)
+                  where, guest_physical_text(b["guest_physical"]))
     c.print(t)
+    if "guest_physical_error" in d:
+        c.print(Text(f"guest-physical placement not known: {printable(d['guest_physical_error'])}"))
     if d["format"] == "stream":
         c.print(f"passes (most copies of one page): {d['passes']}; RAM sections: "
                 f"{d['ram_sections']}; bytes spent on re-sent pages: "

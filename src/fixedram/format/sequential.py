@@ -361,6 +361,13 @@ class OnePassBlock(BlockFacts):
     def max_sends(self) -> int:
         return int(self._sends.max()) if self._sends is not None and self._sends.size else 0
 
+    def copies(self) -> np.ndarray:
+        """Per page, the data and ZERO records sent for it (dense uint32)."""
+        out = np.zeros(self.npages, dtype=np.uint32)
+        if self._sends is not None:
+            out[:self._sends.size] = self._sends
+        return out
+
 
 class OnePassFile(SaveFacts[OnePassBlock]):
     """A save read in one pass; after :meth:`walk` it answers like a MigrationFile.

@@ -131,6 +131,10 @@ class BlockFacts:
         """Most copies of any one page (1 for a paused save, more for live)."""
         raise NotImplementedError
 
+    def copies(self) -> np.ndarray:
+        """Per page, how many copies of it were sent (dense uint32, one per page)."""
+        raise NotImplementedError
+
 
 BlockT = TypeVar("BlockT", bound=BlockFacts, covariant=True)
 

@@ -36,24 +36,30 @@ core has no register notes and :attr:`ElfCore.warnings` says why.
 from __future__ import annotations
 
 import logging
-import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import numpy as np
 
 from ..errors import FixedramError, OutputError, TruncatedFile, UnsupportedFeature
+from ..format.walker import BlockFacts
 from ..format.x86cpu import X86CPUState
 from .layout import PhysRange, physical_ranges, x86_below_4g, x86_firmware_ranges
 
 if TYPE_CHECKING:
     from ..format.devstate import DeviceState
     from ..format.migfile import MigrationFile, RAMBlock
+    from ..format.walker import Save
+    from ..io.source import ByteSource
 
-__all__ = ["ElfCore", "build_core", "cpu_notes", "find_vmcoreinfo", "note",
-           "prstatus_i386", "prstatus_x86_64", "qemu_cpu_state", "vmcoreinfo_note_at"]
+B = TypeVar("B", bound=BlockFacts)
+
+__all__ = ["ONE_PASS_NOTE_ROOM", "ElfCore", "GuestRead", "RegisterNotes", "build_core",
+           "cpu_notes", "device_vmcoreinfo", "find_vmcoreinfo", "note", "pages_with_name",
+           "prstatus_i386", "prstatus_x86_64", "qemu_cpu_state", "register_notes",
+           "vmcoreinfo_in_pages", "vmcoreinfo_note_at"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +106,15 @@ MAX_GUEST_NOTE = 1 << 20
 # RAM is still being scanned keeps this much room for the note (a hole in the
 # file when it is shorter or absent), so RAM can be copied during the scan.
 MAX_SCANNED_NOTE = 64 << 10
+# Room a one-pass core keeps for its notes before the first LOAD's data, which
+# is written as it arrives, before the vCPU count (device state, after RAM) and
+# the VMCOREINFO note are known. Real sizes: 816 bytes of notes per x86-64 vCPU
+# (a 356-byte NT_PRSTATUS and a 460-byte QEMU note; i386's are smaller), and
+# QEMU 10's q35 takes at most 4096 vCPUs (pc: 255): 3.2 MiB; a Linux
+# VMCOREINFO note is one page of text (4 KiB), the vmcoreinfo device's at most
+# MAX_GUEST_NOTE and a scanned one MAX_SCANNED_NOTE. So 4096 vCPUs and the
+# largest note: 4.2 MiB, a hole in a sparse file. A core needing more is refused.
+MAX_X86_VCPUS = 4096
 # The vmcoreinfo device's guest_format for an ELF note (FW_CFG_VMCOREINFO_FORMAT_ELF).
 FW_CFG_VMCOREINFO_FORMAT_ELF = 1
 _TEXT = bytes(range(0x20, 0x7F)) + b"\n\t"
@@ -122,6 +137,11 @@ def note(name: bytes, ntype: int, desc: bytes) -> bytes:
     n = name + b"\0"
     return (NHDR.pack(len(n), len(desc), ntype) + n.ljust(_pad4(len(n)), b"\0")
             + desc.ljust(_pad4(len(desc)), b"\0"))
+
+
+ONE_PASS_NOTE_ROOM = (MAX_X86_VCPUS * (len(note(b"CORE", NT_PRSTATUS, bytes(_PRSTATUS_X86_64.size)))
+                                      + len(note(b"QEMU", 0, bytes(QEMU_CPUSTATE_SIZE))))
+                      + MAX_GUEST_NOTE)
 
 
 # -- vCPU notes -------------------------------------------------------------
@@ -228,10 +248,10 @@ def vmcoreinfo_note_at(read: GuestRead, gpa: int, limit: int = MAX_GUEST_NOTE) -
     return head + body
 
 
-def _pread_full(fd: int, buf: memoryview, offset: int, path: str) -> None:
+def _pread_full(src: ByteSource, buf: memoryview, offset: int, path: str) -> None:
     got = 0
     while got < len(buf):
-        k = os.preadv(fd, [buf[got:]], offset + got)
+        k = src.preadv([buf[got:]], offset + got)
         if k == 0:
             raise TruncatedFile("page data ends early", path=path, offset=offset + got)
         got += k
@@ -263,7 +283,7 @@ def _name_candidates(mf: MigrationFile, pr: PhysRange[RAMBlock],
         st = r.stride
         if st % 4 or st < ps or r.count * st > len(raw):
             raise UnsupportedFeature(f"page run of stride {st} in RAMBlock {block.idstr!r}")
-        _pread_full(mf.fd, raw[:(r.count - 1) * st + ps], r.file_offset, mf.path)
+        _pread_full(mf.source, raw[:(r.count - 1) * st + ps], r.file_offset, mf.path)
         # Words past the last page's data are stale but sliced off by [:, :wpp].
         rows = buf[:r.count * st // 4].reshape(r.count, st // 4)[:, :wpp]
         m = mask[:r.count]
@@ -293,7 +313,41 @@ def find_vmcoreinfo(mf: MigrationFile, ranges: Sequence[PhysRange[RAMBlock]],
     return None
 
 
-def _device_vmcoreinfo(devices: Sequence[DeviceState], read: GuestRead) -> tuple[int, bytes] | None:
+def pages_with_name(rows: np.ndarray) -> np.ndarray:
+    """Which of ``rows`` (an (n, page_size) uint8 array, C-contiguous) hold a
+    4-byte-aligned ``VMCO`` word: the pages a note could be named in."""
+    if rows.shape[1] % 4:
+        return np.zeros(rows.shape[0], dtype=bool)
+    return np.asarray(np.equal(rows.view(np.uint32), _VMCO).any(axis=1))
+
+
+def vmcoreinfo_in_pages(read: GuestRead, ranges: Sequence[PhysRange[B]],
+                        pages: np.ndarray) -> tuple[int, bytes] | None:
+    """As :func:`find_vmcoreinfo`, over the final contents ``read`` gives, looking
+    only at ``pages`` (ascending page numbers of the ranges' block that held a
+    ``VMCO`` word in some copy sent): the first valid note in address order.
+
+    A one-pass save marks those pages as they arrive (:func:`pages_with_name`);
+    a page sent again without the word is read here as it ended, so the note
+    found is the one a scan of the finished file finds.
+    """
+    for pr in sorted(ranges, key=lambda r: r.gpa):
+        ps = pr.block.page_size
+        lo, hi = pr.block_offset // ps, (pr.block_offset + pr.length) // ps
+        inside = pages[(pages >= lo) & (pages < hi)]
+        for p in inside.tolist():
+            at = pr.gpa + (p - lo) * ps
+            data = read(at, ps)
+            if data is None or ps % 4:
+                continue
+            for w in np.flatnonzero(np.frombuffer(data, dtype=np.uint32) == _VMCO).tolist():
+                n = vmcoreinfo_note_at(read, at + 4 * w - NHDR.size, MAX_SCANNED_NOTE)
+                if n is not None:
+                    return at + 4 * w - NHDR.size, n
+    return None
+
+
+def device_vmcoreinfo(devices: Sequence[DeviceState], read: GuestRead) -> tuple[int, bytes] | None:
     """The note the guest announced to QEMU's ``vmcoreinfo`` device, if valid."""
     for d in devices:
         if d.name != "vmcoreinfo":
@@ -313,7 +367,7 @@ def _device_vmcoreinfo(devices: Sequence[DeviceState], read: GuestRead) -> tuple
 # -- the core -------------------------------------------------------------------
 
 @dataclass
-class ElfCore:
+class ElfCore(Generic[B]):
     """What :func:`build_core` found, and its layout.
 
     :ivar loads: one PT_LOAD each, in address order.
@@ -324,22 +378,26 @@ class ElfCore:
     :ivar scan_pending: RAM is still to be scanned (:meth:`scan_ram`); the
         layout keeps room for the note meanwhile.
     :ivar warnings: one line each, e.g. why the core has no register notes.
+    :ivar reserved: room kept for the notes before the data, fixed before
+        the notes are known (a one-pass core writes its data first); 0: as
+        the notes (and a pending scan) need.
     """
 
     machine: int
     notes: bytes
-    loads: list[PhysRange[RAMBlock]]
-    ram: list[PhysRange[RAMBlock]]
+    loads: list[PhysRange[B]]
+    ram: list[PhysRange[B]]
     cpus: list[X86CPUState] = field(default_factory=list)
     vmcoreinfo: tuple[int, str] | None = None
     scan_pending: bool = False
     warnings: list[str] = field(default_factory=list)
+    reserved: int = 0
     _room: int = 0
 
     def __post_init__(self) -> None:
         # Fixed now, so the data offsets hold whatever a later scan adds.
         extra = _VMCOREINFO_HEAD + MAX_SCANNED_NOTE if self.scan_pending else 0
-        self._room = len(self.notes) + extra
+        self._room = self.reserved or len(self.notes) + extra
 
     @property
     def _nph(self) -> int:
@@ -350,7 +408,7 @@ class ElfCore:
         end = EHDR.size + self._nph * PHDR.size + self._room
         return (end + DATA_ALIGN - 1) // DATA_ALIGN * DATA_ALIGN
 
-    def placed(self) -> list[tuple[PhysRange[RAMBlock], int]]:
+    def placed(self) -> list[tuple[PhysRange[B], int]]:
         """Each LOAD's range with the (page-aligned) file offset of its data."""
         out, off = [], self.data_start
         for r in self.loads:
@@ -362,7 +420,8 @@ class ElfCore:
     def size(self) -> int:
         return self.data_start + sum(r.length for r in self.loads)
 
-    def scan_ram(self, mf: MigrationFile, cancel: Callable[[], bool] | None = None) -> None:
+    def scan_ram(self: ElfCore[RAMBlock], mf: MigrationFile,
+                 cancel: Callable[[], bool] | None = None) -> None:
         """Look for the VMCOREINFO note in RAM (see :func:`find_vmcoreinfo`)."""
         if not self.scan_pending:
             return
@@ -375,13 +434,19 @@ class ElfCore:
             self.vmcoreinfo = (found[0], "guest RAM")
 
     def head(self) -> bytes:
-        """ELF header, program headers (PT_NOTE first) and notes, written at offset 0."""
+        """ELF header, program headers (PT_NOTE first) and notes, written at offset 0.
+
+        :raise OutputError: the notes outgrew the room reserved for them.
+        """
         if self.scan_pending:
             raise RuntimeError("the RAM scan for VMCOREINFO has not finished")
         nph = self._nph
         if nph >= PN_XNUM:
             raise OutputError(f"{len(self.loads)} memory ranges are too many for an ELF core")
-        assert len(self.notes) <= self._room
+        if len(self.notes) > self._room:
+            raise OutputError(f"the ELF core's notes ({len(self.notes)} bytes: "
+                              f"{len(self.cpus)} vCPUs and the VMCOREINFO note) exceed the "
+                              f"{self._room} bytes kept for them before the data")
         note_off = EHDR.size + nph * PHDR.size
         ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)  # ELF64, LSB, version 1, SysV
         head = [EHDR.pack(ident, ET_CORE, self.machine, 1, 0, EHDR.size, 0, 0, EHDR.size,
@@ -412,7 +477,7 @@ def _is_x86_pc(machine: str) -> bool:
     return True
 
 
-def _vcpus(mf: MigrationFile, devices: Sequence[DeviceState] | None,
+def _vcpus(mf: Save, devices: Sequence[DeviceState] | None,
            why: str | None) -> tuple[list[X86CPUState], str | None]:
     """The vCPU states, or no states and the reason."""
     if not _is_x86_pc(mf.machine or ""):
@@ -430,7 +495,36 @@ def _vcpus(mf: MigrationFile, devices: Sequence[DeviceState] | None,
     return list(cpus), None
 
 
-def build_core(mf: MigrationFile, *, scan_ram: bool = True) -> ElfCore:
+@dataclass
+class RegisterNotes:
+    """The register notes of a save and what they came from.
+
+    :ivar devices: the decoded device sections (None: they cannot be decoded).
+    :ivar warnings: why there are no register notes, when there are none.
+    """
+
+    machine: int
+    notes: bytes
+    cpus: list[X86CPUState]
+    devices: list[DeviceState] | None
+    warnings: list[str]
+
+
+def register_notes(f: Save) -> RegisterNotes:
+    """Every vCPU's NT_PRSTATUS and QEMU note, from the save's device state."""
+    devices: list[DeviceState] | None
+    why: str | None = None
+    try:
+        devices = f.devices()
+    except FixedramError as e:
+        devices, why = None, f"device state cannot be decoded: {_reason(e, f.path)}"
+    cpus, why = _vcpus(f, devices, why)
+    machine, notes = cpu_notes(cpus)
+    warnings = [] if cpus else [f"no register notes in the ELF core: {why}"]
+    return RegisterNotes(machine, notes, cpus, devices, warnings)
+
+
+def build_core(mf: MigrationFile, *, scan_ram: bool = True) -> ElfCore[RAMBlock]:
     """The ELF core of a migration file: LOADs, register notes and VMCOREINFO.
 
     The VMCOREINFO note is the one the ``vmcoreinfo`` device points at, else
@@ -439,16 +533,9 @@ def build_core(mf: MigrationFile, *, scan_ram: bool = True) -> ElfCore:
     """
     ram = physical_ranges(mf)
     loads = sorted(ram + x86_firmware_ranges(mf), key=lambda r: r.gpa)
-    devices: list[DeviceState] | None
-    why: str | None = None
-    try:
-        devices = mf.devices()
-    except FixedramError as e:
-        devices, why = None, f"device state cannot be decoded: {_reason(e, mf.path)}"
-    cpus, why = _vcpus(mf, devices, why)
-    machine, notes = cpu_notes(cpus)
-    warnings = [] if cpus else [f"no register notes in the ELF core: {why}"]
-    found = _device_vmcoreinfo(devices or [], _guest_reader(ram))
+    regs = register_notes(mf)
+    notes = regs.notes
+    found = device_vmcoreinfo(regs.devices or [], _guest_reader(ram))
     source = "vmcoreinfo device"
     if found is None and scan_ram:
         found, source = find_vmcoreinfo(mf, ram), "guest RAM"
@@ -456,5 +543,5 @@ def build_core(mf: MigrationFile, *, scan_ram: bool = True) -> ElfCore:
     if found is not None:
         notes += found[1]
         vmci = (found[0], source)
-    return ElfCore(machine, notes, loads, ram, cpus, vmci,
-                   scan_pending=found is None and not scan_ram, warnings=warnings)
+    return ElfCore(regs.machine, notes, loads, ram, regs.cpus, vmci,
+                   scan_pending=found is None and not scan_ram, warnings=regs.warnings)

@@ -15,7 +15,8 @@ import threading
 from collections.abc import Callable
 from typing import BinaryIO
 
-from ..errors import IncompleteSave, OutputError, UsageError
+from ..describe import SCHEMA_VERSION
+from ..errors import IncompleteSave, InputError, OutputError, UsageError
 from ..format.migfile import MigrationFile, RAMBlock
 from ..format.sequential import OnePassFile
 from ..format.walker import Save
@@ -26,11 +27,12 @@ from .elfcore import log as elfcore_log
 from .layout import PhysRange, physical_ranges
 
 __all__ = ["extract", "extract_elf", "extract_physical", "extract_raw", "safe_block_filename",
-           "stream_image", "total_bytes"]
+           "sha256_fd", "stream_image", "total_bytes", "write_index"]
 
 Progress = Callable[[int], None]
 _ZEROS = bytes(1 << 20)  # holes of an image written in order to a pipe
 _SAFE = re.compile(r"[^A-Za-z0-9._@+-]")
+_HASH_READ = 1 << 20  # bytes per read while hashing a file
 
 
 def safe_block_filename(idstr: str) -> str:
@@ -60,7 +62,7 @@ def extract(save: Save, output: str, fmt: str = "raw", *, force: bool = False,
     :param output: a directory (``raw``) or a file (``physical``, ``elf``);
         ``-`` writes a ``physical`` or ``elf`` image in order to ``stdout``.
     :raise UsageError: an output the input cannot give (raw to stdout; a
-        one-pass input to stdout).
+        one-pass input to stdout: its pages arrive out of order).
     :raise IncompleteSave: the save has no end, without ``allow_incomplete``.
     """
     to_stdout = output == "-"
@@ -71,8 +73,12 @@ def extract(save: Save, output: str, fmt: str = "raw", *, force: bool = False,
         from .stream_extract import extract_one_pass
 
         if to_stdout:
-            raise UsageError(f"{save.path}: -o - needs an input file that can be read "
-                             "at any offset (not a pipe or a compressed image)")
+            # Pages of a pipe arrive in any order, and an ELF core's headers are known last.
+            what, example = (("an ELF core", "core.elf") if fmt == "elf"
+                             else ("a guest-physical image", "ram.img"))
+            raise UsageError(f"{save.path}: {what} of a pipe or a compressed image cannot go "
+                             f"to standard output (it is written out of order): write it to "
+                             f"a file: -o {example}")
         assert isinstance(save, OnePassFile)
         extract_one_pass(save, output, fmt, force=force, allow_incomplete=allow_incomplete)
         return
@@ -123,8 +129,8 @@ def extract_raw(mf: MigrationFile, outdir: str | os.PathLike[str], *, force: boo
 
 def _write_raw_set(mf: MigrationFile, d: str, progress: Progress | None) -> dict[str, object]:
     copier = RunCopier(mf.source, 4096, RUN_PAGES, src_name=mf.path)
-    entries = []
-    for b, name in zip(mf.blocks, unique_names(mf), strict=True):
+    names = unique_names(mf)
+    for b, name in zip(mf.blocks, names, strict=True):
         path = os.path.join(d, name)
         if os.path.dirname(path) != d:  # defence in depth
             raise OutputError(f"block name {b.idstr!r} would leave the output directory")
@@ -138,17 +144,75 @@ def _write_raw_set(mf: MigrationFile, d: str, progress: Progress | None) -> dict
                 os.close(fd)
         except OSError as e:
             raise output_error(path, e) from e
-        entries.append({"idstr": b.idstr, "file": name, "used_length": b.used_length,
-                        "page_size": b.page_size, "pages_present": b.pages_present})
-    index: dict[str, object] = {"source": mf.path, "format": mf.format, "machine": mf.machine,
-                                "complete": mf.complete, "blocks": entries}
+    return write_index(d, mf, names, _input_sha256(mf))
+
+
+def _input_sha256(mf: MigrationFile) -> str:
+    """The input's sha256 as it is on disk: the file itself, or the whole image a
+    source such as a qcow2 snapshot's VM state is read from."""
+    if mf.fd >= 0:
+        return sha256_fd(mf.fd, mf.path)
     try:
-        with open(os.path.join(d, "index.json"), "x") as f:
-            f.write(json.dumps(index, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(mf.input_path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
-        raise output_error(os.path.join(d, "index.json"), e) from e
+        raise InputError(mf.input_path, e) from e
+    try:
+        return sha256_fd(fd, mf.input_path)
+    finally:
+        os.close(fd)
+
+
+def sha256_fd(fd: int, name: str) -> str:
+    """The sha256 of the whole file behind ``fd``, read at offsets from its start."""
+    h = hashlib.sha256()
+    buf = bytearray(_HASH_READ)
+    view = memoryview(buf)
+    off = 0
+    while True:
+        try:
+            n = os.preadv(fd, [view], off)
+        except OSError as e:
+            raise InputError(name, e, offset=off) from e
+        if n == 0:
+            return h.hexdigest()
+        h.update(view[:n])
+        off += n
+
+
+def write_index(d: str, f: Save, names: list[str], source_sha256: str | None
+                ) -> dict[str, object]:
+    """Write ``index.json`` of a raw set in ``d`` (docs/json.md) and return it: the
+    save's facts, each block's file with the sha256 of its bytes as written, and
+    ``source_sha256``, the input file's (None for a pipe, which cannot be read again).
+    """
+    entries = []
+    for b, name in zip(f.blocks, names, strict=True):
+        path = os.path.join(d, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                digest = sha256_fd(fd, path)
+            finally:
+                os.close(fd)
+        except (OSError, InputError) as e:
+            raise OutputError(f"{path}: cannot be read back to be hashed: {e}") from e
+        entries.append({"idstr": b.idstr, "file": name, "used_length": b.used_length,
+                        "page_size": b.page_size, "pages_present": b.pages_present,
+                        "sha256": digest})
+    index: dict[str, object] = {"schema_version": SCHEMA_VERSION, "source": f.input_path,
+                                "source_sha256": source_sha256, "format": f.format,
+                                "machine": f.machine, "complete": f.complete,
+                                "blocks": entries}
+    if f.libvirt is not None:
+        index["libvirt_image_format"] = f.libvirt.format
+    path = os.path.join(d, "index.json")
+    try:
+        with open(path, "x") as fh:
+            fh.write(json.dumps(index, indent=2) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as e:
+        raise output_error(path, e) from e
     return index
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from ..errors import CorruptFile, UnsupportedFeature
+from ..errors import CorruptFile, FixedramError, UnsupportedFeature
 from ..format.walker import BlockFacts, SaveFacts
 
 # A range's block is the reader's own: a file's can be read at offsets, a pipe's cannot.
 B = TypeVar("B", bound=BlockFacts)
 
-__all__ = ["PhysRange", "main_ram_block", "physical_ranges", "x86_firmware_ranges"]
+__all__ = ["PhysRange", "guest_physical", "main_ram_block", "physical_ranges",
+           "x86_firmware_ranges"]
 
 GiB = 1 << 30
 # The x86 BIOS RAMBlock: pc and q35 map it so that it ends at 4 GiB (x86_bios_rom_init).
@@ -89,3 +90,19 @@ def x86_firmware_ranges(mf: SaveFacts[B]) -> list[PhysRange[B]]:
         if b.idstr == X86_BIOS_BLOCK and 0 < b.used_length <= 16 << 20:
             return [PhysRange(4 * GiB - b.used_length, b, 0, b.used_length)]
     return []
+
+
+def guest_physical(mf: SaveFacts[B]) -> tuple[list[list[PhysRange[B]]], str | None]:
+    """Where the guest sees each block: per block, in the save's block order, its
+    ranges in address order (none for a block the guest does not see, such as
+    ``pc.rom``), and why no block is placed when the layout is not known (a
+    machine type that is not pc or q35), else None.
+    """
+    out: list[list[PhysRange[B]]] = [[] for _ in mf.blocks]
+    try:
+        ranges = physical_ranges(mf) + x86_firmware_ranges(mf)
+    except FixedramError as e:
+        return out, str(e)
+    for r in sorted(ranges, key=lambda r: r.gpa):
+        out[r.block.index].append(r)
+    return out, None

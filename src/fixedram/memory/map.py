@@ -4,11 +4,13 @@ Each RAMBlock, from 0 to its used length, is cut into extents of pages of
 one kind:
 
 - ``data``: the file holds the page's bytes (the last copy sent, for a stream);
-- ``zero``: the last record sent for the page was a ZERO record (streams only;
-  mapped-ram writes no zero pages, it leaves their bit clear);
-- ``absent``: the file holds nothing for the page (a clear mapped-ram bit, or a
-  page no stream record named); QEMU's loader leaves such a page as the
-  destination has it, zero on a fresh one.
+- ``zero``: the page is zero on load: the last record sent for it was a ZERO
+  record (a stream), or its bit is clear in a complete mapped-ram file (which
+  writes no zero pages: QEMU's loader leaves such a page as the fresh
+  destination has it, zero);
+- ``absent``: the save holds nothing for the page (a page no stream record
+  named, or a clear bit of an incomplete mapped-ram file, whose pages may
+  simply not have been written yet).
 
 An extent is consecutive pages with the same kind and the same number of
 copies sent and, for data, file offsets one stride apart: the page size in a
@@ -16,6 +18,9 @@ mapped-ram file, page size + 8 in a stream (consecutive CONTINUE page records,
 each an 8-byte header before its data). Page ``k`` of a data extent is at
 ``file_offset + k * stride``; a stream's extent breaks wherever the next page
 was not the next record (another block's, a re-send, a section boundary).
+
+A one-pass input (a pipe, a compressed image) is mapped as it is read: the
+same kinds and copies, and no file offsets (a pipe has none).
 
 Everything is computed on whole-block numpy arrays: no Python loop per page.
 """
@@ -28,9 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..describe import SCHEMA_VERSION
-from ..errors import UsageError
 from ..format.migfile import MigrationFile, RAMBlock
-from ..format.walker import Save
+from ..format.walker import BlockFacts, Save
+from .layout import PhysRange, guest_physical
 
 __all__ = ["KINDS", "BlockMap", "Extent", "block_map", "file_map", "stride_of"]
 
@@ -47,7 +52,7 @@ class Extent:
     start: int  # bytes into the block
     length: int  # bytes
     kind: str
-    file_offset: int | None
+    file_offset: int | None  # None unless data, and for a one-pass input
     copies: int
 
 
@@ -55,16 +60,18 @@ class Extent:
 class BlockMap:
     """One block's extents as parallel arrays (pages, not bytes)."""
 
-    block: RAMBlock
+    block: BlockFacts
     first: np.ndarray  # int64 first page of each extent
     count: np.ndarray  # int64 pages in each extent
     kind: np.ndarray  # int8 DATA/ZERO/ABSENT
-    file_offset: np.ndarray  # int64, 0 where no data
+    file_offset: np.ndarray  # int64, 0 where no data; -1 everywhere for a one-pass input
     copies: np.ndarray  # uint32
-    stride: int
+    stride: int  # 0 for a one-pass input
     # Dense per-page arrays, kept for the picture (--svg).
     page_kind: np.ndarray
     page_copies: np.ndarray
+    # Where the guest sees the block (none: not mapped, or the layout is not known).
+    guest_physical: list[PhysRange[BlockFacts]]
 
     def __len__(self) -> int:
         return int(self.first.size)
@@ -98,35 +105,48 @@ def stride_of(mf: MigrationFile, b: RAMBlock) -> int:
     return b.page_size if b.record.mapped is not None else b.page_size + _STREAM_RECORD_HEADER
 
 
-def block_map(mf: MigrationFile, b: RAMBlock) -> BlockMap:
+def block_map(mf: Save, b: BlockFacts,
+              guest: list[PhysRange[BlockFacts]] | None = None) -> BlockMap:
+    """One block's map; ``guest``: its guest-physical ranges (:func:`.layout.guest_physical`)."""
     n = b.npages
-    offs = b.data_offsets()
     kind = np.full(n, ABSENT, dtype=np.int8)
-    kind[offs > 0] = DATA
+    if isinstance(b, RAMBlock):
+        assert isinstance(mf, MigrationFile)
+        offs = b.data_offsets()
+        kind[offs > 0] = DATA
+        stride = stride_of(mf, b)
+        # A complete mapped-ram file's clear bit: the page is zero on load.
+        if b.record.mapped is not None and mf.complete:
+            kind[kind == ABSENT] = ZERO
+    else:  # one pass: no file offsets
+        offs = np.full(n, -1, dtype=np.int64)
+        kind[b.present_pages()] = DATA
+        stride = 0
     kind[b.zeroed_pages()] = ZERO
     copies = b.copies()
-    stride = stride_of(mf, b)
+    guest = guest or []
     if n == 0:
         e = np.zeros(0, dtype=np.int64)
-        return BlockMap(b, e, e, kind, e, copies, stride, kind, copies)
+        return BlockMap(b, e, e, kind, e, copies, stride, kind, copies, guest)
     brk = (kind[1:] != kind[:-1]) | (copies[1:] != copies[:-1])
-    brk |= (kind[1:] == DATA) & (np.diff(offs) != stride)
+    if stride:
+        brk |= (kind[1:] == DATA) & (np.diff(offs) != stride)
     first = np.concatenate(([0], np.flatnonzero(brk) + 1)).astype(np.int64)
     count = np.diff(np.append(first, n))
     return BlockMap(b, first, count, kind[first], offs[first], copies[first], stride, kind,
-                    copies)
+                    copies, guest)
 
 
 def file_map(mf: Save) -> list[BlockMap]:
-    """Every block's map, in the file's block order.
+    """Every block's map, in the file's block order, with its guest-physical
+    ranges (:func:`.layout.guest_physical` says why there are none).
 
-    :raise UsageError: a one-pass input (a pipe, a compressed image), whose
-        file offsets would mean nothing.
+    A one-pass input (a pipe, a compressed image) is walked here, once.
     """
-    if not isinstance(mf, MigrationFile):
-        raise UsageError(f"{mf.path}: map needs a file it can read at offsets (not a pipe or a "
-                         "compressed image): file offsets would mean nothing")
-    return [block_map(mf, b) for b in mf.blocks]
+    if mf.walked() is None:
+        mf.walk()
+    placed, _why = guest_physical(mf)
+    return [block_map(mf, b, placed[b.index]) for b in mf.blocks]
 
 
 def _json_str(s: str) -> str:
@@ -135,8 +155,10 @@ def _json_str(s: str) -> str:
     return json.dumps(s)
 
 
-def json_text(maps: list[BlockMap]) -> Iterator[str]:
-    """The ``--json`` document in pieces: ``{"schema_version": 1, "extents": [...]}``.
+def json_text(maps: list[BlockMap], unplaced: str | None = None) -> Iterator[str]:
+    """The ``--json`` document in pieces: ``{"schema_version": 1, "extents": [...],
+    "blocks": [...]}``, and ``"guest_physical_error"`` when ``unplaced`` says why
+    no block has a guest-physical placement.
 
     Written by hand rather than through json.dumps of a list of dicts: a
     re-sent stream can have a million extents and this is several times faster.
@@ -156,4 +178,17 @@ def json_text(maps: list[BlockMap]) -> Iterator[str]:
                              f'"copies": {c}}}')
                 sep = ",\n"
             yield "".join(lines)
-    yield "\n]}\n"
+    yield "\n],\n"
+    yield '"blocks": ['
+    sep = "\n"
+    for m in maps:
+        b = m.block
+        placed = ", ".join(f'{{"gpa": {r.gpa}, "block_offset": {r.block_offset}, '
+                           f'"length": {r.length}}}' for r in m.guest_physical)
+        yield (f'{sep}{{"idstr": {_json_str(b.idstr)}, "used_length": {b.used_length}, '
+               f'"guest_physical": [{placed}]}}')
+        sep = ",\n"
+    yield "\n]"
+    if unplaced is not None:
+        yield f', "guest_physical_error": {_json_str(unplaced)}'
+    yield "}\n"

@@ -9,8 +9,11 @@ guest-physical image), built under temporary names and renamed only when
 the stream was read to its end. Memory stays at a few bytes per guest page
 and the reader's buffers, however long the stream.
 
-An ELF core needs its notes (the vCPUs' registers from device state at the
-end of the stream) before the data, so it is not made in one pass.
+An ELF core's notes (the vCPUs' registers, from device state at the end of
+the stream, and the guest's VMCOREINFO note) are known last: its LOAD data
+are written as they arrive after room kept for the headers and notes
+(:data:`~fixedram.memory.elfcore.ONE_PASS_NOTE_ROOM`), which are written at
+the end. So it needs an output file it can seek in, not standard output.
 """
 
 from __future__ import annotations
@@ -19,28 +22,34 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import json
 import mmap
 import os
 import queue
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from ..errors import IncompleteSave, OutputError, UnsupportedFeature
-from ..format.sequential import OnePassFile
-from ..format.walker import Save
+from ..errors import IncompleteSave, InputError, OutputError
+from ..format.sequential import OnePassFile, seekable_path
+from ..format.walker import BlockFacts, Save
 from ..io.runs import index_runs
 from ..output import AtomicOutput, output_error, staged_directory
 from .copy import WRITEBACK_BYTES
-from .extract import unique_names
-from .layout import physical_ranges
-
-if TYPE_CHECKING:
-    pass
+from .elfcore import (
+    EM_X86_64,
+    ONE_PASS_NOTE_ROOM,
+    ElfCore,
+    device_vmcoreinfo,
+    pages_with_name,
+    register_notes,
+    vmcoreinfo_in_pages,
+)
+from .elfcore import log as elfcore_log
+from .extract import sha256_fd, unique_names, write_index
+from .layout import physical_ranges, x86_firmware_ranges
 
 __all__ = ["extract_one_pass"]
 
@@ -239,8 +248,12 @@ class _Placed:
             # A copy: ``data`` is valid only during this call.
             buf = self._buffer(n)
             np.copyto(buf[:n], data[a:a + n])
+            self._arrived(bi, first, buf[:n])
             self._put((_WRITE, s.file, (buf, n), s.base + first * ps))
             self.bytes_written += n * ps
+
+    def _arrived(self, bi: int, first: int, rows: np.ndarray) -> None:
+        """Pages ``first``... of block ``bi`` now hold ``rows`` (before they are written)."""
 
     def _buffer(self, n: int) -> np.ndarray:
         """A free (n or more, page_size) buffer: one handed back, or a new one."""
@@ -322,23 +335,24 @@ class _RawSet(_Placed):
 
     def finish(self, f: Save) -> dict[str, object]:
         self.drain()
-        entries = []
-        for b, name in zip(f.blocks, self.names, strict=True):
+        for b in f.blocks:
             fd = self._fd(b.index)  # the writing thread has stopped
             os.ftruncate(fd, b.used_length)
             os.fsync(fd)
-            entries.append({"idstr": b.idstr, "file": name, "used_length": b.used_length,
-                            "page_size": b.page_size, "pages_present": b.pages_present})
-        index: dict[str, object] = {"source": f.input_path, "format": f.format,
-                                    "machine": f.machine, "complete": f.complete,
-                                    "blocks": entries}
-        if f.libvirt is not None:
-            index["libvirt_image_format"] = f.libvirt.format
-        with open(os.path.join(self.dir, "index.json"), "x") as fh:
-            fh.write(json.dumps(index, indent=2) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        return index
+        # A compressed image is a file, hashed as it is on disk; a pipe's bytes
+        # are gone once walked, so it has no sha256.
+        real = seekable_path(f.input_path)
+        digest = None
+        if real is not None:
+            try:
+                fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise InputError(f.input_path, e) from e
+            try:
+                digest = sha256_fd(fd, f.input_path)
+            finally:
+                os.close(fd)
+        return write_index(self.dir, f, self.names, digest)
 
     def close(self) -> None:
         with contextlib.suppress(BaseException):
@@ -368,34 +382,122 @@ class _Physical(_Placed):
             self.ps = ps
 
 
+class _Elf(_Placed):
+    """An ELF core, as :func:`~fixedram.memory.extract.extract_elf` makes one of
+    a file: the same notes and LOADs, the data further into the file.
+
+    Each LOAD's pages are written at their final offsets as they arrive, after
+    :data:`~fixedram.memory.elfcore.ONE_PASS_NOTE_ROOM` bytes kept for the
+    notes; the headers and notes are written last, from the device state and
+    the written output. Main RAM pages holding a ``VMCO`` word are marked as
+    they arrive, so the VMCOREINFO note is looked for in those pages of the
+    output only, not in a second read of RAM.
+    """
+
+    def __init__(self, out: AtomicOutput) -> None:
+        super().__init__()
+        self.out = out
+        self.core: ElfCore[BlockFacts] | None = None
+        self._main = -1  # the block whose pages are looked at for the note
+        self._hits: list[np.ndarray] = []  # its pages that held a VMCO word in some copy
+        self._nhits = 0
+        self._kept = 0  # hits after the last compaction
+
+    def begin(self, f: Save) -> None:
+        self.direct(self.out.fd)
+        ram = physical_ranges(f)
+        loads = sorted(ram + x86_firmware_ranges(f), key=lambda r: r.gpa)
+        self.core = ElfCore(EM_X86_64, b"", loads, ram, reserved=ONE_PASS_NOTE_ROOM)
+        self.segments = [[] for _ in f.blocks]
+        for r, off in self.core.placed():
+            ps = r.block.page_size
+            lo = r.block_offset // ps
+            self.segments[r.block.index].append(
+                _Segment(lo, lo + r.length // ps, self.out.fd, off - lo * ps))
+            self.ps = ps
+        self._main = ram[0].block.index
+
+    @property
+    def size(self) -> int:
+        assert self.core is not None
+        return self.core.size
+
+    def _arrived(self, bi: int, first: int, rows: np.ndarray) -> None:
+        if bi != self._main:
+            return
+        hit = pages_with_name(rows)
+        if not hit.any():
+            return
+        self._hits.append(np.flatnonzero(hit) + first)
+        self._nhits += self._hits[-1].size
+        if self._nhits > 2 * self._kept + 4096:  # re-sent pages: keep each page once
+            self._hits = [np.unique(np.concatenate(self._hits))]
+            self._nhits = self._kept = self._hits[0].size
+
+    def _read(self, gpa: int, n: int) -> bytes | None:
+        """Guest RAM as written to the output (holes and the unwritten tail read as zeros)."""
+        assert self.core is not None
+        for r, off in self.core.placed():
+            if r in self.core.ram and r.gpa <= gpa and gpa + n <= r.gpa + r.length:
+                return os.pread(self.out.fd, n, off + gpa - r.gpa).ljust(n, b"\0")
+        return None
+
+    def finish(self, f: Save) -> None:
+        """The notes and headers, at offset 0, once every page is written."""
+        self.drain()
+        core = self.core
+        assert core is not None
+        fd = self.out.fd
+        self._buffered(fd, fd)  # the reads and the head below are not page-aligned
+        regs = register_notes(f)
+        for w in regs.warnings:
+            elfcore_log.warning("fixedram: warning: %s: %s", f.path, w)
+        found = device_vmcoreinfo(regs.devices or [], self._read)
+        source = "vmcoreinfo device"
+        if found is None:
+            pages = (np.unique(np.concatenate(self._hits)) if self._hits
+                     else np.zeros(0, dtype=np.int64))
+            found, source = vmcoreinfo_in_pages(self._read, core.ram, pages), "guest RAM"
+        core.machine, core.notes, core.cpus = regs.machine, regs.notes, regs.cpus
+        core.warnings = regs.warnings
+        if found is not None:
+            core.notes += found[1]
+            core.vmcoreinfo = (found[0], source)
+        head = core.head()  # refused here when the notes outgrew their room
+        done = 0
+        while done < len(head):
+            done += os.pwrite(fd, head[done:], done)
+
+
 def extract_one_pass(src: OnePassFile, output: str, fmt: str = "raw", *,
                      force: bool = False, allow_incomplete: bool = False) -> OnePassFile:
     """Extract guest RAM from ``src``, a one-pass save not yet walked.
 
-    :param fmt: ``raw`` (a directory) or ``physical`` (one file).
+    :param fmt: ``raw`` (a directory), ``physical`` or ``elf`` (one file).
     :return: ``src``, walked.
     :raise FormatError: the stream is malformed; IncompleteSave: incomplete without
-        ``allow_incomplete``; nothing is left under ``output`` then.
+        ``allow_incomplete``; OutputError: an ELF core whose notes would not fit
+        the room kept for them; nothing is left under ``output`` then.
     """
-    if fmt == "elf":
-        raise UnsupportedFeature("an ELF core cannot be extracted in one pass (its notes hold "
-                                 "the vCPU registers, which come after the RAM in the stream): "
-                                 "use --format physical, or give a seekable uncompressed file",
-                                 path=src.path)
     if fmt == "raw":
         return _extract_raw(src, output, force, allow_incomplete)
-    if fmt != "physical":
+    if fmt not in ("physical", "elf"):
         raise ValueError(fmt)
     out = AtomicOutput(output, force=force)
-    target = _Physical(out)
+    target: _Physical | _Elf = _Physical(out) if fmt == "physical" else _Elf(out)
     try:
         f = _run(src, target, allow_incomplete)
         try:
             target.drain()
+            if isinstance(target, _Elf):
+                target.finish(f)
             out.commit(target.size)
         except OSError as e:
             f.close()
             raise output_error(output, e) from e
+        except BaseException:
+            f.close()
+            raise
         return f
     except OSError as e:
         raise output_error(output, e) from e
