@@ -251,7 +251,10 @@ def test_every_json_document_has_schema_version_1(tmp_path: Path) -> None:
     old = ("apparent_size", "allocated_size", "file_apparent_bytes", "file_allocated_bytes",
            "time_s")
     assert not [k for t in docs.values() for k in old if f'"{k}"' in t]
-    assert json.loads(docs["restore"])["ram_digest"] == json.loads(docs["save"])["ram-digest"]
+    assert json.loads(docs["restore"])["ram_digest"] == json.loads(docs["save"])["ram_digest"]
+    s = json.loads(docs["save"])  # QEMU's query-migrate under QEMU's names, in one key
+    assert s["status"] == s["query_migrate"]["status"] == "completed" and s["passes"] >= 1
+    assert "total-time" in s["query_migrate"] and "total-time" not in s
 
 
 def _segments(path: Path) -> list[tuple[int, int, int, bytes]]:

@@ -95,7 +95,7 @@ def test_restore_postcopy_equals_eager_and_source(tmp_path: Path, offset: int) -
     eager, _ = restore(uri)
     assert err == ""
     assert lazy["lazy"] is True and eager["lazy"] is False
-    assert lazy["ram_digest"] == eager["ram_digest"] == saved["ram-digest"]
+    assert lazy["ram_digest"] == eager["ram_digest"] == saved["ram_digest"]
     assert lazy["pages_loaded"] == eager["pages_loaded"] > 0
     for out in (lazy, eager):
         assert 0 < out["running_after_s"] <= out["complete_after_s"]
@@ -118,7 +118,7 @@ def test_restore_libvirt_sparse_image(tmp_path: Path) -> None:
     lazy, _ = restore(str(f), "--postcopy")
     eager, _ = restore(str(f))
     assert lazy["lazy"] is True
-    assert lazy["ram_digest"] == eager["ram_digest"] == saved["ram-digest"]
+    assert lazy["ram_digest"] == eager["ram_digest"] == saved["ram_digest"]
 
 
 def test_cleared_bit_reads_zero_eager_and_lazy(tmp_path: Path) -> None:
@@ -129,7 +129,7 @@ def test_cleared_bit_reads_zero_eager_and_lazy(tmp_path: Path) -> None:
     lazy, _ = restore(str(f), "--postcopy")
     eager, _ = restore(str(f))
     assert lazy["lazy"] is True
-    assert lazy["ram_digest"] == eager["ram_digest"] == saved["ram-digest"]
+    assert lazy["ram_digest"] == eager["ram_digest"] == saved["ram_digest"]
     assert sha256(f) == before
 
 
@@ -170,7 +170,7 @@ def test_guest_writes_leave_the_file_unchanged(tmp_path: Path) -> None:
     g.stop()
     written = g._workloads[0].pages_written
     assert written > 0
-    assert g.digest() != saved["ram-digest"]  # the guest did write
+    assert g.digest() != saved["ram_digest"]  # the guest did write
     g.shutdown()
     assert sha256(f) == before
 
@@ -200,7 +200,7 @@ def test_sequential_stream_says_why_and_loads(tmp_path: Path) -> None:
     f = tmp_path / "s.mig"
     saved = save(f"file:{f}", "16M", 0.5)
     out, err = restore(str(f), "--postcopy")
-    assert out["lazy"] is False and out["ram_digest"] == saved["ram-digest"]
+    assert out["lazy"] is False and out["ram_digest"] == saved["ram_digest"]
     lines = err.splitlines()
     assert len(lines) == 1 and "sequential stream" in lines[0] and "eagerly" in lines[0]
     assert out["note"] == lines[0].removeprefix("fixedram: ")
@@ -279,7 +279,7 @@ def test_qmp_fast_snapshot_load(guests: Any, tmp_path: Path) -> None:  # noqa: F
                    ("MIGRATION", "postcopy-active"), ("RESUME", None),
                    ("MIGRATION", "completed")]
     assert dst("query-status") == {"status": "running", "running": True}
-    assert dst("x-query-ram-digest")["digest"] == saved["ram-digest"]
+    assert dst("x-query-ram-digest")["digest"] == saved["ram_digest"]
 
 
 # -- the pieces -----------------------------------------------------------------------

@@ -114,16 +114,18 @@ def cmd_save(a: argparse.Namespace) -> int:
             g.stop()
         with _mig_progress("saving", g.ram_size) as prog:
             m = Migration(g, cfg, uri, on_progress=prog).run()
-        q = {"schema_version": SCHEMA_VERSION, **m.query()}
-        q["x-passes"] = m.passes
-        q["ram-digest"] = g.digest()
+        q = m.query()
+        # fixedram's own keys in snake_case; QEMU's query-migrate reply kept whole,
+        # under QEMU's names, in one key (docs/json.md).
+        doc = {"schema_version": SCHEMA_VERSION, "status": q["status"], "passes": m.passes,
+               "ram_digest": g.digest(), "query_migrate": q}
         if a.json:
-            print(json.dumps(q, indent=2))
+            print(json.dumps(doc, indent=2))
         else:
             r = q["ram"]
             print(f"saved {uri}: {m.passes} passes, {r['transferred']:,} bytes, "
                   f"total {q['total-time']} ms, downtime {q['downtime']} ms")
-            print(f"ram digest {q['ram-digest']}")
+            print(f"ram digest {doc['ram_digest']}")
     finally:
         g.shutdown()
     return 0
