@@ -306,20 +306,32 @@ def run_receive(path: Path, work: Path) -> None:
         receive("-", str(work / "rx.sav"), stdin_fd=r, force=True)
 
 
-def run_one_pass(path: Path, work: Path, gz: bool) -> list[str]:
+def run_one_pass(path: Path, work: Path, gz: bool, rng: random.Random | None = None
+                 ) -> list[str]:
     """``fixedram extract -`` with the mutated bytes on a pipe (read ahead on a
-    thread, parsed in one pass); with ``gz`` from a gzip file of them instead
-    (decoded on a thread)."""
+    thread, parsed in one pass); with ``gz`` from a compressed file of them instead
+    (decoded on a thread): gzip whole, or, when ``rng`` says so, gzip or zstd cut
+    short by 1-4 bytes or at a random point (every decoder must reach its end)."""
     from fixedram import open_save
     from fixedram.memory.extract import extract
 
     if gz:
+        kind = rng.choice(("gzip", "gzip", "gzip-cut", "zstd-cut")) if rng else "gzip"
         src = work / "in.sav.gz"
-        with open(path, "rb") as fi, gzip.open(src, "wb", compresslevel=1) as fo:
-            shutil.copyfileobj(fi, fo)
+        data = path.read_bytes()
+        if kind.startswith("zstd"):
+            import zstandard
+
+            comp = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(data)
+        else:
+            comp = gzip.compress(data, compresslevel=1)
+        if kind.endswith("-cut") and rng is not None and len(comp) > 8:
+            cut = rng.choice((1, 2, 3, 4, rng.randrange(1, len(comp) - 4)))
+            comp = comp[:len(comp) - cut]
+        src.write_bytes(comp)
         with open_save(src) as s:
             extract(s, str(work / "gz"), force=True, allow_incomplete=True)
-        return ["one-pass-gzip"]
+        return [f"one-pass-{kind}"]
     with piped(path) as r, open_save("-", stdin_fd=r) as s:
         extract(s, str(work / "pipe"), force=True, allow_incomplete=True)
     return ["one-pass-pipe"]
@@ -406,7 +418,8 @@ def fuzz(seeds: list[Path], *, seconds: float | None, inputs: int | None, rng_se
                 if not seed.mapped and deep:
                     run_receive(path, work)
                     stats["stages"].update(
-                        run_one_pass(path, work, gz=stats["inputs"] % (2 * deep_every) == 0))
+                        run_one_pass(path, work, gz=stats["inputs"] % (2 * deep_every) == 0,
+                                     rng=rng))
             except FixedramError as e:
                 stats["errors"][type(e).__name__] += 1
             except BaseException as e:  # every other exception is the finding
