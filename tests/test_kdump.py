@@ -199,3 +199,36 @@ def test_batches_cut_runs_at_batch_edges() -> None:
             src = next(r for r in runs if r.first <= run.first < r.first + r.count)
             assert run.file_offset == src.file_offset + (run.first - src.first) * src.stride
     assert covered == [*range(100, 150), *range(1100, 3100), 4000]
+
+
+@dataclass
+class FakeSave:
+    fd: int
+    path: str
+
+
+def test_holes_are_zero_pages_and_a_short_file_is_an_error(tmp_path: os.PathLike[str]) -> None:
+    """Mapped-ram zero pages are holes: not read. A run past the file's end is read, and fails."""
+    path = os.path.join(tmp_path, "pages")
+    with open(path, "wb") as f:
+        f.write(b"\x01" * 4096)
+        f.seek(64 * 4096)
+        f.write(b"\x02" * 4096)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        p = kdump._Packer(FakeSave(fd, path), kdump.page_compressor("zlib"), 1)  # type: ignore[arg-type]
+        try:
+            # A file system may keep data in blocks larger than a page: at least these pages.
+            got = p._data_pages(Run(0, 65, 0, 4096))
+            assert got[0][0] == 0 and got[-1][1] == 65
+            assert sum(z - a for a, z in got) <= 65
+            idx, sizes, flags, data, covered = p.pack(kdump._Batch(0, 65, [(Run(0, 65, 0, 4096),
+                                                                              0)]))
+            assert idx.tolist() == [0, 64] and flags == [1, 1] and covered == 65 * 4096
+            assert decompress(1, data[:sizes[0]], 4096) == b"\x01" * 4096
+            with pytest.raises(CorruptFile, match="ends early"):
+                p.pack(kdump._Batch(0, 66, [(Run(0, 66, 0, 4096), 0)]))
+        finally:
+            p.close()
+    finally:
+        os.close(fd)
