@@ -14,7 +14,8 @@ have_qemu10() {
 
 have_tools() {
     for t in gdb lzop zstd xz bzip2 crash; do command -v "$t" >/dev/null 2>&1 || return 1; done
-    command -v makedumpfile >/dev/null 2>&1 || [ -x /usr/sbin/makedumpfile ]
+    { command -v makedumpfile >/dev/null 2>&1 || [ -x /usr/sbin/makedumpfile ]; } &&
+        ldconfig -p | grep -q 'libdeflate\.so\.0'
 }
 
 if have_qemu10 && have_tools &&
