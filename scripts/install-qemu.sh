@@ -15,7 +15,7 @@ have_qemu10() {
 have_tools() {
     for t in gdb lzop zstd xz bzip2 crash; do command -v "$t" >/dev/null 2>&1 || return 1; done
     { command -v makedumpfile >/dev/null 2>&1 || [ -x /usr/sbin/makedumpfile ]; } &&
-        ldconfig -p | grep -q 'libdeflate\.so\.0'
+        ldconfig -p | grep 'libdeflate\.so\.0' >/dev/null
 }
 
 if have_qemu10 && have_tools &&
