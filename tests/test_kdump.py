@@ -232,3 +232,19 @@ def test_holes_are_zero_pages_and_a_short_file_is_an_error(tmp_path: os.PathLike
             p.close()
     finally:
         os.close(fd)
+
+
+def test_phys_base_of_a_kernel_loaded_below_its_link_address() -> None:
+    """KASLR can load the kernel below 16 MiB's link address: the kernel prints a negative
+    phys_base (``%ld``), which is the u64 it holds (a Linux guest printed -746586112)."""
+    assert kdump._phys_base({"NUMBER(phys_base)": "25165824"}) == 25165824
+    neg = kdump._phys_base({"NUMBER(phys_base)": "-746586112"})
+    assert neg == (1 << 64) - 746586112
+    assert kdump._phys_base({}) == 0
+    assert kdump._phys_base({"NUMBER(phys_base)": "0x10"}) == 0
+    assert kdump._phys_base({"NUMBER(phys_base)": str(-(1 << 64))}) == 0
+    sym = 0xFFFFFFFFB69FB000
+    gpa = 0x369FB000 - 746586112
+    read = _reader({gpa: UTS})
+    assert kdump.utsname(_fields(**{"SYMBOL(init_uts_ns)": f"{sym:x}"}), read, neg)[3] == \
+        b"#1 SMP"

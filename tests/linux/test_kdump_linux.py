@@ -164,6 +164,24 @@ def test_pages_are_the_guest_ram(linux_saves: LinuxArtifacts,
 
 
 @pytest.mark.parametrize("key", ALL)
+def test_headers_say_what_the_kernel_said(linux_saves: LinuxArtifacts,
+                                          dumps: Callable[[str, str], Path], key: str) -> None:
+    """utsname as `uname -a` would print it (the version is the tail of the boot banner),
+    phys_base as VMCOREINFO's signed NUMBER(phys_base) (negative when KASLR loaded the
+    kernel below its link address), one vCPU, zero pages left out (dump level 1)."""
+    k = KdumpFile.open(dumps(key, "zlib"))
+    uts = [bytes(k.header[2][i * 65:(i + 1) * 65]).split(b"\0")[0].decode()  # type: ignore[index]
+           for i in range(6)]
+    banner = re.search(r"Linux version (\S+) .* (#\d+ .*)$",
+                       linux_saves.serial.read_text(errors="replace"), re.M)
+    assert banner is not None and banner[1] == linux_saves.kernel_release
+    assert (uts[0], uts[2], uts[3], uts[4]) == ("Linux", banner[1], banner[2], "x86_64")
+    info = dict(line.split("=", 1) for line in k.vmcoreinfo.decode().splitlines())
+    assert k.sub[0] == int(info["NUMBER(phys_base)"]) % (1 << 64)
+    assert (k.sub[1], k.header[14]) == (1, 1)
+
+
+@pytest.mark.parametrize("key", ALL)
 def test_at_most_half_the_elf_core(dumps: Callable[[str, str], Path], key: str) -> None:
     size = dumps(key, "zlib").stat().st_size
     elf = dumps(key, "elf").stat()

@@ -92,6 +92,7 @@ START_KERNEL_MAP = 0xFFFFFFFF80000000
 KERNEL_IMAGE_MAX = 1 << 30
 # x86-64's 52-bit physical address space, in page frames.
 MAX_PFN = 1 << 40
+_U64 = (1 << 64) - 1
 
 Compress = Callable[[memoryview, int], bytes]
 """compress(page, address of the page's bytes) -> compressed bytes."""
@@ -254,6 +255,19 @@ def _number(fields: dict[str, str], key: str, base: int) -> int | None:
     return v if 0 <= v < 1 << 64 else None
 
 
+def _phys_base(fields: dict[str, str]) -> int:
+    """``NUMBER(phys_base)`` as the u64 the kernel holds, 0 when absent or not a number.
+
+    The kernel prints it as a signed long (``%ld``): a kernel that KASLR loaded below
+    its link address has a negative one.
+    """
+    try:
+        v = int(fields.get("NUMBER(phys_base)", ""), 10)
+    except ValueError:
+        return 0
+    return v & _U64 if -(1 << 63) <= v < 1 << 64 else 0
+
+
 def _uts_field(s: bytes) -> bytes:
     return s.split(b"\0", 1)[0][:UTS_LEN - 1]
 
@@ -270,7 +284,7 @@ def utsname(fields: dict[str, str], read: Callable[[int, int], bytes | None],
     sym = _number(fields, "SYMBOL(init_uts_ns)", 16)
     if sym is None or not 0 <= sym - START_KERNEL_MAP < KERNEL_IMAGE_MAX:
         return fallback
-    gpa = sym - START_KERNEL_MAP + phys_base
+    gpa = (sym - START_KERNEL_MAP + phys_base) & _U64
     off = _number(fields, "OFFSET(uts_namespace.name)", 10)
     if off is None:  # kernels before 4.x: a kref before the name
         head = read(gpa, 16 + UTS_LEN)
@@ -369,7 +383,7 @@ def _headers(core: ElfCore, lay: KdumpLayout, codec: str, mf: MigrationFile) -> 
     assert vmci, "build_core gave no VMCOREINFO note"
     at, size = vmci[-1]
     fields = vmcoreinfo_fields(notes[at:at + size])
-    phys_base = _number(fields, "NUMBER(phys_base)", 10) or 0
+    phys_base = _phys_base(fields)
     uts = utsname(fields, _guest_reader(core.ram), phys_base)
     mtime = os.fstat(mf.fd).st_mtime_ns
     note_off = BLOCK + SUB_HEADER.size
