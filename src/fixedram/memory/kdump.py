@@ -575,7 +575,6 @@ def _write_pages(mf: MigrationFile, core: ElfCore, lay: KdumpLayout, fd: int, co
             d["flags"][idx] = flags
         data.write(blob)
         pos += len(blob)
-        assert desc_at + sum(map(len, descs)) == lay.desc_offset + b.rank * PAGE_DESC.itemsize
         descs.append(d.tobytes())
         if len(descs) >= 64:
             flush_descs()
@@ -585,8 +584,10 @@ def _write_pages(mf: MigrationFile, core: ElfCore, lay: KdumpLayout, fd: int, co
     pool = ThreadPoolExecutor(workers, thread_name_prefix="fixedram-kdump")
     window: deque[tuple[_Batch, Future[tuple[np.ndarray, list[int], list[int], bytes, int]]]]
     window = deque()
+    done = False
     try:
         data.write(bytes(BLOCK))  # the zero page every zero frame points at
+        # Batches are consumed in order, so data and descriptors both go in frame order.
         for b in _batches(core.loads):
             window.append((b, pool.submit(packer.pack, b)))
             if len(window) > 2 * workers:
@@ -594,11 +595,17 @@ def _write_pages(mf: MigrationFile, core: ElfCore, lay: KdumpLayout, fd: int, co
         while window:
             consume(*window.popleft())
         flush_descs()
+        done = True
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         packer.close()
-        # Stop the data writer before the caller may close the descriptor.
-        data.close()
+        # Stop the data writer before the caller closes the descriptor; after another
+        # error, its own (e.g. the same ENOSPC) must not hide that one.
+        if done:
+            data.close()
+        else:
+            with contextlib.suppress(OSError):
+                data.close()
     return pos
 
 
