@@ -13,7 +13,9 @@ have_qemu10() {
 }
 
 have_tools() {
-    for t in gdb lzop zstd xz bzip2; do command -v "$t" >/dev/null 2>&1 || return 1; done
+    for t in gdb lzop zstd xz bzip2 crash; do command -v "$t" >/dev/null 2>&1 || return 1; done
+    { command -v makedumpfile >/dev/null 2>&1 || [ -x /usr/sbin/makedumpfile ]; } &&
+        ldconfig -p | grep 'libdeflate\.so\.0' >/dev/null
 }
 
 if have_qemu10 && have_tools &&
@@ -49,8 +51,10 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # gdb: the Linux-guest tests open cores with it; lzop: libvirt's lzop save images are decoded
 # by the lzop program (no maintained Python binding reads lzop's file format); lzop, zstd, xz
-# and bzip2 are also what libvirt runs to write compressed images.
-pkgs="qemu-system-x86 qemu-utils gdb lzop zstd xz-utils bzip2"
+# and bzip2 are also what libvirt runs to write compressed images; crash and makedumpfile
+# read the kdump files of `extract --format kdump` in the Linux-guest tests, whose zlib pages
+# go through libdeflate when the system has it (less than half zlib's CPU time).
+pkgs="qemu-system-x86 qemu-utils gdb lzop zstd xz-utils bzip2 crash makedumpfile libdeflate0"
 [ $want_libvirt = 1 ] && pkgs="$pkgs libvirt-daemon-system libvirt-clients"
 # shellcheck disable=SC2086
 apt-get install -y -qq -o Dpkg::Options::=--force-confold --no-install-recommends \

@@ -144,11 +144,14 @@ def cmd_extract(a: argparse.Namespace) -> int:
     from ..memory.extract import extract, total_bytes
     from .progress import open_input, progress_bar
 
+    if a.compress is not None and a.format != "kdump":
+        raise UsageError("--compress is for --format kdump (the other formats are not "
+                         "compressed; pipe physical or elf output to a compressor)")
     with open_input(a.file, offset=a.offset, snapshot=a.snapshot) as s:
         total = total_bytes(s) if s.random_access else 0  # one pass: not known beforehand
         with progress_bar("extracting", total) as prog:
             extract(s, a.output, a.format, force=a.force, allow_incomplete=a.allow_incomplete,
-                    progress=prog, stdout=sys.stdout.buffer)
+                    progress=prog, stdout=sys.stdout.buffer, compress=a.compress)
     return 0
 
 
@@ -189,6 +192,7 @@ examples:
   fixedram extract guest.mig -o ram/                      one file per RAMBlock
   fixedram extract guest.mig --format physical -o ram.img  guest-physical image
   fixedram extract guest.mig --format elf -o core.elf      ELF core for gdb, drgn, volatility3
+  fixedram extract guest.mig --format kdump -o vmcore      compressed kdump for crash, drgn
   fixedram extract guest.mig --format physical -o - | zstd > ram.img.zst
 """
 
@@ -265,9 +269,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                        epilog=EXTRACT_EPILOG, formatter_class=raw)
     s.add_argument("file", help="the file (a libvirt image in any format), or - for stdin")
     s.add_argument("-o", "--output", required=True,
-                   help="directory (raw) or file (physical, elf); - for stdout (physical, elf: "
-                   "written in order, holes as zeros)")
-    s.add_argument("--format", choices=("raw", "physical", "elf"), default="raw")
+                   help="directory (raw) or file (physical, elf, kdump); - for stdout (physical, "
+                   "elf: written in order, holes as zeros)")
+    s.add_argument("--format", choices=("raw", "physical", "elf", "kdump"), default="raw",
+                   help="kdump: makedumpfile's compressed format, zero pages left out")
+    s.add_argument("--compress", choices=("zlib", "lzo", "snappy", "zstd", "none"),
+                   default=None, help="page codec of --format kdump (default zlib, which "
+                   "crash, makedumpfile and drgn all read; makedumpfile reads no snappy or "
+                   "zstd)")
     s.add_argument("--offset", type=_size, default=None)
     s.add_argument("--force", action="store_true", help="replace existing outputs")
     s.add_argument("--allow-incomplete", action="store_true",

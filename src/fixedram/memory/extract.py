@@ -56,7 +56,7 @@ def total_bytes(mf: Save) -> int:
 
 def extract(save: Save, output: str, fmt: str = "raw", *, force: bool = False,
             allow_incomplete: bool = False, progress: Progress | None = None,
-            stdout: BinaryIO | None = None) -> None:
+            stdout: BinaryIO | None = None, compress: str | None = None) -> None:
     """Write guest RAM out of ``save``, opened with :func:`fixedram.open_save`.
 
     :param output: a directory (``raw``) or a file (``physical``, ``elf``);
@@ -65,6 +65,16 @@ def extract(save: Save, output: str, fmt: str = "raw", *, force: bool = False,
         one-pass input to stdout: its pages arrive out of order).
     :raise IncompleteSave: the save has no end, without ``allow_incomplete``.
     """
+    if fmt == "kdump":  # its own writer (.kdump), with a page codec
+        from .kdump import extract_kdump
+
+        if isinstance(save, MigrationFile) and save.fd < 0:
+            raise UsageError(f"{save.path}: a kdump core is written from a save file; convert "
+                             "the snapshot to one first ('fixedram convert IMAGE --snapshot ID "
+                             "OUT --to mapped-ram')")
+        extract_kdump(save, output, compress=compress, force=force,
+                      allow_incomplete=allow_incomplete, progress=progress)
+        return
     to_stdout = output == "-"
     if to_stdout and fmt == "raw":
         raise UsageError("-o - needs --format physical or elf: raw output is a directory "
