@@ -31,10 +31,11 @@ from .format.migfile import MigrationFile
 from .format.sequential import OnePassFile, open_sequential, sniff_compression
 from .format.walker import BlockFacts, Save
 
-__all__ = ["BlockFacts", "Save", "is_qcow2_file", "open_file", "open_save", "reads_one_pass"]
+__all__ = ["BlockFacts", "Save", "is_qcow2_file", "open_file", "open_save", "random_access_path",
+           "reads_one_pass"]
 
 
-def _random_access_path(path: str, stdin_fd: int) -> str | None:
+def random_access_path(path: str, stdin_fd: int = 0) -> str | None:
     """The path a random-access reader can open for ``path``, or None.
 
     ``-`` is standard input: a regular file behind it (``< vm.sav``) is
@@ -53,7 +54,7 @@ def is_qcow2_file(path: str, *, stdin_fd: int = 0) -> bool:
     """True when ``path`` (``-``: standard input redirected from a file) is a qcow2 image."""
     from .io.qcow2 import is_qcow2
 
-    real = _random_access_path(path, stdin_fd)
+    real = random_access_path(path, stdin_fd)
     if real is None:
         return False
     try:
@@ -83,7 +84,7 @@ def _one_pass_head(real: str) -> bool:
 def reads_one_pass(path: str, *, stdin_fd: int = 0) -> bool:
     """True when ``path`` can only be read in one pass (a pipe, a compressed
     image or file); False for a file that can be read at offsets."""
-    real = _random_access_path(path, stdin_fd)
+    real = random_access_path(path, stdin_fd)
     return real is None or _one_pass_head(real)
 
 
@@ -110,7 +111,7 @@ def open_save(path: str | os.PathLike[str], *, offset: int | None = None,
         holding VM state (the message lists them).
     """
     p = os.fspath(path)
-    real = _random_access_path(p, stdin_fd)
+    real = random_access_path(p, stdin_fd)
     if real is not None and is_qcow2_file(real):
         return _open_snapshot(p, real, snapshot, offset, strict, progress)
     _no_snapshot(p, snapshot)

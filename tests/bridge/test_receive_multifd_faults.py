@@ -137,15 +137,17 @@ def _receiving(tmp_path: Path, *extra: str) -> Iterator[tuple[Receiver, Path]]:
         rx.kill()
 
 
-def _refused(rx: Receiver, src: Source | None, out_dir: Path, t0: float) -> str:
-    """The one error line of a receiver that must refuse its source promptly."""
+def _refused(rx: Receiver, src: Source | None, out_dir: Path, t0: float,
+             status: int = 1) -> str:
+    """The one error line of a receiver that must refuse its source promptly, with exit
+    ``status`` (1 could not, e.g. channels missing; 2 a malformed migration)."""
     try:
         rc, _doc, err = rx.wait(PROMPT + 20)  # past PROMPT: a hang fails below, not here
     finally:
         if src is not None:
             src.close()
     elapsed = time.monotonic() - t0
-    assert rc == 1, err
+    assert rc == status, err
     assert "Traceback" not in err, err
     errors = [line for line in err.splitlines() if line.startswith("fixedram: error: ")]
     assert len(errors) == 1, err
@@ -305,7 +307,7 @@ def test_channel_id_twice(tmp_path: Path, ids: list[int], told: int | None) -> N
                     ) as (rx, out_dir):
         t0 = time.monotonic()
         src = Source(rx.address, ids)
-        line = _refused(rx, src, out_dir, t0)
+        line = _refused(rx, src, out_dir, t0, status=2)  # a malformed multifd migration
     assert f"multifd channel {dup}: channel id {dup} received twice" in line, line
 
 
@@ -314,5 +316,5 @@ def test_channel_id_past_the_count(tmp_path: Path) -> None:
     with _receiving(tmp_path, "--multifd-channels", "2") as (rx, out_dir):
         t0 = time.monotonic()
         src = Source(rx.address, [0, 2])
-        line = _refused(rx, src, out_dir, t0)
+        line = _refused(rx, src, out_dir, t0, status=2)
     assert "channel id 2, but --multifd-channels 2 numbers them 0 to 1" in line, line

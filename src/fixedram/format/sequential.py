@@ -31,7 +31,6 @@ compressed one (the reader's name says which).
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -40,7 +39,6 @@ import numpy as np
 
 from ..errors import (
     CorruptFile,
-    FormatError,
     InputError,
     TruncatedFile,
     UnsupportedFeature,
@@ -79,10 +77,8 @@ __all__ = [
     "PageTarget",
     "SequentialInput",
     "input_stat",
-    "is_one_pass",
     "open_sequential",
     "scan",
-    "seekable_path",
     "sniff_compression",
 ]
 
@@ -105,41 +101,6 @@ def sniff_compression(head: bytes) -> str | None:
                 continue
             return name
     return None
-
-
-def seekable_path(path: str, stdin_fd: int = 0) -> str | None:
-    """The path a random-access reader can open for ``path``, or None.
-
-    ``-`` is standard input: a regular file behind it (``< vm.sav``) is
-    opened again through ``/dev/fd``; a pipe has no such path.
-    """
-    if path != "-":
-        return path
-    try:
-        st = os.fstat(stdin_fd)
-    except OSError:
-        return None
-    return f"/dev/fd/{stdin_fd}" if stat.S_ISREG(st.st_mode) else None
-
-
-def is_one_pass(path: str, stdin_fd: int = 0) -> bool:
-    """True when ``path`` must be read in one sequential pass: a pipe, a
-    compressed libvirt image, or a compressed file."""
-    real = seekable_path(path, stdin_fd)
-    if real is None:
-        return True
-    try:
-        with open(real, "rb") as f:
-            head = f.read(HEADER_SIZE)
-    except OSError:
-        return False  # the random-access reader reports it
-    if head[:16] in (MAGIC_DONE, MAGIC_PART) and len(head) == HEADER_SIZE:
-        try:
-            hdr, _n = parse_libvirt(head, path)
-        except FormatError:
-            return False  # reported by the random-access reader, with its offset
-        return hdr.compressed
-    return sniff_compression(head) is not None
 
 
 @dataclass

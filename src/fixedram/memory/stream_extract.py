@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import IncompleteSave, InputError, OutputError
-from ..format.sequential import OnePassFile, seekable_path
+from ..format.sequential import OnePassFile
 from ..format.walker import BlockFacts, Save
 from ..io.runs import index_runs
 from ..output import AtomicOutput, output_error, staged_directory
@@ -341,7 +341,9 @@ class _RawSet(_Placed):
             os.fsync(fd)
         # A compressed image is a file, hashed as it is on disk; a pipe's bytes
         # are gone once walked, so it has no sha256.
-        real = seekable_path(f.input_path)
+        from ..save import random_access_path
+
+        real = random_access_path(f.input_path)
         digest = None
         if real is not None:
             try:
