@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -113,3 +114,14 @@ def guest_continues(dst: QemuVM) -> None:
 
 def pages_equal(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.array_equal(a, b))
+
+
+def connect_to(address: str) -> socket.socket:
+    """A client connection to a receiver's ``unix:PATH`` or ``tcp:HOST:PORT`` address."""
+    kind, rest = address.split(":", 1)
+    if kind == "unix":
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(rest)
+        return s
+    host, port = rest.rsplit(":", 1)
+    return socket.create_connection((host.strip("[]"), int(port)))

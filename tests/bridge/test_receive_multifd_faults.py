@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from bridge_helpers import MIB, Receiver
+from bridge_helpers import MIB, Receiver, connect_to
 
 from fixedram.cli.main import main
 from fixedram.format.machine import MachineState
@@ -45,16 +45,6 @@ EMPTY = np.zeros(0, dtype=np.int64)
 
 def _page(k: int) -> bytes:
     return bytes([k + 1]) * PS
-
-
-def _connect(address: str) -> socket.socket:
-    kind, rest = address.split(":", 1)
-    if kind == "unix":
-        s = socket.socket(socket.AF_UNIX)
-        s.connect(rest)
-        return s
-    host, port = rest.rsplit(":", 1)
-    return socket.create_connection((host.strip("[]"), int(port)))
 
 
 def _send(s: socket.socket, data: bytes | memoryview) -> None:
@@ -84,11 +74,11 @@ class Source:
     def _run(self) -> None:
         chans = []
         for cid in self.ids:
-            c = _connect(self.address)
+            c = connect_to(self.address)
             self.socks.append(c)
             _send(c, encode_init(cid))
             chans.append(c)
-        main = _connect(self.address)
+        main = connect_to(self.address)
         self.socks.append(main)
         w = StreamWriter(lambda b: _send(main, b), MachineState("pc-q35-10.0"), [BLOCK])
         w.begin(multifd_flush=True)
@@ -195,7 +185,7 @@ def _closing_source(address: str, i: int, stop: threading.Event) -> None:
     only the multifd magic (closed before its init message)."""
     while not stop.is_set():  # the receiver is starting
         try:
-            m = _connect(address)
+            m = connect_to(address)
             break
         except OSError:
             time.sleep(0.002)
@@ -205,7 +195,7 @@ def _closing_source(address: str, i: int, stop: threading.Event) -> None:
         w = StreamWriter(lambda b: _send(m, b), MachineState("pc-q35-10.0"), [BLOCK])
         w.begin(multifd_flush=True)
         for cid in range(8):
-            with contextlib.suppress(OSError), _connect(address) as c:
+            with contextlib.suppress(OSError), connect_to(address) as c:
                 c.sendall(encode_init(cid) if i % 2 == 0 else MULTIFD_MAGIC_BYTES)
         w.begin_part(end=True)
         w.multifd_flush()

@@ -16,35 +16,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bridge_helpers import FIXEDRAM, MIB, Receiver
+from bridge_helpers import FIXEDRAM, MIB, Receiver, connect_to
 
 from fixedram.format.migfile import MigrationFile
 
 RAM = 64 * MIB
 
 
-def _connect(address: str) -> socket.socket:
-    kind, rest = address.split(":", 1)
-    if kind == "unix":
-        s = socket.socket(socket.AF_UNIX)
-        s.connect(rest)
-        return s
-    host, port = rest.rsplit(":", 1)
-    return socket.create_connection((host.strip("[]"), int(port)))
-
-
 def _hostile(address: str) -> list[socket.socket]:
     socks = []
-    g = _connect(address)
+    g = connect_to(address)
     g.sendall(b"GARBAGE AND MORE")
     socks.append(g)
-    socks.append(_connect(address))  # idle: never sends a byte
-    half = _connect(address)
+    socks.append(connect_to(address))  # idle: never sends a byte
+    half = connect_to(address)
     half.sendall(b"QE")  # the start of the magic, then silence
     socks.append(half)
-    closed = _connect(address)
+    closed = connect_to(address)
     closed.close()  # connects and goes away
-    http = _connect(address)
+    http = connect_to(address)
     http.sendall(b"GET / HTTP/1.0\r\n\r\n")
     socks.append(http)
     return socks
@@ -154,7 +144,7 @@ def test_connection_flood_is_bounded(tmp_path: Path) -> None:
     rx = Receiver(f"unix:{tmp_path / 'rx.sock'}", tmp_path / "vm.mig", "--peer-timeout", "5")
     socks = []
     try:
-        socks = [_connect(rx.address) for _ in range(200)]  # more than are kept waiting
+        socks = [connect_to(rx.address) for _ in range(200)]  # more than are kept waiting
         r = subprocess.run([*FIXEDRAM, "save", rx.address, "--ram", "16M"],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
