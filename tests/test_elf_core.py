@@ -343,7 +343,7 @@ def test_scan_reads_each_page_once(paused: Callable[[str], Pair],
     with MigrationFile(p.save) as mf:
         ranges = elfcore.physical_ranges(mf)
         present = mf.block("pc.ram").pages_present * 4096
-        monkeypatch.setattr(elfcore.os, "preadv", counting)
+        monkeypatch.setattr(os, "preadv", counting)  # the file source's reads
         assert elfcore.find_vmcoreinfo(mf, ranges) is None
     assert sum(calls) == present
     assert present // len(calls) >= 512 << 10  # reads of 1 MiB runs, not page by page

@@ -201,7 +201,7 @@ def test_cli_save_restore(tmp_path: Path) -> None:
     r = subprocess.run([*cmd, "restore", str(f), "--multifd", "2", "--json", "--checksum"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["ram_digest"] == saved["ram-digest"]
+    assert json.loads(r.stdout)["ram_digest"] == saved["ram_digest"]
     r = subprocess.run([*cmd, "save", "tcp:127.0.0.1:1", "--fixed-ram"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 1
