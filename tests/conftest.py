@@ -20,10 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # make `qemu_harness` 
 
 from qemu_harness import (
     DEFAULT_FILL_WORDS,
+    LinuxArtifacts,
     QemuVM,
     SavedFile,
     default_mem_end,
     load_into_new_vm,
+    make_artifacts,
     save_vm,
     write_bootsector,
 )
@@ -144,3 +146,15 @@ def loaded_vm(qemu: str, tmp_path: Path, guest_image: Path) -> Iterator[Callable
     yield load
     for vm in vms:
         vm.shutdown()
+
+
+@pytest.fixture(scope="session")
+def linux_saves(tmp_path_factory: pytest.TempPathFactory) -> LinuxArtifacts:
+    """Saves of the booted tests/linux guest (tests/linux/conftest.py says what they hold);
+    FIXEDRAM_LINUX_ARTIFACTS=DIR reuses a directory tests/qemu_harness/linux.py made."""
+    require_qemu()
+    reuse = os.environ.get("FIXEDRAM_LINUX_ARTIFACTS")
+    if reuse:
+        return LinuxArtifacts.load(reuse)
+    return make_artifacts(tmp_path_factory.mktemp("linux-saves"))
+

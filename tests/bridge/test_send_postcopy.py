@@ -26,20 +26,10 @@ from typing import Any
 import pytest
 from bridge_helpers import FIXEDRAM
 
-from qemu_harness import LinuxArtifacts, diff_pages, make_artifacts, ram_compare_ranges, ram_split
-from qemu_harness.guard import require_qemu
+from qemu_harness import LinuxArtifacts, diff_pages, ram_compare_ranges, ram_split
 from qemu_harness.linux import READY_MARKER, TICK_MARKER, LinuxGuest
 
 _TICK = re.compile(TICK_MARKER + r" (\d+)\r?\n")
-
-
-@pytest.fixture(scope="module")
-def linux_saves(tmp_path_factory: pytest.TempPathFactory) -> LinuxArtifacts:
-    require_qemu()
-    reuse = os.environ.get("FIXEDRAM_LINUX_ARTIFACTS")
-    if reuse:
-        return LinuxArtifacts.load(reuse)
-    return make_artifacts(tmp_path_factory.mktemp("linux-saves"))
 
 
 def _free_port() -> int:

@@ -10,24 +10,4 @@ tests/qemu_harness/linux.py). Set FIXEDRAM_LINUX_ARTIFACTS=DIR to reuse a direct
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import pytest
-
-from qemu_harness import LinuxArtifacts, make_artifacts
-from qemu_harness.guard import require_qemu
-
-
-@pytest.fixture(scope="session")
-def linux_saves(tmp_path_factory: pytest.TempPathFactory) -> LinuxArtifacts:
-    require_qemu()
-    reuse = os.environ.get("FIXEDRAM_LINUX_ARTIFACTS")
-    if reuse:
-        return LinuxArtifacts.load(reuse)
-    return make_artifacts(tmp_path_factory.mktemp("linux-saves"))
-
-
-@pytest.fixture(scope="session")
-def linux_artifacts_dir(linux_saves: LinuxArtifacts) -> Path:
-    return linux_saves.dir
+# ``linux_saves`` itself is in tests/conftest.py: the bridge's postcopy tests use it too.

@@ -53,6 +53,7 @@ from ..format.primitives import BE32, BE64
 from ..format.stream import encode_command
 from ..format.writer import BlockSpec, StreamWriter
 from ..memory.copy import RunCopier
+from ..memory.map import stride_of
 from ..save import reads_one_pass
 from ..transports.channels import SocketOut
 from ..transports.uri import MigrationURI, parse_uri
@@ -313,8 +314,7 @@ class _Source:
         self.t0 = t0
         self.bandwidth = bandwidth
         self.progress = progress
-        self.blocks = [_Block(i, b.idstr, b.used_length, b.data_offsets(),
-                              b.page_size if b.record.mapped is not None else b.page_size + 8)
+        self.blocks = [_Block(i, b.idstr, b.used_length, b.data_offsets(), stride_of(mf, b))
                        for i, b in enumerate(mf.blocks)]
         self.total_pages = sum(b.npages for b in self.blocks)
         self.pages_out = 0
